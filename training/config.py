@@ -1,0 +1,284 @@
+"""The one validated training config: an axolotl-compatible subset, with errors that name the key path."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Axolotl keys that are accepted so a plain axolotl YAML imports, but that Trainyard does not use
+# (the web app decides where outputs go and how runs are tracked).
+IGNORED_AXOLOTL_KEYS = {
+    "output_dir", "dataset_prepared_path", "strict", "wandb_project", "wandb_entity", "wandb_watch",
+    "wandb_name", "wandb_log_model", "wandb_mode", "hub_model_id", "push_dataset_to_hub", "hf_use_auth_token",
+    "base_model_config", "model_type", "tokenizer_type", "is_llama_derived_model", "debug", "deepspeed",
+    "fsdp", "fsdp_config", "early_stopping_patience", "local_rank", "logging_steps", "pad_to_sequence_len",
+    "eval_sample_packing", "resume_from_checkpoint", "auto_resume_from_checkpoints", "save_total_limit",
+    "group_by_length", "xformers_attention", "sdp_attention", "s2_attention", "evals_per_epoch",
+    "saves_per_epoch", "special_tokens_check", "plugins", "eval_table_size", "eval_max_new_tokens",
+}
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """What an attention implementation can do; packing and flash-lib use are derived from it."""
+
+    isolates_packed_samples: bool  # honours position_ids restarts, so packed samples don't attend to each other
+    needs_cuda: bool
+    needs_package: str | None
+
+
+ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
+    "sdpa": AttentionBackend(isolates_packed_samples=True, needs_cuda=False, needs_package=None),
+    "eager": AttentionBackend(isolates_packed_samples=True, needs_cuda=False, needs_package=None),
+    "flex_attention": AttentionBackend(isolates_packed_samples=True, needs_cuda=False, needs_package=None),
+    "flash_attention_2": AttentionBackend(isolates_packed_samples=True, needs_cuda=True, needs_package="flash_attn"),
+}
+
+TrainOnEos = Literal["all", "turn", "last", "none"]
+
+
+class DatasetSpec(BaseModel):
+    """One entry of `datasets:`; option names and defaults are axolotl's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="JSONL file (CLI) or dataset name in the workspace (web)")
+    type: str = Field("chat_template", description="chat_template | alpaca[:style] | completion | input_output")
+    split: str | None = None
+    data_files: str | list[str] | None = None
+    ds_type: str | None = None
+    # chat_template
+    field_messages: str = "messages"
+    message_property_mappings: dict[str, str] = Field(default_factory=lambda: {"role": "role", "content": "content"})
+    message_field_role: str | None = Field(None, description="legacy alias of message_property_mappings.role")
+    message_field_content: str | None = Field(None, description="legacy alias of message_property_mappings.content")
+    roles: dict[str, list[str]] | None = Field(None, description="template role -> names used in the data")
+    roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"])
+    train_on_eos: TrainOnEos = "turn"
+    train_on_eot: TrainOnEos | None = Field(None, description="defaults to train_on_eos")
+    message_field_training: str = "training"
+    message_field_training_detail: str = "training_detail"
+    chat_template: str | None = None
+    chat_template_jinja: str | None = None
+    drop_system_message: bool = False
+    # completion
+    field: str = "text"
+    # alpaca
+    field_instruction: str = "instruction"
+    field_input: str = "input"
+    field_output: str = "output"
+    # input_output
+    field_segments: str = "segments"
+
+    @model_validator(mode="after")
+    def _legacy_field_names(self) -> DatasetSpec:
+        if self.message_field_role:
+            self.message_property_mappings = {**self.message_property_mappings, "role": self.message_field_role}
+        if self.message_field_content:
+            self.message_property_mappings = {
+                **self.message_property_mappings, "content": self.message_field_content}
+        return self
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        from training.formats import FORMATS
+
+        base = value.split(":", 1)[0]
+        if base not in FORMATS:
+            raise ValueError(f"unknown dataset type {value!r}; choose one of {', '.join(sorted(FORMATS))}")
+        return value
+
+    @property
+    def format_name(self) -> str:
+        return self.type.split(":", 1)[0]
+
+    @property
+    def prompt_style(self) -> str | None:
+        return self.type.split(":", 1)[1] if ":" in self.type else None
+
+    @property
+    def eot_policy(self) -> TrainOnEos:
+        return self.train_on_eot or self.train_on_eos
+
+
+class TrainConfig(BaseModel):
+    """A training run, as axolotl-style YAML describes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(description="hub id or local folder")
+    trust_remote_code: bool = False
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    val_set_size: float = Field(0.0, ge=0, description="fraction (<1) or number of rows held out for eval")
+    # data engine
+    sequence_len: int = Field(512, gt=8)
+    excess_length_strategy: Literal["drop", "truncate", "raise"] = "drop"
+    train_on_inputs: bool = False
+    chat_template: str = "tokenizer_default"
+    chat_template_jinja: str | None = None
+    eot_tokens: list[str] | None = None
+    special_tokens: dict[str, str] = Field(default_factory=dict)
+    sample_packing: bool = False
+    # model and adapter
+    adapter: Literal["lora", "qlora"] | None = None
+    lora_r: int = Field(8, gt=0)
+    lora_alpha: int = Field(16, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] | str | None = None
+    lora_target_linear: bool = False
+    lora_target_parameters: list[str] | None = None
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    attn_implementation: str = "sdpa"
+    flash_attention: bool | None = Field(None, description="legacy axolotl key; prefer attn_implementation")
+    # optimisation
+    micro_batch_size: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    num_epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    optimizer: str = "adamw_torch"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    bf16: bool | Literal["auto"] = "auto"
+    fp16: bool = False
+    tf32: bool = False
+    gradient_checkpointing: bool = False
+    eval_steps: int | None = Field(None, gt=0)
+    save_steps: int | None = Field(None, gt=0)
+    seed: int = 42
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored_axolotl_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k not in IGNORED_AXOLOTL_KEYS}
+            if data.get("flash_attention") and "attn_implementation" not in data:
+                data["attn_implementation"] = "flash_attention_2"
+        return data
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, value: str) -> str:
+        if value not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {value!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _quantization_matches_adapter(self) -> TrainConfig:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are exclusive: choose one")
+        if self.adapter == "qlora":
+            if self.load_in_8bit:
+                raise ValueError("adapter: qlora uses 4-bit weights; remove load_in_8bit")
+            self.load_in_4bit = True
+        if self.adapter is None and (self.load_in_4bit or self.load_in_8bit):
+            raise ValueError("quantized weights can't be fully fine-tuned; set adapter: qlora (4-bit) or lora (8-bit)")
+        return self
+
+    @model_validator(mode="after")
+    def _packing_needs_isolating_attention(self) -> TrainConfig:
+        if self.sample_packing and not ATTENTION_BACKENDS[self.attn_implementation].isolates_packed_samples:
+            raise ValueError(
+                f"sample_packing with attn_implementation {self.attn_implementation} would let packed samples "
+                "attend to each other; use sdpa or flash_attention_2")
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_is_steps_or_ratio(self) -> TrainConfig:
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        return self
+
+    @property
+    def attention(self) -> AttentionBackend:
+        return ATTENTION_BACKENDS[self.attn_implementation]
+
+
+@dataclass(frozen=True)
+class ConfigError:
+    path: str  # key path, e.g. "datasets[0].type"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigInvalid(ValueError):
+    def __init__(self, errors: list[ConfigError]):
+        self.errors = errors
+        super().__init__("; ".join(str(e) for e in errors))
+
+
+def _key_path(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + str(part)
+    return path
+
+
+def parse_config(source: str | dict, *, allow_trust_remote_code: bool = False) -> TrainConfig:
+    """YAML text or a dict -> TrainConfig, or ConfigInvalid listing every problem with its key path."""
+    if isinstance(source, str):
+        try:
+            data = yaml.safe_load(source)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise ConfigInvalid([ConfigError("", f"invalid YAML: {where}{getattr(exc, 'problem', exc)}")]) from None
+    else:
+        data = source
+    if not isinstance(data, dict):
+        raise ConfigInvalid([ConfigError("", "the config must be a YAML mapping of keys to values")])
+    try:
+        config = TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = "unknown key (not an axolotl option Trainyard supports)"
+            errors.append(ConfigError(_key_path(loc), message))
+        raise ConfigInvalid(errors) from None
+    if config.trust_remote_code and not allow_trust_remote_code:
+        raise ConfigInvalid([ConfigError(
+            "trust_remote_code", "running code shipped with a model is disabled on this server; an admin must allow it")])
+    return config
+
+
+def check_environment(config: TrainConfig, *, cuda_available: bool | None = None) -> list[ConfigError]:
+    """Problems that depend on this machine (GPU, optional packages), found before anything is queued."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    errors = []
+    backend = config.attention
+    if backend.needs_package and importlib.util.find_spec(backend.needs_package) is None:
+        errors.append(ConfigError("attn_implementation", (
+            f"{config.attn_implementation} needs the {backend.needs_package} package, which is not installed "
+            "(pip install 'trainyard[gpu]' on a CUDA machine); use sdpa instead")))
+    if backend.needs_cuda and not cuda_available:
+        errors.append(ConfigError("attn_implementation", f"{config.attn_implementation} needs a CUDA GPU; use sdpa"))
+    if config.fp16 and not cuda_available:
+        errors.append(ConfigError("fp16", "fp16 training needs a CUDA GPU; remove fp16 (bf16: auto picks what works)"))
+    if config.bf16 is True and not cuda_available:
+        errors.append(ConfigError("bf16", "bf16: true needs a GPU with bf16 support here; use bf16: auto"))
+    return errors
+
+
+def dump_config(config: TrainConfig) -> str:
+    """Plain axolotl YAML (defaults left out), for export."""
+    return yaml.safe_dump(config.model_dump(exclude_defaults=True, exclude_none=True), sort_keys=False)
