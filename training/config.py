@@ -34,7 +34,7 @@ class AttentionBackend:
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "sdpa": AttentionBackend(isolates_packed_samples=True, needs_cuda=False, needs_package=None),
     "eager": AttentionBackend(isolates_packed_samples=True, needs_cuda=False, needs_package=None),
-    "flex_attention": AttentionBackend(isolates_packed_samples=True, needs_cuda=False, needs_package=None),
+    "flex_attention": AttentionBackend(isolates_packed_samples=False, needs_cuda=False, needs_package=None),
     "flash_attention_2": AttentionBackend(isolates_packed_samples=True, needs_cuda=True, needs_package="flash_attn"),
 }
 
@@ -189,7 +189,7 @@ class TrainConfig(BaseModel):
         if self.sample_packing and not ATTENTION_BACKENDS[self.attn_implementation].isolates_packed_samples:
             raise ValueError(
                 f"sample_packing with attn_implementation {self.attn_implementation} would let packed samples "
-                "attend to each other; use sdpa or flash_attention_2")
+                "attend to each other; use sdpa, eager or flash_attention_2")
         return self
 
     @model_validator(mode="after")

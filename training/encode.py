@@ -41,6 +41,7 @@ class Dropped:
     row: int
     reason: str  # invalid | empty | too_long | no_trained_tokens
     detail: str = ""
+    sample: Encoded | None = None  # what was encoded before it was dropped, for the preview
 
 
 DROP_REASONS = {
@@ -227,20 +228,20 @@ class Encoder:
         out: list[Encoded | Dropped] = []
         for chunk, (lo, hi) in enumerate(bounds):
             c_ids, c_trained, c_parts = ids[lo:hi], trained[lo:hi], parts[lo:hi]
-            truncated = False
+            sample = Encoded(index, c_ids, build_labels(c_ids, c_trained), c_parts.tolist(), r.parts, chunk=chunk)
             if len(c_ids) > limit:
                 strategy = self.settings.excess_length_strategy
                 if strategy == "raise":
                     raise SequenceTooLong(f"row {index}: {len(c_ids)} tokens > sequence_len {limit}")
                 if strategy == "drop":
-                    out.append(Dropped(index, "too_long", f"{len(c_ids)} tokens > sequence_len {limit}"))
+                    out.append(Dropped(index, "too_long", f"{len(c_ids)} tokens > sequence_len {limit}", sample))
                     continue
-                c_ids, c_trained, c_parts, truncated = c_ids[:limit], c_trained[:limit], c_parts[:limit], True
-            if not c_trained.any():
-                out.append(Dropped(index, "no_trained_tokens", "every token is masked"))
+                sample = Encoded(index, c_ids[:limit], sample.labels[:limit], sample.token_parts[:limit], r.parts,
+                                 truncated=True, chunk=chunk)
+            if sample.trained_tokens == 0:
+                out.append(Dropped(index, "no_trained_tokens", "every token is masked", sample))
                 continue
-            out.append(Encoded(index, c_ids, build_labels(c_ids, c_trained), c_parts.tolist(), r.parts,
-                               truncated=truncated, chunk=chunk))
+            out.append(sample)
         return out
 
 

@@ -1,0 +1,230 @@
+"""`trainyard` command line: preprocess and train from an axolotl-style YAML, build the offline demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub that can't be reached
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+GREEN, GREY, RESET = "\033[42;30m", "\033[2m", "\033[0m"
+
+
+def _load_config(path: str, allow_trust_remote_code: bool = False):
+    from training.config import ConfigInvalid, parse_config
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        sys.exit(f"error: can't read config {path}: {exc.strerror}")
+    try:
+        return parse_config(text, allow_trust_remote_code=allow_trust_remote_code)
+    except ConfigInvalid as exc:
+        lines = "\n".join(f"  {e}" for e in exc.errors)
+        sys.exit(f"error: invalid config {path}:\n{lines}")
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    text = tokenizer.decode([token_id])
+    return text.replace("\n", "\\n").replace("\t", "\\t")
+
+
+def render_debug(tokenizer, sample, color: bool) -> str:
+    """Each token as text(id, label); trained tokens highlighted (or bracketed without colour)."""
+    out = []
+    for token_id, label in zip(sample.input_ids, sample.labels):
+        cell = f"{_token_text(tokenizer, token_id)}({token_id}, {label})"
+        if label != -100:
+            out.append(f"{GREEN}{cell}{RESET}" if color else f"[{cell}]")
+        else:
+            out.append(f"{GREY}{cell}{RESET}" if color else cell)
+    return " ".join(out)
+
+
+def cmd_preprocess(args) -> int:
+    from training.encode import DROP_REASONS, Encoded, Encoder, EncodeStats
+    from training.modeling import ModelNotFound, load_tokenizer
+    from training.packing import pack, packing_efficiency
+    from training.rows import LineProblem, read_rows
+    from training.train import resolve_path
+
+    config = _load_config(args.config, args.allow_trust_remote_code)
+    try:
+        tokenizer = load_tokenizer(config)
+    except ModelNotFound as exc:
+        sys.exit(f"error: {exc}")
+    base_dir = Path(args.config).resolve().parent
+    color = args.color or (args.color is None and sys.stdout.isatty())
+    out = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else None
+    all_samples, failed = [], False
+    for index, spec in enumerate(config.datasets):
+        path = resolve_path(spec.path, base_dir)
+        if not path.exists():
+            print(f"error: datasets[{index}].path: file {spec.path!r} not found", file=sys.stderr)
+            return 2
+        try:
+            encoder = Encoder.from_config(tokenizer, config, index)
+        except ValueError as exc:
+            print(f"error: datasets[{index}]: {exc}", file=sys.stderr)
+            return 2
+        stats, problems, shown = EncodeStats(), [], 0
+        batch: list = []
+
+        def flush():
+            nonlocal shown
+            for outcome in encoder.encode_rows(batch):
+                stats.add(outcome)
+                if not isinstance(outcome, Encoded):
+                    if outcome.reason == "invalid":
+                        problems.append(LineProblem(outcome.row + 1, "", outcome.detail))
+                    continue
+                all_samples.append(outcome)
+                if out:
+                    out.write(json.dumps({"row": outcome.row, "input_ids": outcome.input_ids,
+                                          "labels": outcome.labels}) + "\n")
+                if args.debug and shown < args.rows:
+                    shown += 1
+                    print(f"--- {path.name} row {outcome.row} ({len(outcome.input_ids)} tokens, "
+                          f"{outcome.trained_tokens} trained)")
+                    print(render_debug(tokenizer, outcome, color))
+            batch.clear()
+
+        for line, row in read_rows(path):
+            stats.rows += 1
+            if isinstance(row, LineProblem):
+                problems.append(row)
+                stats.dropped["invalid"] += 1
+                continue
+            batch.append((line - 1, row))
+            if len(batch) >= 1000:
+                flush()
+        flush()
+        print(f"{path}: {stats.rows} rows read, {stats.samples} samples kept, "
+              f"{stats.tokens} tokens, {stats.trained_tokens} trained")
+        for reason, count in sorted(stats.dropped.items()):
+            print(f"  dropped {count}: {reason} ({DROP_REASONS.get(reason, reason)})")
+        if stats.truncated:
+            print(f"  truncated {stats.truncated} to sequence_len {config.sequence_len}")
+        for warning in encoder.warnings():
+            print(f"  WARNING: {warning}")
+        if problems:
+            failed = True
+            for p in sorted(problems, key=lambda p: p.line)[:20]:
+                print(f"error: {path}:{p}", file=sys.stderr)
+            if len(problems) > 20:
+                print(f"error: ... and {len(problems) - 20} more invalid lines in {path}", file=sys.stderr)
+    if out:
+        out.close()
+    if config.sample_packing and all_samples:
+        bins = pack(all_samples, config.sequence_len)
+        print(f"packing: {len(all_samples)} samples into {len(bins)} bins of {config.sequence_len}, "
+              f"efficiency {packing_efficiency(bins, config.sequence_len):.1%}")
+    return 1 if failed else 0
+
+
+def cmd_train(args) -> int:
+    from training.config import check_environment
+    from training.events import JsonlEventSink
+    from training.train import train
+
+    config = _load_config(args.config, args.allow_trust_remote_code)
+    run_dir = Path(args.run_dir)
+    sink = JsonlEventSink(Path(args.events) if args.events else run_dir / "events.jsonl")
+    problems = check_environment(config)
+    if problems:
+        reason = "; ".join(str(p) for p in problems)
+        sink.emit("status", state="failed", message=f"invalid config: {reason}")
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
+    stop_file = run_dir / "STOP"
+    try:
+        summary = train(config, run_dir, sink, should_stop=stop_file.exists,
+                        base_dir=Path(args.config).resolve().parent,
+                        resume_from=Path(args.resume) if args.resume else None)
+    except BaseException as exc:  # every way out leaves a readable reason behind
+        if isinstance(exc, KeyboardInterrupt):
+            sink.emit("status", state="cancelled", message="stopped by the user")
+            return 130
+        reason = explain_failure(exc)
+        sink.emit("status", state="failed", message=reason)
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: {reason}", file=sys.stderr)
+        return 1
+    sink.emit("status", state="succeeded", message=f"train loss {summary['train_loss']:.4f}", summary=summary)
+    print(json.dumps(summary))
+    return 0
+
+
+TROUBLESHOOTING = {
+    "out of memory": "out of GPU memory: lower micro_batch_size, enable gradient_checkpointing, or lower sequence_len",
+}
+
+
+def explain_failure(exc: BaseException) -> str:
+    """One line saying what went wrong, with the fix where one is known."""
+    from training.modeling import ModelNotFound
+    from training.train import DataInvalid
+
+    text = str(exc).strip()
+    if isinstance(exc, (ModelNotFound, DataInvalid)):
+        return text.splitlines()[0] if isinstance(exc, ModelNotFound) else text
+    low = text.lower()
+    for needle, advice in TROUBLESHOOTING.items():
+        if needle in low or needle.replace(" ", "") in type(exc).__name__.lower():
+            return advice
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def cmd_demo(args) -> int:
+    from training.demo import build_demo_model, write_datasets
+
+    out = Path(args.out)
+    model = build_demo_model(out / "models" / "tiny-chat")
+    datasets = write_datasets(out / "datasets")
+    print(f"model: {model}")
+    for path in datasets:
+        print(f"dataset: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainyard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("preprocess", help="encode the config's datasets and report what would be trained")
+    p.add_argument("config")
+    p.add_argument("--debug", action="store_true", help="print tokens with ids and labels, trained ones highlighted")
+    p.add_argument("--rows", type=int, default=3, help="samples shown with --debug")
+    p.add_argument("--jsonl", help="write {row, input_ids, labels} per kept sample to this file")
+    p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--allow-trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("train", help="train a model from the config, writing events to the run directory")
+    p.add_argument("config")
+    p.add_argument("--run-dir", default="trainyard-run")
+    p.add_argument("--events", help="events file (default RUN_DIR/events.jsonl)")
+    p.add_argument("--resume", help="checkpoint folder to resume from")
+    p.add_argument("--allow-trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="build the offline tiny model and sample datasets")
+    p.add_argument("out", nargs="?", default="var")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

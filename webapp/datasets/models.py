@@ -1,0 +1,53 @@
+"""An uploaded dataset: an immutable, content-addressed JSONL file plus what we learned reading it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.conf import settings
+from django.db import models
+
+from webapp.workspaces.models import OwnedQuerySet, Workspace
+
+
+def dataset_dir() -> Path:
+    path = settings.DATA_DIR / "datasets"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Dataset(models.Model):
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="datasets")
+    name = models.CharField(max_length=200, help_text="what configs call it in `datasets: - path:`")
+    original_filename = models.CharField(max_length=255, blank=True)
+    sha256 = models.CharField(max_length=64)
+    size = models.BigIntegerField()
+    format = models.CharField(max_length=32)
+    rows = models.IntegerField()
+    rejected_rows = models.IntegerField(default=0, help_text="lines dropped at upload (keep valid rows)")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = OwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["workspace", "name"], name="dataset_name_unique_in_workspace"),
+            models.UniqueConstraint(fields=["workspace", "sha256"], name="dataset_content_unique_in_workspace"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def path(self) -> Path:
+        return dataset_dir() / f"{self.sha256}.jsonl"
+
+    @property
+    def index_path(self) -> Path:
+        return dataset_dir() / f"{self.sha256}.idx"
+
+    @property
+    def rejected_path(self) -> Path:
+        return dataset_dir() / f"{self.sha256}.rejected.jsonl"

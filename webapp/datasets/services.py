@@ -1,0 +1,223 @@
+"""Dataset use cases: upload (streamed, validated line by line, content-addressed) and row access."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator
+
+from django.db import IntegrityError, transaction
+
+from training.config import DatasetSpec
+from training.formats import FORMATS, detect_format
+from training.rows import LineProblem, parse_line
+from webapp.datasets.models import Dataset, dataset_dir
+
+MAX_PROBLEMS_SHOWN = 100
+GZIP_MAX_RATIO = 200  # refuse archives that inflate beyond this: a 1 MB bomb must not fill the disk
+
+
+@dataclass
+class ValidationReport:
+    format: str | None = None
+    rows: int = 0
+    problems: list[LineProblem] = field(default_factory=list)  # the first MAX_PROBLEMS_SHOWN
+    counts: Counter = field(default_factory=Counter)  # by reason
+
+    @property
+    def invalid(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, problem: LineProblem) -> None:
+        self.counts[reason_of(problem)] += 1
+        if len(self.problems) < MAX_PROBLEMS_SHOWN:
+            self.problems.append(problem)
+
+
+def reason_of(problem: LineProblem) -> str:
+    """A short category for counting problems by reason."""
+    message = problem.message
+    for needle, reason in (
+        ("invalid JSON", "invalid JSON"), ("not UTF-8", "not UTF-8"), ("expected a JSON object", "not an object"),
+        ("byte limit", "line too long"), ("empty message list", "empty message list"),
+        ("unknown role", "unknown role"), ("empty content", "empty content"), ("can't tell", "unknown format"),
+        ("missing", "missing field"), ("must be", "mistyped field"), ("empty", "empty field"),
+    ):
+        if needle in message:
+            return reason
+    return "other"
+
+
+class UploadRejected(ValueError):
+    def __init__(self, message: str, report: ValidationReport | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class UploadResult:
+    dataset: Dataset
+    duplicate: bool
+    report: ValidationReport
+
+
+def _lines(raw: IO[bytes], compressed_size: int) -> Iterator[bytes]:
+    head = raw.read(2)
+    raw.seek(0)
+    if head == b"\x1f\x8b":
+        stream = gzip.GzipFile(fileobj=raw)
+        inflated = 0
+        for line in stream:
+            inflated += len(line)
+            if inflated > max(compressed_size, 1) * GZIP_MAX_RATIO and inflated > 64 * 1024 * 1024:
+                raise UploadRejected(f"the .gz file inflates more than {GZIP_MAX_RATIO}x: refused as an archive bomb")
+            yield line
+        return
+    first = raw.read(1)
+    while first and first in b" \t\r\n":
+        first = raw.read(1)
+    raw.seek(0)
+    if first == b"[":
+        # A JSON array: re-emit its items as JSONL lines (numbered by item).
+        try:
+            items = json.loads(raw.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UploadRejected(f"the file starts like a JSON array but isn't valid JSON: {exc}") from None
+        for item in items:
+            yield json.dumps(item, ensure_ascii=False).encode("utf-8") + b"\n"
+        return
+    yield from raw
+
+
+def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, keep_valid: bool):
+    """Stream `raw` once: validate each line, hash and index what would be stored. Returns
+    (report, temp path of the clean JSONL, sha256, stored size, line-offset index, temp path of rejected lines)."""
+    report = ValidationReport(format=format_override)
+    spec: DatasetSpec | None = DatasetSpec(path="upload", type=format_override) if format_override else None
+    tmp_dir = dataset_dir()
+    clean = tempfile.NamedTemporaryFile("wb", dir=tmp_dir, suffix=".part", delete=False)
+    rejected = tempfile.NamedTemporaryFile("wb", dir=tmp_dir, suffix=".rejected.part", delete=False)
+    digest, offsets, written = hashlib.sha256(), array("q"), 0
+    try:
+        for line_no, line in enumerate(_lines(raw, size), start=1):
+            parsed = parse_line(line, line_no)
+            if parsed is None:
+                continue
+            problems: list[LineProblem] = []
+            if isinstance(parsed, LineProblem):
+                problems = [parsed]
+            else:
+                if spec is None:
+                    detected = detect_format(parsed)
+                    if detected is None:
+                        problems = [LineProblem(line_no, "", "can't tell the format: expected `messages`, "
+                                                "`instruction`+`output`, `text` or `segments`")]
+                    else:
+                        report.format = detected
+                        spec = DatasetSpec(path="upload", type=detected)
+                if spec is not None and not problems:
+                    problems = [LineProblem(line_no, p.field, p.message) for p in FORMATS[spec.format_name].check(parsed, spec)]
+            if problems:
+                for p in problems:
+                    report.add(p)
+                rejected.write(line if line.endswith(b"\n") else line + b"\n")
+                continue
+            if not line.endswith(b"\n"):
+                line += b"\n"
+            report.rows += 1
+            offsets.append(written)
+            clean.write(line)
+            digest.update(line)
+            written += len(line)
+        clean.close()
+        rejected.close()
+    except BaseException:
+        for f in (clean, rejected):
+            f.close()
+            Path(f.name).unlink(missing_ok=True)
+        raise
+    return report, Path(clean.name), digest.hexdigest(), written, offsets, Path(rejected.name)
+
+
+def upload_dataset(workspace, user, file, *, name: str | None = None, format: str | None = None,
+                   keep_valid: bool = False) -> UploadResult:
+    """Validate and store an uploaded file. Nothing is kept unless it is stored whole.
+
+    Raises UploadRejected with the report when lines are invalid and `keep_valid` is off.
+    """
+    from django.conf import settings
+
+    size = getattr(file, "size", None) or 0
+    if size > settings.TRAINYARD_MAX_UPLOAD_BYTES:
+        raise UploadRejected(f"the file is {size:,} bytes, over this server's {settings.TRAINYARD_MAX_UPLOAD_BYTES:,}-byte limit")
+    if format and format not in FORMATS:
+        raise UploadRejected(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    filename = os.path.basename(getattr(file, "name", "") or "dataset.jsonl")  # a label, never a path
+    file.seek(0)
+    report, clean, sha, stored_size, offsets, rejected = validate_and_store(file, size, format, keep_valid)
+    try:
+        if report.invalid and not keep_valid:
+            raise UploadRejected(f"{report.invalid} invalid line(s)", report)
+        if report.rows == 0:
+            raise UploadRejected("no valid row in the file", report)
+        existing = Dataset.objects.filter(workspace=workspace, sha256=sha).first()
+        if existing:
+            return UploadResult(existing, True, report)
+        final = dataset_dir() / f"{sha}.jsonl"
+        os.replace(clean, final)
+        index = dataset_dir() / f"{sha}.idx"
+        with index.open("wb") as f:
+            offsets.tofile(f)
+        if report.invalid:
+            os.replace(rejected, dataset_dir() / f"{sha}.rejected.jsonl")
+        base = name or filename.rsplit(".jsonl", 1)[0].rsplit(".json", 1)[0] or "dataset"
+        with transaction.atomic():
+            dataset = _create_with_unique_name(
+                workspace=workspace, base=base, original_filename=filename, sha256=sha, size=stored_size,
+                format=report.format, rows=report.rows, rejected_rows=report.invalid, created_by=user)
+        return UploadResult(dataset, False, report)
+    finally:
+        clean.unlink(missing_ok=True)
+        rejected.unlink(missing_ok=True)
+
+
+def _create_with_unique_name(*, workspace, base: str, **fields) -> Dataset:
+    for n in range(1, 1000):
+        candidate = base if n == 1 else f"{base}-{n}"
+        if not Dataset.objects.filter(workspace=workspace, name=candidate).exists():
+            try:
+                with transaction.atomic():
+                    return Dataset.objects.create(workspace=workspace, name=candidate, **fields)
+            except IntegrityError:
+                continue
+    raise UploadRejected("could not find a free dataset name")
+
+
+def read_row(dataset: Dataset, index: int) -> dict:
+    """Row `index` (0-based) by byte offset: no scan of the file before it."""
+    if not 0 <= index < dataset.rows:
+        raise IndexError(f"row {index} is out of range (0..{dataset.rows - 1})")
+    offsets = array("q")
+    with dataset.index_path.open("rb") as f:
+        f.seek(index * offsets.itemsize)
+        offsets.frombytes(f.read(offsets.itemsize))
+    with dataset.path.open("rb") as f:
+        f.seek(offsets[0])
+        return json.loads(f.readline())
+
+
+def first_rows(dataset: Dataset, n: int = 5) -> list[dict]:
+    rows = []
+    with dataset.path.open("rb") as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if len(rows) >= n:
+                break
+    return rows

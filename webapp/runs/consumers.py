@@ -1,0 +1,63 @@
+"""Run page websocket: authorize, then forward history and live points, status and log. No other logic."""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from webapp.runs import realtime
+from webapp.runs.models import Run
+
+POLL_SECONDS = 0.5
+
+
+@database_sync_to_async
+def _visible_run(user, run_id: int) -> Run | None:
+    return Run.objects.visible_to(user).filter(pk=run_id).first()
+
+
+@database_sync_to_async
+def _updates(run_id: int, after_seq: int, log_offset: int):
+    run = Run.objects.get(pk=run_id)
+    return realtime.points_after(run_id, after_seq), realtime.status_of(run), realtime.log_after(run, log_offset)
+
+
+class RunConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self):
+        run_id = int(self.scope["url_route"]["kwargs"]["run_id"])
+        if await _visible_run(self.scope["user"], run_id) is None:
+            await self.close(code=4403)
+            return
+        query = parse_qs(self.scope.get("query_string", b"").decode())
+        self.run_id = run_id
+        self.after_seq = int(query.get("after", ["-1"])[0])
+        self.log_offset = int(query.get("log", ["0"])[0])
+        await self.accept()
+        self.streamer = asyncio.create_task(self._stream())
+
+    async def disconnect(self, code):
+        streamer = getattr(self, "streamer", None)
+        if streamer:
+            streamer.cancel()
+
+    async def _stream(self):
+        first, last_status = True, None
+        while True:
+            points, status, log = await _updates(self.run_id, self.after_seq, self.log_offset)
+            if points or first:
+                await self.send_json({"type": "points", "history": first, "points": points})
+                if points:
+                    self.after_seq = points[-1]["seq"]
+            if log:
+                await self.send_json(log)
+                self.log_offset = log["offset"]
+            if status != last_status:
+                await self.send_json(status)
+                last_status = status
+            first = False
+            if status["final"] and not points and not log:
+                return  # nothing more will come; the socket stays open until the page leaves
+            await asyncio.sleep(POLL_SECONDS)

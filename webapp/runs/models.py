@@ -1,0 +1,114 @@
+"""Training configs, runs (a state machine), their metric points and artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.conf import settings
+from django.db import models
+
+from webapp.workspaces.models import OwnedQuerySet, Workspace
+
+
+class TrainingConfig(models.Model):
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="configs")
+    name = models.CharField(max_length=200)
+    yaml = models.TextField()
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = OwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-updated_at"]
+        constraints = [models.UniqueConstraint(fields=["workspace", "name"], name="config_name_unique_in_workspace")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class RunStatus(models.TextChoices):
+    """Allowed transitions, made only by `webapp.runs.services` with conditional UPDATEs:
+
+    queued -> starting | cancelled
+    starting -> running | failed | cancelled | interrupted
+    running -> succeeded | failed | cancelled | interrupted
+    """
+
+    QUEUED = "queued"
+    STARTING = "starting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+ACTIVE_STATES = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING)
+FINAL_STATES = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.INTERRUPTED)
+
+
+class Run(models.Model):
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="runs")
+    config = models.ForeignKey(TrainingConfig, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs")
+    name = models.CharField(max_length=200)
+    config_yaml = models.TextField(help_text="the config as the user wrote it, frozen at enqueue time")
+    status = models.CharField(max_length=12, choices=RunStatus.choices, default=RunStatus.QUEUED, db_index=True)
+    message = models.TextField(blank=True, help_text="one line: why it failed, or how it ended")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    current_step = models.IntegerField(default=0)
+    total_steps = models.IntegerField(null=True, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    events_offset = models.BigIntegerField(default=0, help_text="bytes of events.jsonl already turned into rows")
+    next_seq = models.IntegerField(default=0)
+    data_summary = models.JSONField(default=dict, blank=True)
+
+    objects = OwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.status})"
+
+    @property
+    def run_dir(self) -> Path:
+        return settings.DATA_DIR / "runs" / str(self.pk)
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "train.log"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_STATES
+
+
+class MetricPoint(models.Model):
+    """One `metric` event: a step's values (loss, learning_rate, ...). `seq` orders events of a run."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="points")
+    seq = models.IntegerField()
+    step = models.IntegerField()
+    time = models.FloatField()
+    values = models.JSONField()
+
+    class Meta:
+        ordering = ["seq"]
+        constraints = [models.UniqueConstraint(fields=["run", "seq"], name="metric_seq_unique_in_run")]
+
+
+class Artifact(models.Model):
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="artifacts")
+    kind = models.CharField(max_length=20)  # adapter | model | checkpoint
+    path = models.CharField(max_length=500, help_text="relative to the run directory")
+    size = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at"]

@@ -1,0 +1,157 @@
+"""Run and config use cases, shared by pages, API and CLI. The only code that changes a run's status."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import zipfile
+from pathlib import Path
+
+import yaml
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from training.config import ConfigError, ConfigInvalid, TrainConfig, check_environment, parse_config
+from webapp.datasets.models import Dataset
+from webapp.runs.base_models import resolve_base_model
+from webapp.runs.models import ACTIVE_STATES, Artifact, MetricPoint, Run, RunStatus, TrainingConfig
+
+log = logging.getLogger("trainyard.runs")
+
+
+def validate_config(workspace, yaml_text: str) -> tuple[TrainConfig, dict]:
+    """Parse and check a config against this workspace and server. Returns (config, resolved dict),
+    where the resolved dict names real files; raises ConfigInvalid listing every problem by key path."""
+    config = parse_config(yaml_text, allow_trust_remote_code=settings.TRAINYARD_ALLOW_TRUST_REMOTE_CODE)
+    errors: list[ConfigError] = []
+    resolved = config.model_dump(exclude_none=True)
+    try:
+        resolved["base_model"] = resolve_base_model(config.base_model)
+    except ValueError as exc:
+        errors.append(ConfigError("base_model", str(exc)))
+    names = dict(Dataset.objects.filter(workspace=workspace).values_list("name", "sha256"))
+    for i, spec in enumerate(config.datasets):
+        dataset = Dataset.objects.filter(workspace=workspace, name=spec.path).first()
+        if dataset is None:
+            known = ", ".join(sorted(names)) or "none uploaded yet"
+            errors.append(ConfigError(f"datasets[{i}].path", f"no dataset named {spec.path!r} in this workspace ({known})"))
+            continue
+        resolved["datasets"][i]["path"] = str(dataset.path)
+    errors += check_environment(config)
+    if errors:
+        raise ConfigInvalid(errors)
+    return config, resolved
+
+
+def save_config(workspace, user, name: str, yaml_text: str, instance: TrainingConfig | None = None) -> TrainingConfig:
+    validate_config(workspace, yaml_text)
+    name = name.strip()
+    if not name:
+        raise ConfigInvalid([ConfigError("name", "a config needs a name")])
+    clash = TrainingConfig.objects.filter(workspace=workspace, name=name)
+    if instance:
+        clash = clash.exclude(pk=instance.pk)
+    if clash.exists():
+        raise ConfigInvalid([ConfigError("name", f"a config named {name!r} already exists in this workspace")])
+    if instance is None:
+        return TrainingConfig.objects.create(workspace=workspace, name=name, yaml=yaml_text, created_by=user)
+    instance.name, instance.yaml = name, yaml_text
+    instance.save()
+    return instance
+
+
+def enqueue_run(workspace, user, config: TrainingConfig, name: str | None = None) -> Run:
+    """Validate again (datasets may have gone), freeze the config into the run folder, queue after commit."""
+    from webapp.runs.tasks import execute_run
+
+    _, resolved = validate_config(workspace, config.yaml)
+    with transaction.atomic():
+        run = Run.objects.create(workspace=workspace, config=config, name=name or config.name,
+                                 config_yaml=config.yaml, created_by=user)
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        transaction.on_commit(lambda: execute_run(run.pk))
+    return run
+
+
+def transition(run_id: int, from_states, to_state: str, **fields) -> bool:
+    """Move a run only if it is still in one of `from_states` (a conditional UPDATE: no lost race)."""
+    if to_state in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.INTERRUPTED):
+        fields.setdefault("finished_at", timezone.now())
+    return Run.objects.filter(pk=run_id, status__in=list(from_states)).update(status=to_state, **fields) == 1
+
+
+def cancel_run(run: Run) -> bool:
+    """Queued runs end at once; starting/running ones are flagged and their worker kills the process."""
+    if transition(run.pk, [RunStatus.QUEUED], RunStatus.CANCELLED, message="cancelled before it started"):
+        return True
+    return Run.objects.filter(pk=run.pk, status__in=[RunStatus.STARTING, RunStatus.RUNNING]).update(
+        cancel_requested=True) == 1
+
+
+def record_events(run_id: int, events: list[dict], new_offset: int) -> None:
+    """Turn training events into rows (worker only). Idempotent per byte offset of events.jsonl."""
+    run = Run.objects.get(pk=run_id)
+    points, seq, fields = [], run.next_seq, {}
+    for event in events:
+        kind = event.get("event")
+        if kind == "metric":
+            points.append(MetricPoint(run=run, seq=seq, step=int(event.get("step", 0)),
+                                      time=float(event.get("time", 0)), values=event.get("values", {})))
+            seq += 1
+            fields["current_step"] = max(int(event.get("step", 0)), fields.get("current_step", run.current_step))
+        elif kind == "status" and event.get("state") == "running":
+            fields["total_steps"] = event.get("total_steps")
+            transition(run_id, [RunStatus.STARTING], RunStatus.RUNNING)
+        elif kind == "data":
+            fields["data_summary"] = {k: v for k, v in event.items() if k not in ("event", "time")}
+    with transaction.atomic():
+        MetricPoint.objects.bulk_create(points)
+        Run.objects.filter(pk=run_id).update(events_offset=new_offset, next_seq=seq, heartbeat_at=timezone.now(),
+                                             **fields)
+
+
+def finish_run(run_id: int, state: str, message: str) -> bool:
+    ok = transition(run_id, ACTIVE_STATES, state, message=message[:2000])
+    if ok:
+        log.info("run %s ended %s: %s", run_id, state, message)
+    return ok
+
+
+def package_artifacts(run: Run) -> list[Artifact]:
+    """Zip the adapter (or full model) folder with its tokenizer, for download."""
+    made = []
+    for kind in ("adapter", "model"):
+        folder = run.run_dir / kind
+        if not folder.is_dir():
+            continue
+        target = run.run_dir / f"{kind}.zip"
+        tmp = target.with_suffix(".zip.part")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file():
+                    zf.write(path, Path(kind) / path.relative_to(folder))
+        tmp.replace(target)
+        made.append(Artifact.objects.create(run=run, kind=kind, path=target.name, size=target.stat().st_size))
+    return made
+
+
+def delete_run_files(run: Run) -> None:
+    shutil.rmtree(run.run_dir, ignore_errors=True)
+
+
+def bump_heartbeat(run_id: int) -> None:
+    Run.objects.filter(pk=run_id).update(heartbeat_at=timezone.now())
+
+
+def mark_stale_runs_interrupted(max_age_seconds: int = 60) -> int:
+    """Runs whose worker stopped beating (killed, host lost) end `interrupted`, logs and metrics kept."""
+    cutoff = timezone.now() - timezone.timedelta(seconds=max_age_seconds)
+    stale = Run.objects.filter(status__in=[RunStatus.STARTING, RunStatus.RUNNING], heartbeat_at__lt=cutoff)
+    count = 0
+    for run_id in stale.values_list("pk", flat=True):
+        count += finish_run(run_id, RunStatus.INTERRUPTED, "the worker stopped reporting (killed or lost); "
+                                                           "logs and metrics up to then are kept")
+    return count
+

@@ -1,0 +1,27 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+from webapp.api.api import api
+from webapp.datasets import views as datasets
+from webapp.runs import views as runs
+
+urlpatterns = [
+    path("", runs.home, name="home"),
+    path("login/", auth_views.LoginView.as_view(template_name="login.html"), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("datasets/", datasets.dataset_list, name="dataset-list"),
+    path("datasets/<int:pk>/", datasets.dataset_detail, name="dataset-detail"),
+    path("datasets/<int:pk>/preview/", datasets.dataset_preview, name="dataset-preview"),
+    path("datasets/<int:pk>/rejected/", datasets.dataset_rejected, name="dataset-rejected"),
+    path("configs/", runs.config_list, name="config-list"),
+    path("configs/new/", runs.config_edit, name="config-new"),
+    path("configs/<int:pk>/", runs.config_edit, name="config-edit"),
+    path("configs/<int:pk>/run/", runs.config_run, name="config-run"),
+    path("runs/", runs.run_list, name="run-list"),
+    path("runs/<int:pk>/", runs.run_detail, name="run-detail"),
+    path("runs/<int:pk>/cancel/", runs.run_cancel, name="run-cancel"),
+    path("runs/<int:pk>/artifacts/<int:artifact_id>/download/", runs.artifact_download, name="artifact-download"),
+    path("api/", api.urls),
+    path("admin/", admin.site.urls),
+]

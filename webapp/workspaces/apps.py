@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class WorkspacesConfig(AppConfig):
+    name = "webapp.workspaces"
+    default_auto_field = "django.db.models.BigAutoField"

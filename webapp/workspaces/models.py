@@ -1,0 +1,47 @@
+"""Workspaces own everything; `visible_to(user)` is the one privacy rule every query goes through."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+
+class WorkspaceQuerySet(models.QuerySet):
+    def visible_to(self, user) -> WorkspaceQuerySet:
+        if not user.is_authenticated:
+            return self.none()
+        return self.filter(memberships__user=user)
+
+
+class Workspace(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = WorkspaceQuerySet.as_manager()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Role(models.TextChoices):
+    OWNER = "owner"
+    MEMBER = "member"
+    VIEWER = "viewer"
+
+
+class Membership(models.Model):
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "workspace"], name="one_membership_per_workspace")]
+
+
+class OwnedQuerySet(models.QuerySet):
+    """For models with a `workspace` field: rows of the workspaces the user belongs to."""
+
+    def visible_to(self, user):
+        if not user.is_authenticated:
+            return self.none()
+        return self.filter(workspace__memberships__user=user)

@@ -1,0 +1,8 @@
+"""WSGI entry (admin tasks, plain HTTP servers); live charts need the ASGI entry."""
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
+application = get_wsgi_application()
