@@ -1,0 +1,73 @@
+"""`trainyard preprocess` (a public contract) and `trainyard train`, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from training.cli import main
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model_dir):
+    (tmp_path / "chat.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Only a question"}]}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}) + "\n")
+    # Relative dataset path: resolved next to the config file.
+    (tmp_path / "config.yaml").write_text(
+        f"base_model: {tiny_model_dir}\ndatasets:\n  - path: chat.jsonl\n    type: chat_template\n"
+        "sequence_len: 64\nsample_packing: true\n")
+    return tmp_path
+
+
+def test_preprocess_prints_summary_and_writes_jsonl(project, capsys):
+    out_file = project / "out.jsonl"
+    assert main(["preprocess", str(project / "config.yaml"), "--jsonl", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert "3 rows read, 2 samples kept" in out
+    assert "dropped 1: no_trained_tokens" in out
+    assert "packing: 2 samples into 1 bins of 64" in out
+    lines = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [line["row"] for line in lines] == [0, 2]
+    assert all(len(line["input_ids"]) == len(line["labels"]) for line in lines)
+
+
+def test_preprocess_debug_marks_trained_tokens(project, capsys):
+    main(["preprocess", str(project / "config.yaml"), "--debug", "--rows", "1", "--no-color"])
+    out = capsys.readouterr().out
+    assert "--- chat.jsonl row 0" in out
+    assert "<|im_start|>(1, -100)" in out  # masked: plain, label -100
+    assert re.search(r"\[<\|im_end\|>\(2, 2\)\]", out)  # trained: bracketed, label = id
+
+
+def test_preprocess_bad_line_names_file_line_and_field(project, capsys):
+    with (project / "chat.jsonl").open("a") as f:
+        f.write('{"messages": [{"role": "user", "content": 5}]}\n{broken\n')
+    assert main(["preprocess", str(project / "config.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "chat.jsonl:line 4: messages[0].content: must be a string, not int" in err
+    assert "chat.jsonl:line 5: invalid JSON" in err
+
+
+def test_invalid_config_exits_non_zero_naming_the_key(project):
+    (project / "bad.yaml").write_text("base_model: x\ndatasets:\n  - path: chat.jsonl\n    type: nope\n")
+    with pytest.raises(SystemExit) as info:
+        main(["preprocess", str(project / "bad.yaml")])
+    assert "datasets[0].type: unknown dataset type 'nope'" in str(info.value.code)
+
+
+@pytest.mark.slow
+def test_train_command_writes_events_and_a_failure_reason(project, tmp_path):
+    config = project / "config.yaml"
+    config.write_text(config.read_text().replace("base_model:", "base_model: /nonexistent/model\n#"))
+    result = subprocess.run([sys.executable, "-m", "training", "train", str(config), "--run-dir", str(tmp_path / "r")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    events = [json.loads(line) for line in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "status" and events[-1]["state"] == "failed"
+    assert "base_model: folder '/nonexistent/model' does not exist" in events[-1]["message"]

@@ -1,0 +1,69 @@
+"""The config schema: axolotl keys, errors that name the key path, checks done before anything is queued."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.config import ConfigInvalid, check_environment, dump_config, parse_config
+
+BASE = "base_model: tiny\ndatasets:\n  - path: d.jsonl\n    type: chat_template\n"
+
+
+def errors_of(text, **kw) -> list[str]:
+    with pytest.raises(ConfigInvalid) as info:
+        parse_config(text, **kw)
+    return [str(e) for e in info.value.errors]
+
+
+def test_minimal_config_gets_axolotl_defaults():
+    config = parse_config(BASE)
+    assert config.sequence_len == 512 and config.train_on_inputs is False
+    spec = config.datasets[0]
+    assert spec.roles_to_train == ["assistant"] and spec.train_on_eos == "turn" and spec.eot_policy == "turn"
+
+
+def test_errors_name_the_key_path():
+    errs = errors_of(BASE.replace("type: chat_template", "type: sharegpt_v9") + "lora_r: -1\nmicro_batch_size: x\n")
+    assert any(e.startswith("datasets[0].type: unknown dataset type 'sharegpt_v9'") for e in errs)
+    assert any(e.startswith("lora_r:") for e in errs)
+    assert any(e.startswith("micro_batch_size:") for e in errs)
+
+
+def test_unknown_key_is_named():
+    assert errors_of(BASE + "learning_rat: 0.1\n") == ["learning_rat: unknown key (not an axolotl option Trainyard supports)"]
+
+
+def test_plain_axolotl_keys_that_we_do_not_use_are_accepted():
+    config = parse_config(BASE + "output_dir: ./out\nwandb_project: x\nstrict: false\nflash_attention: true\n")
+    assert config.attn_implementation == "flash_attention_2"
+
+
+def test_yaml_syntax_error_gives_line():
+    assert "invalid YAML: line 2, column 6" in errors_of("base_model: x\nfoo: : :\n")[0]
+
+
+def test_qlora_implies_4bit_and_full_finetune_refuses_quantized_weights():
+    assert parse_config(BASE + "adapter: qlora\n").load_in_4bit
+    assert any("can't be fully fine-tuned" in e for e in errors_of(BASE + "load_in_4bit: true\n"))
+
+
+def test_trust_remote_code_needs_the_site_setting():
+    assert errors_of(BASE + "trust_remote_code: true\n")[0].startswith("trust_remote_code:")
+    assert parse_config(BASE + "trust_remote_code: true\n", allow_trust_remote_code=True).trust_remote_code
+
+
+def test_packing_is_refused_with_a_backend_that_cannot_isolate_samples():
+    errs = errors_of(BASE + "sample_packing: true\nattn_implementation: flex_attention\n")
+    assert "attend to each other" in errs[0]
+
+
+def test_flash_attention_without_cuda_or_package_is_refused_up_front():
+    config = parse_config(BASE + "attn_implementation: flash_attention_2\n")
+    problems = [str(p) for p in check_environment(config, cuda_available=False)]
+    assert any("needs a CUDA GPU" in p for p in problems)
+    assert check_environment(parse_config(BASE), cuda_available=False) == []
+
+
+def test_export_round_trips():
+    config = parse_config(BASE + "adapter: lora\nlora_r: 16\n")
+    assert parse_config(dump_config(config)) == config
