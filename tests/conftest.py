@@ -1,18 +1,13 @@
-"""Shared fixtures. The environment is set before Django loads: a private data dir, huey in immediate mode."""
+"""Shared fixtures: the tiny model built once, services that must be there in CI."""
 
 from __future__ import annotations
 
 import os
 import socket
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-_DATA = Path(tempfile.mkdtemp(prefix="trainyard-test-"))
-os.environ["TRAINYARD_DATA_DIR"] = str(_DATA)
-os.environ["TRAINYARD_HUEY_IMMEDIATE"] = "1"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_DATA = Path(os.environ["TRAINYARD_DATA_DIR"])  # set by tests/testenv.py, before Django loaded
 
 import pytest  # noqa: E402
 

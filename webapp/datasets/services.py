@@ -32,6 +32,10 @@ class ValidationReport:
     counts: Counter = field(default_factory=Counter)  # by reason
 
     @property
+    def by_reason(self) -> list[tuple[str, int]]:
+        return self.counts.most_common()
+
+    @property
     def invalid(self) -> int:
         return sum(self.counts.values())
 

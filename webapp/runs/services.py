@@ -23,22 +23,33 @@ log = logging.getLogger("trainyard.runs")
 def validate_config(workspace, yaml_text: str) -> tuple[TrainConfig, dict]:
     """Parse and check a config against this workspace and server. Returns (config, resolved dict),
     where the resolved dict names real files; raises ConfigInvalid listing every problem by key path."""
-    config = parse_config(yaml_text, allow_trust_remote_code=settings.TRAINYARD_ALLOW_TRUST_REMOTE_CODE)
     errors: list[ConfigError] = []
-    resolved = config.model_dump(exclude_none=True)
+    config = None
     try:
-        resolved["base_model"] = resolve_base_model(config.base_model)
-    except ValueError as exc:
-        errors.append(ConfigError("base_model", str(exc)))
-    names = dict(Dataset.objects.filter(workspace=workspace).values_list("name", "sha256"))
-    for i, spec in enumerate(config.datasets):
-        dataset = Dataset.objects.filter(workspace=workspace, name=spec.path).first()
-        if dataset is None:
-            known = ", ".join(sorted(names)) or "none uploaded yet"
-            errors.append(ConfigError(f"datasets[{i}].path", f"no dataset named {spec.path!r} in this workspace ({known})"))
+        config = parse_config(yaml_text, allow_trust_remote_code=settings.TRAINYARD_ALLOW_TRUST_REMOTE_CODE)
+    except ConfigInvalid as exc:
+        errors += exc.errors
+    raw = yaml.safe_load(yaml_text) if not (errors and errors[0].message.startswith("invalid YAML")) else None
+    raw = raw if isinstance(raw, dict) else {}
+    # Workspace checks run on the raw mapping too, so one round trip shows every problem.
+    resolved = config.model_dump(exclude_none=True) if config else {}
+    if isinstance(raw.get("base_model"), str):
+        try:
+            resolved["base_model"] = resolve_base_model(raw["base_model"])
+        except ValueError as exc:
+            errors.append(ConfigError("base_model", str(exc)))
+    names = sorted(Dataset.objects.filter(workspace=workspace).values_list("name", flat=True))
+    for i, entry in enumerate(raw.get("datasets") or []):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             continue
-        resolved["datasets"][i]["path"] = str(dataset.path)
-    errors += check_environment(config)
+        dataset = Dataset.objects.filter(workspace=workspace, name=entry["path"]).first()
+        if dataset is None:
+            known = ", ".join(names) or "none uploaded yet"
+            errors.append(ConfigError(f"datasets[{i}].path", f"no dataset named {entry['path']!r} in this workspace ({known})"))
+        elif config:
+            resolved["datasets"][i]["path"] = str(dataset.path)
+    if config:
+        errors += check_environment(config)
     if errors:
         raise ConfigInvalid(errors)
     return config, resolved

@@ -1,0 +1,86 @@
+"""The run websocket: refused outside the workspace, history then live points, resume without gap or duplicate."""
+
+from __future__ import annotations
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth.models import AnonymousUser
+
+from webapp.runs.consumers import RunConsumer
+from webapp.runs.models import MetricPoint, Run, RunStatus
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+
+def communicator(user, run_id, query=""):
+    app = RunConsumer.as_asgi()
+    comm = WebsocketCommunicator(app, f"/ws/runs/{run_id}/{query}")
+    comm.scope["user"] = user
+    comm.scope["url_route"] = {"kwargs": {"run_id": run_id}}
+    return comm
+
+
+@sync_to_async
+def make_run(workspace, points=3, status=RunStatus.RUNNING):
+    run = Run.objects.create(workspace=workspace, name="r", config_yaml="x", status=status)
+    add_points(run, 0, points)
+    return run
+
+
+def add_points(run, start, count):
+    MetricPoint.objects.bulk_create([MetricPoint(run=run, seq=i, step=i + 1, time=float(i), values={"loss": 5.0 - i / 10})
+                                     for i in range(start, start + count)])
+
+
+async def receive_until(comm, kind):
+    while True:
+        msg = await comm.receive_json_from(timeout=5)
+        if msg["type"] == kind:
+            return msg
+
+
+async def test_user_outside_the_workspace_and_anonymous_are_refused(alice, bob):
+    run = await make_run(alice[1])
+    for user in (bob[0], AnonymousUser()):
+        comm = communicator(user, run.pk)
+        connected, code = await comm.connect()
+        assert not connected and code == 4403
+
+
+async def test_history_then_live_points_then_final_status(alice):
+    run = await make_run(alice[1], points=3)
+    comm = communicator(alice[0], run.pk)
+    assert (await comm.connect())[0]
+    history = await receive_until(comm, "points")
+    assert history["history"] and [p["seq"] for p in history["points"]] == [0, 1, 2]
+    await sync_to_async(add_points)(run, 3, 2)
+    live = await receive_until(comm, "points")
+    assert not live["history"] and [p["seq"] for p in live["points"]] == [3, 4]
+    await sync_to_async(Run.objects.filter(pk=run.pk).update)(status=RunStatus.SUCCEEDED, message="done")
+    status = await receive_until(comm, "status")
+    while not status["final"]:
+        status = await receive_until(comm, "status")
+    assert status["status"] == "succeeded"
+    await comm.disconnect()
+
+
+async def test_reconnect_resumes_after_the_last_seq_without_gap_or_duplicate(alice):
+    run = await make_run(alice[1], points=5)
+    comm = communicator(alice[0], run.pk, "?after=2")
+    assert (await comm.connect())[0]
+    history = await receive_until(comm, "points")
+    assert [p["seq"] for p in history["points"]] == [3, 4]
+    await comm.disconnect()
+
+
+async def test_log_is_streamed_from_the_offset_the_page_has(alice):
+    run = await make_run(alice[1], points=0)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    run.log_path.write_text("first line\nsecond line\n")
+    first = len("first line\n")
+    comm = communicator(alice[0], run.pk, f"?log={first}")
+    assert (await comm.connect())[0]
+    log = await receive_until(comm, "log")
+    assert log["text"] == "second line\n" and log["offset"] == len("first line\nsecond line\n")
+    await comm.disconnect()

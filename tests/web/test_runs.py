@@ -1,0 +1,157 @@
+"""Configs and runs through the pages: validation by key path, a real run on the tiny model,
+failures with readable reasons, cancel, kill, and privacy of every run URL."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+import zipfile
+
+import pytest
+from django.utils import timezone
+
+from webapp.runs import services
+from webapp.runs.models import Artifact, MetricPoint, Run, RunStatus, TrainingConfig
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+GOOD = """\
+base_model: tiny-chat
+datasets:
+  - path: chat
+    type: chat_template
+sequence_len: 128
+adapter: lora
+lora_target_linear: true
+micro_batch_size: 4
+max_steps: {steps}
+learning_rate: 0.003
+"""
+
+
+def save(client, yaml_text, action="save", name="c1"):
+    return client.post("/configs/new/", {"name": name, "yaml": yaml_text, "action": action})
+
+
+def test_invalid_config_names_the_key_and_is_not_saved(alice_client, alice_dataset):
+    bad = GOOD.format(steps=5).replace("path: chat", "path: nope").replace("lora_target_linear: true", "lora_r: 0")
+    response = save(alice_client, bad)
+    page = response.content.decode().replace("&#x27;", "'")
+    assert response.status_code == 400
+    assert "<code>datasets[0].path</code>: no dataset named 'nope'" in page
+    assert "<code>lora_r</code>" in page
+    assert TrainingConfig.objects.count() == 0 and Run.objects.count() == 0
+
+
+@pytest.mark.parametrize("base_model, message", [
+    ("../../etc", "must be inside the server's model directories"),
+    ("owner/bad name!", "neither a model folder name nor a hub id"),
+    ("/etc", "must be inside the server's model directories"),
+    ("missing-model", "no model folder named 'missing-model'"),
+])
+def test_model_paths_outside_the_model_directories_are_refused(alice_client, alice_dataset, base_model, message):
+    response = save(alice_client, GOOD.format(steps=5).replace("tiny-chat", base_model))
+    assert response.status_code == 400 and message in response.content.decode().replace("&#x27;", "'")
+
+
+def test_trust_remote_code_is_refused_unless_the_site_allows_it(alice_client, alice_dataset):
+    response = save(alice_client, GOOD.format(steps=5) + "trust_remote_code: true\n")
+    assert response.status_code == 400 and "an admin must allow it" in response.content.decode()
+
+
+@pytest.mark.slow
+def test_run_trains_streams_metrics_and_offers_the_adapter(alice_client, alice_dataset):
+    response = save(alice_client, GOOD.format(steps=12), action="run")
+    run = Run.objects.get()
+    assert response["Location"] == f"/runs/{run.pk}/"
+    run.refresh_from_db()  # huey immediate mode: the task ran the real training subprocess
+    assert run.status == RunStatus.SUCCEEDED, (run.message, run.log_path.read_text()[-2000:])
+    assert run.current_step == 12 and run.total_steps == 12
+    losses = [p.values["loss"] for p in MetricPoint.objects.filter(run=run) if "loss" in p.values]
+    assert len(losses) == 12
+    artifact = Artifact.objects.get(run=run, kind="adapter")
+    download = alice_client.get(f"/runs/{run.pk}/artifacts/{artifact.pk}/download/")
+    names = zipfile.ZipFile(io.BytesIO(b"".join(download.streaming_content))).namelist()
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json"} <= set(names)
+    page = alice_client.get(f"/runs/{run.pk}/").content.decode()
+    assert "succeeded" in page and "adapter.zip" in page and "plotly.min.js" in page
+
+
+@pytest.mark.slow
+def test_broken_dataset_row_ends_failed_with_the_line(alice, alice_client, chat_file):
+    from webapp.datasets.models import Dataset
+
+    user, workspace = alice
+    alice_client.post("/datasets/", {"file": chat_file()})
+    dataset = Dataset.objects.get()
+    dataset.path.write_text(dataset.path.read_text() + "{oops\n")  # damaged on disk after upload
+    save(alice_client, GOOD.format(steps=3), action="run")
+    run = Run.objects.get()
+    assert run.status == RunStatus.FAILED
+    assert "line 4: invalid JSON" in run.message
+    assert run.log_path.exists()
+
+
+def test_cancel_a_queued_run(alice, alice_dataset):
+    user, workspace = alice
+    config = TrainingConfig.objects.create(workspace=workspace, name="c", yaml=GOOD.format(steps=3))
+    run = Run.objects.create(workspace=workspace, config=config, name="r", config_yaml=config.yaml)
+    assert services.cancel_run(run)
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED and run.finished_at
+    assert not services.transition(run.pk, [RunStatus.QUEUED], RunStatus.STARTING)  # a late worker can't take it
+
+
+@pytest.mark.slow
+def test_killed_training_process_leaves_run_interrupted_with_its_metrics(alice, alice_dataset, monkeypatch):
+    from webapp.runs import tasks
+
+    user, workspace = alice
+    config = TrainingConfig.objects.create(workspace=workspace, name="c", yaml=GOOD.format(steps=400))
+    monkeypatch.setattr(tasks, "execute_run", lambda run_id: None)  # enqueue, but supervise by hand below
+    run = services.enqueue_run(workspace, user, config)
+    killer = threading.Thread(target=_kill_after_first_points, args=(run,))
+    killer.start()
+    tasks.supervise(run.pk)
+    killer.join()
+    run.refresh_from_db()
+    assert run.status == RunStatus.INTERRUPTED and "SIGKILL" in run.message
+    assert MetricPoint.objects.filter(run=run).exists()
+
+
+def _kill_after_first_points(run):
+    deadline = time.time() + 120
+    events = run.run_dir / "events.jsonl"
+    while time.time() < deadline:
+        if events.exists() and events.read_text().count('"metric"') >= 3:
+            break
+        time.sleep(0.2)
+    out = os.popen(f"pgrep -f 'training train {run.run_dir}/config.yaml'").read().split()
+    for pid in out:
+        os.kill(int(pid), signal.SIGKILL)
+
+
+def test_worker_that_stops_beating_leaves_run_interrupted(alice):
+    user, workspace = alice
+    run = Run.objects.create(workspace=workspace, name="r", config_yaml="x", status=RunStatus.RUNNING,
+                             heartbeat_at=timezone.now() - timezone.timedelta(seconds=300))
+    assert services.mark_stale_runs_interrupted() == 1
+    run.refresh_from_db()
+    assert run.status == RunStatus.INTERRUPTED and "stopped reporting" in run.message
+
+
+def test_run_urls_are_private(client, alice, bob_client):
+    user, workspace = alice
+    run = Run.objects.create(workspace=workspace, name="secret", config_yaml="x", status=RunStatus.SUCCEEDED)
+    artifact = Artifact.objects.create(run=run, kind="adapter", path="adapter.zip")
+    config = TrainingConfig.objects.create(workspace=workspace, name="c", yaml="x")
+    for url in (f"/runs/{run.pk}/", f"/runs/{run.pk}/artifacts/{artifact.pk}/download/", f"/configs/{config.pk}/",
+                f"/api/runs/{run.pk}", f"/api/runs/{run.pk}/metrics"):
+        assert bob_client.get(url).status_code == 404, url
+        assert client.get(url).status_code in (302, 401), url
+    assert bob_client.post(f"/runs/{run.pk}/cancel/").status_code == 404
+    assert bob_client.post(f"/configs/{config.pk}/run/").status_code == 404
+    assert bob_client.get("/api/runs/").json() == []
