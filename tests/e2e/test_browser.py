@@ -1,0 +1,131 @@
+"""The whole path in a real browser (Debian's Chromium) against a real server and worker, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+CHROMIUM = "/usr/bin/chromium"
+RESULTS = ROOT / "test-results"
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    if not Path(CHROMIUM).exists():
+        message = f"{CHROMIUM} is missing (apt-get install chromium)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    data = tmp_path_factory.mktemp("e2e-data")
+    shutil.copytree(tiny_model_dir, data / "models" / "tiny-chat")  # setup_demo reuses it
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "TRAINYARD_HUEY_IMMEDIATE")}
+    env.update(TRAINYARD_DATA_DIR=str(data), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    manage = [sys.executable, str(ROOT / "manage.py")]
+    subprocess.run(manage + ["migrate", "-v0"], env=env, cwd=ROOT, check=True)
+    subprocess.run(manage + ["setup_demo", "--no-datasets"], env=env, cwd=ROOT, check=True, capture_output=True)
+    port = _free_port()
+    log = (data / "serve.log").open("w")
+    proc = subprocess.Popen(manage + ["serve", "--port", str(port)], env=env, cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.3)
+    yield url
+    os.killpg(proc.pid, 2)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def test_upload_preview_configure_train_watch_and_download(server, browser, tmp_path):
+    RESULTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page.goto(server + "/")
+    assert "/login/" in page.url
+    page.fill("input[name=username]", "demo")
+    page.fill("input[name=password]", "trainyard")
+    page.click("button.primary")
+
+    # A file with a broken line: refused, with the line number and reason on the page.
+    from training.demo import chat_rows
+
+    rows = [json.dumps(r) for r in chat_rows(80)]
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text("\n".join(rows[:4] + ['{"messages": [{"role": "user", "content": ""}]}'] + rows[4:]) + "\n")
+    page.goto(server + "/datasets/")
+    page.set_input_files("input[name=file]", str(bad))
+    page.click("#upload-form button.primary")
+    page.wait_for_selector("#upload-errors")
+    assert re.search(r"5\s+messages\[0\]\.content\s+empty content", page.inner_text("#upload-errors"))
+
+    # The valid file: stored, rows shown.
+    good = tmp_path / "chat.jsonl"
+    good.write_text("\n".join(rows) + "\n")
+    page.set_input_files("input[name=file]", str(good))
+    page.click("#upload-form button.primary")
+    page.wait_for_url(re.compile(r".*/datasets/\d+/$"))
+    assert page.inner_text("#row-count") == "80"
+
+    # Token preview: trained and masked chips.
+    page.click("text=Preview tokens and labels")
+    page.wait_for_selector(".tok.trained")
+    assert page.locator(".tok.trained").count() > 3 and page.locator(".tok.masked").count() > 3
+    page.screenshot(path=str(RESULTS / "preview.png"), full_page=True)
+
+    # A config written in the YAML editor, then a run.
+    page.goto(server + "/configs/new/")
+    page.fill("input[name=name]", "e2e-lora")
+    yaml_text = page.input_value("textarea[name=yaml]").replace("max_steps: 60", "max_steps: 40")
+    page.fill("textarea[name=yaml]", yaml_text)
+    page.click("button[value=run]")
+    page.wait_for_url(re.compile(r".*/runs/\d+/$"))
+
+    # The chart grows live over the websocket while the status moves on.
+    page.wait_for_function("document.querySelector('#chart-loss .scatterlayer, #chart-loss .gl-container') !== null",
+                           timeout=90_000)
+    counts = []
+    for _ in range(20):
+        counts.append(page.evaluate("document.getElementById('chart-loss').data[0].x.length"))
+        if page.inner_text("#status-badge") == "succeeded":
+            break
+        time.sleep(0.5)
+    page.wait_for_selector(".download", timeout=120_000)  # the page reloads when the run ends
+    assert page.inner_text("#status-badge") == "succeeded"
+    assert len(set(counts)) > 1 or counts[-1] == 40, counts  # it grew while we watched
+    assert page.evaluate("document.getElementById('chart-loss').data[0].x.length") == 40  # full history redrawn
+    page.screenshot(path=str(RESULTS / "run-page.png"), full_page=True)
+
+    with page.expect_download() as info:
+        page.click(".download")
+    target = tmp_path / "adapter.zip"
+    info.value.save_as(target)
+    assert "adapter/adapter_model.safetensors" in zipfile.ZipFile(target).namelist()
