@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
-import numpy as np
 
 from training.config import DatasetSpec, TrainConfig
 from training.formats import FORMATS, Piece, Rendered, RowProblem
@@ -15,10 +16,9 @@ from training.formats.chat_template import resolve_chat_template
 IGNORE_INDEX = -100
 
 
-def build_labels(input_ids: Sequence[int], trained: Sequence[bool] | np.ndarray) -> list[int]:
+def build_labels(input_ids: Sequence[int], trained: Sequence[bool]) -> list[int]:
     """The only place labels are made: the token id where trained, IGNORE_INDEX (-100) where masked."""
-    ids = np.asarray(input_ids, dtype=np.int64)
-    return np.where(np.asarray(trained, dtype=bool), ids, IGNORE_INDEX).tolist()
+    return [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, trained)]
 
 
 @dataclass
@@ -73,6 +73,7 @@ class EncodeSettings:
     sequence_len: int
     template_kwargs: dict
     excess_length_strategy: str = "drop"
+    skeletons: dict = field(default_factory=dict)  # chat_template: marked renders reused across rows
 
 
 @dataclass
@@ -151,6 +152,24 @@ class Encoder:
 
     def encode_rows(self, rows: Iterable[tuple[int, dict]]) -> list[Encoded | Dropped]:
         """(row index, row) pairs -> outcomes in the same order (a completion row may give several)."""
+        rendered = self._render(rows)
+        return self._assemble(rendered, self._encode_pieces(rendered))
+
+    def encode_stream(self, rows: Iterable[tuple[int, dict]], batch_size: int = 1000) -> Iterator[Encoded | Dropped]:
+        """Like encode_rows over any number of rows, pipelined: while the Rust tokenizer works on one
+        batch (it releases the GIL), Python renders the next and assembles the previous."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for batch in _batched(rows, batch_size):
+                rendered = self._render(batch)
+                future = pool.submit(self._encode_pieces, rendered)
+                if pending is not None:
+                    yield from self._assemble(pending[0], pending[1].result())
+                pending = (rendered, future)
+            if pending is not None:
+                yield from self._assemble(pending[0], pending[1].result())
+
+    def _render(self, rows: Iterable[tuple[int, dict]]) -> list[tuple[int, Rendered | Dropped]]:
         rendered: list[tuple[int, Rendered | Dropped]] = []
         for index, row in rows:
             problems = self.check(row)
@@ -163,17 +182,51 @@ class Encoder:
             except Exception as exc:  # a template error on this row must not sink the whole batch
                 rendered.append((index, Dropped(index, "invalid", f"rendering failed: {exc}")))
                 continue
-            for note in getattr(r, "notes", ()):
+            for note in r.notes:
                 self.notes[note] += 1
             rendered.append((index, r))
-        token_lists = self._tokenize([r for _, r in rendered if isinstance(r, Rendered)])
+        return rendered
+
+    def _encode_pieces(self, rendered) -> list:
+        """Every piece of the batch through the Rust tokenizer: two calls (with/without added specials)."""
+        pieces: list[Piece] = [p for _, r in rendered if isinstance(r, Rendered) for p in r.pieces]
+        encodings: list = [None] * len(pieces)
+        for flag in (False, True):
+            idx = [i for i, p in enumerate(pieces) if p.add_special_tokens == flag]
+            if idx:
+                batch = self.backend.encode_batch([pieces[i].text for i in idx], add_special_tokens=flag)
+                for i, enc in zip(idx, batch):
+                    encodings[i] = enc
+        return encodings
+
+    def _assemble(self, rendered, encodings) -> list[Encoded | Dropped]:
         out: list[Encoded | Dropped] = []
-        it = iter(token_lists)
+        eos_id = self.tokenizer.eos_token_id
+        k = 0
         for index, r in rendered:
             if isinstance(r, Dropped):
                 out.append(r)
                 continue
-            ids, trained, parts = next(it)
+            ids: list[int] = []
+            trained: list[bool] = []
+            parts: list[int] = []
+            for piece in r.pieces:
+                enc = encodings[k]
+                k += 1
+                piece_ids = enc.ids
+                n = len(piece_ids)
+                if piece.whole is not None:
+                    trained += [piece.whole.trained] * n
+                    parts += [piece.whole.part] * n
+                else:
+                    t, p = _mark_spans(enc, piece.spans, len(piece.text))
+                    trained += t
+                    parts += p
+                ids += piece_ids
+                if piece.append_eos is not None and eos_id is not None and (not piece_ids or piece_ids[-1] != eos_id):
+                    ids.append(eos_id)
+                    trained.append(piece.append_eos.trained)
+                    parts.append(piece.append_eos.part)
             out.extend(self._finish(index, r, ids, trained, parts))
         return out
 
@@ -182,42 +235,6 @@ class Encoder:
         return [f"{note} ({count} times)" for note, count in self.notes.most_common()]
 
     # -- internals ----------------------------------------------------------------------------
-    def _tokenize(self, rendered: list[Rendered]):
-        pieces: list[Piece] = [p for r in rendered for p in r.pieces]
-        encodings: list = [None] * len(pieces)
-        for flag in (False, True):
-            idx = [i for i, p in enumerate(pieces) if p.add_special_tokens == flag]
-            if idx:
-                for i, enc in zip(idx, self.backend.encode_batch([pieces[i].text for i in idx], add_special_tokens=flag)):
-                    encodings[i] = enc
-        eos_id = self.tokenizer.eos_token_id
-        results = []
-        k = 0
-        for r in rendered:
-            all_ids: list[int] = []
-            trained_chunks, part_chunks = [], []
-            for piece in r.pieces:
-                enc = encodings[k]
-                k += 1
-                ids = list(enc.ids)
-                n = len(ids)
-                if piece.whole is not None:
-                    trained = np.full(n, piece.whole.trained)
-                    part = np.full(n, piece.whole.part)
-                else:
-                    trained, part = _mark_spans(enc.offsets, piece.spans)
-                if piece.append_eos is not None and eos_id is not None and (not ids or ids[-1] != eos_id):
-                    ids.append(eos_id)
-                    trained = np.append(trained, piece.append_eos.trained)
-                    part = np.append(part, piece.append_eos.part)
-                all_ids.extend(ids)
-                trained_chunks.append(trained)
-                part_chunks.append(part)
-            trained = np.concatenate(trained_chunks) if trained_chunks else np.zeros(0, bool)
-            parts = np.concatenate(part_chunks) if part_chunks else np.zeros(0, int)
-            results.append((all_ids, trained.astype(bool), parts.astype(int)))
-        return results
-
     def _finish(self, index: int, r: Rendered, ids, trained, parts) -> list[Encoded | Dropped]:
         if not ids:
             return [Dropped(index, "empty", "the row produced no tokens")]
@@ -228,7 +245,7 @@ class Encoder:
         out: list[Encoded | Dropped] = []
         for chunk, (lo, hi) in enumerate(bounds):
             c_ids, c_trained, c_parts = ids[lo:hi], trained[lo:hi], parts[lo:hi]
-            sample = Encoded(index, c_ids, build_labels(c_ids, c_trained), c_parts.tolist(), r.parts, chunk=chunk)
+            sample = Encoded(index, c_ids, build_labels(c_ids, c_trained), c_parts, r.parts, chunk=chunk)
             if len(c_ids) > limit:
                 strategy = self.settings.excess_length_strategy
                 if strategy == "raise":
@@ -245,29 +262,39 @@ class Encoder:
         return out
 
 
-def _mark_spans(offsets, spans) -> tuple[np.ndarray, np.ndarray]:
-    """Per token: trained if it overlaps a trained span; part of the first span it overlaps."""
-    n = len(offsets)
-    trained = np.zeros(n, dtype=bool)
-    part = np.full(n, -1, dtype=np.int64)
-    if not n or not spans:
-        return trained, part
-    off = np.asarray(offsets, dtype=np.int64)
-    starts, ends = off[:, 0], off[:, 1]
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _mark_spans(encoding, spans, text_len: int) -> tuple[list[bool], list[int]]:
+    """Per token: trained if it overlaps a trained span (a later span wins, so a training_detail
+    span can mask part of a trained message), and the part of the span it overlaps."""
+    n = len(encoding.ids)
+    trained = [False] * n
+    part = [-1] * n
+    ends = None
     for span in spans:
         if span.end <= span.start:
             continue
-        lo = int(np.searchsorted(ends, span.start, side="right"))
-        hi = int(np.searchsorted(starts, span.end, side="left"))
-        if hi <= lo:
-            continue
-        sel = slice(lo, hi)
-        nonempty = ends[sel] > starts[sel]
-        if span.trained:
-            trained[sel] |= nonempty
-        else:
-            # An untrained span inside a trained one (training_detail) masks those tokens again.
-            trained[sel] &= ~nonempty
-        unset = (part[sel] == -1) & nonempty
-        part[sel] = np.where(unset, span.part, part[sel])
+        lo = encoding.char_to_token(span.start)
+        # The first token of the character after the span; if it also covers characters inside
+        # the span (a merge across the boundary) it overlaps, so it counts.
+        nxt = encoding.char_to_token(span.end) if span.end < text_len else n
+        if nxt is not None and nxt < n and encoding.token_to_chars(nxt)[0] < span.end:
+            nxt += 1
+        if lo is None or nxt is None:  # a character no token covers (normalized away): use offsets
+            if ends is None:
+                offsets = encoding.offsets
+                starts, ends = [o[0] for o in offsets], [o[1] for o in offsets]
+            lo, nxt = bisect_right(ends, span.start), bisect_left(starts, span.end)
+        if nxt > lo:
+            trained[lo:nxt] = [span.trained] * (nxt - lo)
+            part[lo:nxt] = [span.part] * (nxt - lo)
     return trained, part

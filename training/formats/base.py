@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from training.config import DatasetSpec
 
 
-@dataclass(frozen=True)
-class Span:
+class Span(NamedTuple):
     """Characters [start, end) of a piece's text; a token overlapping a trained span is trained."""
 
     start: int
@@ -53,6 +52,7 @@ class EncodeOptions(Protocol):
     train_on_inputs: bool
     sequence_len: int
     template_kwargs: dict  # bos_token, eos_token, ... as the chat template expects them
+    skeletons: dict  # a cache the chat template format may keep across rows
 
 
 class Format(Protocol):

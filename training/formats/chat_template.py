@@ -9,6 +9,7 @@ end-of-turn token of a message is the first eot token string after its content.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -134,62 +135,100 @@ class ChatTemplate:
         return problems
 
     def messages(self, row, spec, train_on_inputs: bool) -> list[Message]:
-        role_key = spec.message_property_mappings.get("role", "role")
-        content_key = spec.message_property_mappings.get("content", "content")
-        lookup = _role_lookup(spec)
-        out = []
-        for msg in row[spec.field_messages]:
-            role = lookup.get(msg[role_key], msg[role_key])
-            if spec.drop_system_message and role == "system":
-                continue
-            trained = train_on_inputs or role in spec.roles_to_train
-            if isinstance(msg.get(spec.message_field_training), bool):
-                trained = msg[spec.message_field_training]
-            extra = {k: v for k, v in msg.items() if k not in (
-                role_key, content_key, spec.message_field_training, spec.message_field_training_detail)}
-            out.append(Message(role, msg[content_key] or "", trained,
-                               msg.get(spec.message_field_training_detail), extra))
-        return out
+        return _plan(spec, train_on_inputs, None).messages(row)
 
     def render(self, row, spec, options) -> Rendered:
-        template = _compile(options.chat_template)
-        messages = self.messages(row, spec, options.train_on_inputs)
-        specials = options.template_kwargs
-
-        def render(contents):
-            chat = [{"role": m.role, "content": c, **m.extra} for m, c in zip(messages, contents)]
-            return template.render(messages=chat, add_generation_prompt=False, **specials)
-
-        marked = render([f"{_MARK_OPEN}{i}{_MARK_CLOSE}" for i in range(len(messages))])
-        text = render([m.content for m in messages])
-        regions = _locate_contents(marked, text, [m.content for m in messages])
+        plan = _plan(spec, options.train_on_inputs, options)
+        messages = plan.messages(row)
+        contents = [m.content for m in messages]
+        chat = [{"role": m.role, "content": m.content, **m.extra} if m.extra else {"role": m.role, "content": m.content}
+                for m in messages]
+        text = plan.template.render(messages=chat, add_generation_prompt=False, **options.template_kwargs)
+        # The marked render depends on the roles and extra fields, rarely on contents: reuse it
+        # across rows, and trust it only when splicing the contents in gives this row's real text.
+        key = tuple((m.role, not m.content, json.dumps(m.extra, sort_keys=True, default=str) if m.extra else "")
+                    for m in messages)
+        marked = plan.skeletons.get(key)
+        regions = _splice(marked, text, contents) if marked is not None else None
+        if regions is None:
+            for i, c in enumerate(chat):
+                c["content"] = f"{_MARK_OPEN}{i}{_MARK_CLOSE}"
+            marked = plan.template.render(messages=chat, add_generation_prompt=False, **options.template_kwargs)
+            if len(plan.skeletons) > 4096:
+                plan.skeletons.clear()
+            plan.skeletons[key] = marked
+            regions = _locate_contents(marked, text, contents)
 
         spans: list[Span] = []
         notes: list[str] = []
-        parts = [f"{m.role} #{i}" for i, m in enumerate(messages)]
         eots = _eot_positions(text, regions, options.eot_tokens)
-        policy = spec.eot_policy
+        policy = plan.policy
         last_trained = max((i for i, m in enumerate(messages) if m.trained), default=None)
-        for i, (msg, region) in enumerate(zip(messages, regions)):
+        for i, msg in enumerate(messages):
+            region = regions[i]
             if region is None:
                 continue
-            start, end = region
-            spans.extend(_content_spans(msg, start, end, text, i))
+            if msg.detail:
+                spans += _detail_spans(msg, region[0], region[1], text, i)
+            else:
+                spans.append(Span(region[0], region[1], msg.trained, i))
             train_eot = (policy == "all" or (policy == "turn" and msg.trained)
                          or (policy == "last" and i == last_trained))
-            if eots[i] is not None:
-                spans.append(Span(eots[i][0], eots[i][1], train_eot, i))
+            eot = eots[i]
+            if eot is not None:
+                spans.append(Span(eot[0], eot[1], train_eot, i))
             elif train_eot:
                 notes.append(
                     f"no end-of-turn token ({', '.join(options.eot_tokens) or 'none set'}) after a {msg.role} "
                     "turn in the rendered template, so none is trained and the model may not learn to stop: "
                     "set eot_tokens to the token that ends a turn in this chat template")
+        parts = [f"{m.role} #{i}" for i, m in enumerate(messages)]
         return Rendered(pieces=[Piece(text, spans=spans, add_special_tokens=False)], parts=parts, notes=notes)
 
 
-def _content_spans(msg: Message, start: int, end: int, text: str, part: int) -> list[Span]:
-    if not msg.detail:
-        return [Span(start, end, msg.trained, part)]
+class _Plan:
+    """What a dataset entry's options mean, worked out once instead of per row."""
+
+    def __init__(self, spec, train_on_inputs: bool, template_text: str | None):
+        self.role_key = spec.message_property_mappings.get("role", "role")
+        self.content_key = spec.message_property_mappings.get("content", "content")
+        self.lookup = _role_lookup(spec)
+        self.field = spec.field_messages
+        self.train_all = train_on_inputs
+        self.roles_to_train = set(spec.roles_to_train)
+        self.training_key = spec.message_field_training
+        self.detail_key = spec.message_field_training_detail
+        self.drop_system = spec.drop_system_message
+        self.reserved = {self.role_key, self.content_key, self.training_key, self.detail_key}
+        self.policy = spec.eot_policy
+        self.template = _compile(template_text) if template_text else None
+        self.skeletons: dict = {}
+
+    def messages(self, row) -> list[Message]:
+        out = []
+        for msg in row[self.field]:
+            name = msg[self.role_key]
+            role = self.lookup.get(name, name)
+            if self.drop_system and role == "system":
+                continue
+            flag = msg.get(self.training_key)
+            trained = flag if isinstance(flag, bool) else (self.train_all or role in self.roles_to_train)
+            extra = {k: v for k, v in msg.items() if k not in self.reserved} if len(msg) > 2 else {}
+            out.append(Message(role, msg[self.content_key] or "", trained, msg.get(self.detail_key), extra))
+        return out
+
+
+def _plan(spec, train_on_inputs: bool, options) -> _Plan:
+    if options is None:
+        return _Plan(spec, train_on_inputs, None)
+    key = ("chat_template_plan", id(spec), train_on_inputs)
+    plan = options.skeletons.get(key)
+    if plan is None:
+        plan = options.skeletons[key] = _Plan(spec, train_on_inputs, options.chat_template)
+    return plan
+
+
+def _detail_spans(msg: Message, start: int, end: int, text: str, part: int) -> list[Span]:
     # training_detail offsets index the message's own content; the template may have moved it.
     base = text.find(msg.content, start, end + 1) if msg.content else -1
     base = start if base < 0 else base
@@ -201,10 +240,9 @@ def _content_spans(msg: Message, start: int, end: int, text: str, part: int) -> 
     return spans
 
 
-def _locate_contents(marked: str, text: str, contents: list[str]) -> list[tuple[int, int] | None]:
-    """Character region of each message's content in `text`, or None when the template dropped it."""
+def _splice(marked: str, text: str, contents: list[str]) -> list[tuple[int, int] | None] | None:
+    """Content regions if splicing the contents into the marked render gives exactly `text`, else None."""
     regions: list[tuple[int, int] | None] = [None] * len(contents)
-    # Fast path: the template copies contents verbatim, so splicing reproduces the real render.
     pieces, shift, prev = [], 0, 0
     for m in _MARKER_RE.finditer(marked):
         i = int(m.group(1))
@@ -215,7 +253,13 @@ def _locate_contents(marked: str, text: str, contents: list[str]) -> list[tuple[
         shift += len(contents[i]) - (m.end() - m.start())
         prev = m.end()
     pieces.append(marked[prev:])
-    if "".join(pieces) == text:
+    return regions if "".join(pieces) == text else None
+
+
+def _locate_contents(marked: str, text: str, contents: list[str]) -> list[tuple[int, int] | None]:
+    """Character region of each message's content in `text`, or None when the template dropped it."""
+    regions = _splice(marked, text, contents)  # the template copies contents verbatim
+    if regions is not None:
         return regions
     # The template transformed some content (trim, escaping, ...): walk the fixed segments instead.
     regions = [None] * len(contents)
@@ -239,14 +283,18 @@ def _locate_contents(marked: str, text: str, contents: list[str]) -> list[tuple[
 
 def _eot_positions(text: str, regions, eot_tokens: list[str]) -> list[tuple[int, int] | None]:
     """The first end-of-turn token string after each content, before the next message's content."""
-    starts = sorted(r[0] for r in regions if r is not None)
     out: list[tuple[int, int] | None] = []
-    for region in regions:
+    n = len(regions)
+    for i, region in enumerate(regions):
         if region is None:
             out.append(None)
             continue
         end = region[1]
-        limit = next((s for s in starts if s >= end and s > region[0]), len(text))
+        limit = len(text)
+        for later in regions[i + 1:n]:
+            if later is not None and later[0] >= end:
+                limit = later[0]
+                break
         best = None
         for tok in eot_tokens:
             at = text.find(tok, end, limit)
