@@ -49,7 +49,7 @@ def cmd_preprocess(args) -> int:
     from training.encode import DROP_REASONS, Encoded, Encoder, EncodeStats
     from training.modeling import ModelNotFound, load_tokenizer
     from training.packing import pack, packing_efficiency
-    from training.rows import LineProblem, read_rows
+    from training.rows import LineProblem
     from training.train import resolve_path
 
     config = _load_config(args.config, args.allow_trust_remote_code)
@@ -72,37 +72,20 @@ def cmd_preprocess(args) -> int:
             print(f"error: datasets[{index}]: {exc}", file=sys.stderr)
             return 2
         stats, problems, shown = EncodeStats(), [], 0
-        batch: list = []
-
-        def flush():
-            nonlocal shown
-            for outcome in encoder.encode_rows(batch):
-                stats.add(outcome)
-                if not isinstance(outcome, Encoded):
-                    if outcome.reason == "invalid":
-                        problems.append(LineProblem(outcome.row + 1, "", outcome.detail))
-                    continue
-                all_samples.append(outcome)
-                if out:
-                    out.write(json.dumps({"row": outcome.row, "input_ids": outcome.input_ids,
-                                          "labels": outcome.labels}) + "\n")
-                if args.debug and shown < args.rows:
-                    shown += 1
-                    print(f"--- {path.name} row {outcome.row} ({len(outcome.input_ids)} tokens, "
-                          f"{outcome.trained_tokens} trained)")
-                    print(render_debug(tokenizer, outcome, color))
-            batch.clear()
-
-        for line, row in read_rows(path):
-            stats.rows += 1
-            if isinstance(row, LineProblem):
-                problems.append(row)
-                stats.dropped["invalid"] += 1
+        for outcome in encoder.encode_file(path, stats):
+            if not isinstance(outcome, Encoded):
+                if outcome.reason == "invalid":
+                    problems.append(LineProblem(outcome.row + 1, "", outcome.detail))
                 continue
-            batch.append((line - 1, row))
-            if len(batch) >= 1000:
-                flush()
-        flush()
+            all_samples.append(outcome)
+            if out:
+                out.write(json.dumps({"row": outcome.row, "input_ids": outcome.input_ids,
+                                      "labels": outcome.labels}) + "\n")
+            if args.debug and shown < args.rows:
+                shown += 1
+                print(f"--- {path.name} row {outcome.row} ({len(outcome.input_ids)} tokens, "
+                      f"{outcome.trained_tokens} trained)")
+                print(render_debug(tokenizer, outcome, color))
         print(f"{path}: {stats.rows} rows read, {stats.samples} samples kept, "
               f"{stats.tokens} tokens, {stats.trained_tokens} trained")
         for reason, count in sorted(stats.dropped.items()):

@@ -39,6 +39,8 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
 }
 
 TrainOnEos = Literal["all", "turn", "last", "none"]
+# Axolotl module names that are another type with a prompt style.
+TYPE_ALIASES = {"alpaca_chat": "alpaca:chat", "alpaca_instruct": "alpaca:instruct", "alpaca_chatml": "alpaca:chatml"}
 
 
 class DatasetSpec(BaseModel):
@@ -62,6 +64,7 @@ class DatasetSpec(BaseModel):
     train_on_eot: TrainOnEos | None = Field(None, description="defaults to train_on_eos")
     message_field_training: str = "training"
     message_field_training_detail: str = "training_detail"
+    field_system: str = Field("system", description="row-level system prompt, prepended as the first turn")
     chat_template: str | None = None
     chat_template_jinja: str | None = None
     drop_system_message: bool = False
@@ -88,6 +91,7 @@ class DatasetSpec(BaseModel):
     def _known_type(cls, value: str) -> str:
         from training.formats import FORMATS
 
+        value = TYPE_ALIASES.get(value, value)
         base = value.split(":", 1)[0]
         if base not in FORMATS:
             raise ValueError(f"unknown dataset type {value!r}; choose one of {', '.join(sorted(FORMATS))}")

@@ -12,8 +12,10 @@ from typing import Iterable, Iterator, Sequence
 from training.config import DatasetSpec, TrainConfig
 from training.formats import FORMATS, Piece, Rendered, RowProblem
 from training.formats.chat_template import resolve_chat_template
+from training.rows import LineProblem, read_rows
 
 IGNORE_INDEX = -100
+MIN_SAMPLE_TOKENS = 2  # axolotl's min_sample_len: a 1-token sample has no next token to learn
 
 
 def build_labels(input_ids: Sequence[int], trained: Sequence[bool]) -> list[int]:
@@ -48,6 +50,7 @@ DROP_REASONS = {
     "invalid": "row does not match the format",
     "empty": "no tokens",
     "too_long": "longer than sequence_len (excess_length_strategy: drop)",
+    "too_short": "fewer than 2 tokens",
     "no_trained_tokens": "every token masked: nothing to learn from",
 }
 
@@ -169,9 +172,26 @@ class Encoder:
             if pending is not None:
                 yield from self._assemble(pending[0], pending[1].result())
 
+    def encode_file(self, path, stats: EncodeStats | None = None) -> Iterator[Encoded | Dropped]:
+        """Every line of a dataset file, broken lines included (as `invalid`), row index = line - 1."""
+        def rows():
+            for line, row in read_rows(path):
+                if stats is not None:
+                    stats.rows += 1
+                yield line - 1, row
+
+        for outcome in self.encode_stream(rows()):
+            if stats is not None:
+                stats.add(outcome)
+            yield outcome
+
     def _render(self, rows: Iterable[tuple[int, dict]]) -> list[tuple[int, Rendered | Dropped]]:
         rendered: list[tuple[int, Rendered | Dropped]] = []
         for index, row in rows:
+            if isinstance(row, LineProblem):  # unreadable line, passed through in order
+                rendered.append((index, Dropped(index, "invalid", f"{row.field}: {row.message}" if row.field
+                                                else row.message)))
+                continue
             problems = self.check(row)
             if problems:
                 rendered.append((index, Dropped(index, "invalid", "; ".join(
@@ -222,6 +242,11 @@ class Encoder:
                     t, p = _mark_spans(enc, piece.spans, len(piece.text))
                     trained += t
                     parts += p
+                if r.max_tokens and len(ids) + n > r.max_tokens:  # cut: no EOS after a cut text
+                    keep = max(r.max_tokens - len(ids), 0)
+                    ids += piece_ids[:keep]
+                    del trained[len(ids):], parts[len(ids):]
+                    continue
                 ids += piece_ids
                 if piece.append_eos is not None and eos_id is not None and (not piece_ids or piece_ids[-1] != eos_id):
                     ids.append(eos_id)
@@ -246,6 +271,9 @@ class Encoder:
         for chunk, (lo, hi) in enumerate(bounds):
             c_ids, c_trained, c_parts = ids[lo:hi], trained[lo:hi], parts[lo:hi]
             sample = Encoded(index, c_ids, build_labels(c_ids, c_trained), c_parts, r.parts, chunk=chunk)
+            if len(c_ids) < MIN_SAMPLE_TOKENS:
+                out.append(Dropped(index, "too_short", f"{len(c_ids)} token(s): nothing to predict", sample))
+                continue
             if len(c_ids) > limit:
                 strategy = self.settings.excess_length_strategy
                 if strategy == "raise":
@@ -273,28 +301,58 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
+def _token_range(encoding, start: int, end: int, text_len: int, offsets_cache: list) -> tuple[int, int]:
+    """Tokens [lo, hi) overlapping characters [start, end)."""
+    n = len(encoding.ids)
+    lo = encoding.char_to_token(start)
+    # The first token of the character after the range; if it also covers characters inside the
+    # range (a merge across the boundary) it overlaps, so it counts.
+    hi = encoding.char_to_token(end) if end < text_len else n
+    if hi is not None and hi < n and encoding.token_to_chars(hi)[0] < end:
+        hi += 1
+    if lo is None or hi is None:  # a character no token covers (normalized away): use offsets
+        if not offsets_cache:
+            offsets = encoding.offsets
+            offsets_cache += [[o[0] for o in offsets], [o[1] for o in offsets]]
+        starts, ends = offsets_cache
+        lo, hi = bisect_right(ends, start), bisect_left(starts, end)
+    return lo, hi
+
+
+def snap(token_starts: list[int], length: int, begin: int, end_inclusive: int) -> tuple[int, int]:
+    """Axolotl's training_detail rule, on the tokens of one content (starts relative to it):
+    the tokens [first, last] a detail (begin, end_offset inclusive) trains."""
+    n = len(token_starts)
+    ends = [token_starts[i + 1] - 1 for i in range(n - 1)] + [length - 1]
+    first = next((i for i, s in enumerate(token_starts) if s >= begin), n)
+    if first > 0 and ends[first - 1] > begin:
+        first -= 1
+    last = max((i for i, e in enumerate(ends) if e <= end_inclusive), default=-1)
+    if last + 1 < n and token_starts[last + 1] < end_inclusive:
+        last += 1
+    return first, last
+
+
 def _mark_spans(encoding, spans, text_len: int) -> tuple[list[bool], list[int]]:
-    """Per token: trained if it overlaps a trained span (a later span wins, so a training_detail
-    span can mask part of a trained message), and the part of the span it overlaps."""
+    """Per token: trained if it overlaps a trained span (spans only ever add training), and the
+    part of the first span it overlaps."""
     n = len(encoding.ids)
     trained = [False] * n
     part = [-1] * n
-    ends = None
+    offsets_cache: list = []
     for span in spans:
         if span.end <= span.start:
             continue
-        lo = encoding.char_to_token(span.start)
-        # The first token of the character after the span; if it also covers characters inside
-        # the span (a merge across the boundary) it overlaps, so it counts.
-        nxt = encoding.char_to_token(span.end) if span.end < text_len else n
-        if nxt is not None and nxt < n and encoding.token_to_chars(nxt)[0] < span.end:
-            nxt += 1
-        if lo is None or nxt is None:  # a character no token covers (normalized away): use offsets
-            if ends is None:
-                offsets = encoding.offsets
-                starts, ends = [o[0] for o in offsets], [o[1] for o in offsets]
-            lo, nxt = bisect_right(ends, span.start), bisect_left(starts, span.end)
-        if nxt > lo:
-            trained[lo:nxt] = [span.trained] * (nxt - lo)
-            part[lo:nxt] = [span.part] * (nxt - lo)
+        if span.snap is not None:
+            c_lo, c_hi = _token_range(encoding, span.snap[0], span.snap[1], text_len, offsets_cache)
+            starts = [max(encoding.token_to_chars(i)[0] - span.snap[0], 0) for i in range(c_lo, c_hi)]
+            first, last = snap(starts, span.snap[1] - span.snap[0], span.start - span.snap[0], span.end - 1 - span.snap[0])
+            lo, hi = c_lo + first, c_lo + last + 1
+        else:
+            lo, hi = _token_range(encoding, span.start, span.end, text_len, offsets_cache)
+        if hi > lo:
+            if span.trained:
+                trained[lo:hi] = [True] * (hi - lo)
+            if -1 in part[lo:hi]:
+                part[lo:hi] = [span.part if p == -1 else p for p in part[lo:hi]]
     return trained, part

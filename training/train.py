@@ -17,10 +17,7 @@ from training.config import TrainConfig
 from training.encode import IGNORE_INDEX, Encoded, Encoder, EncodeStats
 from training.events import EventSink
 from training.packing import pack, packing_efficiency
-from training.rows import LineProblem, read_rows
-
-ENCODE_BATCH = 1000
-
+from training.rows import LineProblem
 
 class DataInvalid(ValueError):
     pass
@@ -49,27 +46,12 @@ def encode_dataset(config: TrainConfig, tokenizer, index: int, base_dir: Path | 
     if not path.exists():
         raise DataInvalid(f"datasets[{index}].path: file {spec.path!r} not found")
     encoder = Encoder.from_config(tokenizer, config, index)
-    stats, samples, batch, problems = EncodeStats(), [], [], []
-
-    def flush():
-        for outcome in encoder.encode_rows(batch):
-            if getattr(outcome, "reason", None) == "invalid":
-                problems.append(LineProblem(outcome.row + 1, "", outcome.detail))
-            stats.add(outcome)
-            if isinstance(outcome, Encoded):
-                samples.append(outcome)
-        batch.clear()
-
-    for line, row in read_rows(path):
-        stats.rows += 1
-        if isinstance(row, LineProblem):
-            problems.append(row)
-            stats.dropped["invalid"] += 1
-            continue
-        batch.append((line - 1, row))
-        if len(batch) >= ENCODE_BATCH:
-            flush()
-    flush()
+    stats, samples, problems = EncodeStats(), [], []
+    for outcome in encoder.encode_file(path, stats):
+        if isinstance(outcome, Encoded):
+            samples.append(outcome)
+        elif outcome.reason == "invalid":
+            problems.append(LineProblem(outcome.row + 1, "", outcome.detail))
     if problems:
         shown = "\n".join(f"  {path}:{p}" for p in sorted(problems, key=lambda p: p.line)[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

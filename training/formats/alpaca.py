@@ -38,6 +38,11 @@ STYLES = {
     ),
 }
 STYLES["instruct"] = STYLES[None]
+STYLES["phi"] = PromptStyle(
+    "<|system|>\n{system}<|end|>\n",
+    "<|user|>\n{instruction}<|end|>{input}<|assistant|>",
+    "<|user|>\n{instruction}<|end|>\n<|assistant|>\n",
+)
 
 
 class Alpaca:
@@ -73,7 +78,9 @@ class Alpaca:
         return Rendered(
             pieces=[
                 Piece(prompt, add_special_tokens=True, whole=Span(0, len(prompt), options.train_on_inputs, 0)),
-                Piece(response, whole=Span(0, len(response), True, 1), append_eos=Span(0, 0, True, 1)),
+                # An empty output gets no EOS (as in axolotl), so the row has nothing to train.
+                Piece(response, whole=Span(0, len(response), True, 1),
+                      append_eos=Span(0, 0, True, 1) if response else None),
             ],
             parts=["prompt", "response"],
         )

@@ -16,6 +16,7 @@ class Span(NamedTuple):
     end: int
     trained: bool
     part: int  # index into Rendered.parts: the message or segment these characters belong to
+    snap: tuple[int, int] | None = None  # training_detail: the content's characters, to snap to tokens
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Rendered:
     pieces: list[Piece]
     parts: list[str]  # human names of parts, e.g. "assistant #3", shown in the preview
     split_every: int | None = None  # completion: cut the tokens into chunks of this length
+    max_tokens: int | None = None  # completion: tokens beyond this are cut before chunking
     notes: list[str] = field(default_factory=list)  # silent mistakes to tell the user about
 
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from training.formats.base import Piece, Rendered, RowProblem, Span
+from training.formats.template_analysis import content_is_verbatim
 
 CHATML = (
     "{% for message in messages %}"
@@ -36,6 +37,8 @@ DEFAULT_ROLES = {
     "system": ["system"],
     "tool": ["tool"],
 }
+
+STANDARD_ROLES = {"system", "user", "assistant", "tool"}
 
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"  # private-use characters: never in real text, kept by trim
 _MARKER_RE = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
@@ -109,8 +112,12 @@ class ChatTemplate:
             return [RowProblem(key, "empty message list")]
         role_key = spec.message_property_mappings.get("role", "role")
         content_key = spec.message_property_mappings.get("content", "content")
-        known = _role_lookup(spec)
+        lookup = _role_lookup(spec)
+        known = set(lookup) | set(lookup.values()) | STANDARD_ROLES
         problems = []
+        system = row.get(spec.field_system)
+        if system is not None and not isinstance(system, str):
+            problems.append(RowProblem(spec.field_system, "must be a string"))
         for i, msg in enumerate(messages):
             where = f"{key}[{i}]"
             if not isinstance(msg, dict):
@@ -120,18 +127,30 @@ class ChatTemplate:
             if role is None:
                 problems.append(RowProblem(f"{where}.{role_key}", "missing"))
             elif role not in known:
-                problems.append(RowProblem(f"{where}.{role_key}",
-                                           f"unknown role {role!r}; known: {', '.join(sorted(known))}"))
+                problems.append(RowProblem(f"{where}.{role_key}", f"unknown role {role!r}; known: "
+                                           f"{', '.join(sorted(known))} (map it with the dataset's `roles` option)"))
             if content is None:
                 problems.append(RowProblem(f"{where}.{content_key}", "missing"))
+            elif isinstance(content, list):
+                bad = [j for j, p in enumerate(content) if not (isinstance(p, dict) and isinstance(p.get("text"), str))]
+                if bad:
+                    problems.append(RowProblem(f"{where}.{content_key}[{bad[0]}]", "a content part needs a string `text`"))
+                elif not "".join(p["text"] for p in content).strip() and lookup.get(role, role) != "system":
+                    problems.append(RowProblem(f"{where}.{content_key}", "empty content"))
             elif not isinstance(content, str):
                 problems.append(RowProblem(f"{where}.{content_key}",
                                            f"must be a string, not {type(content).__name__}"))
-            elif not content.strip() and known.get(role) != "system":
+            elif not content.strip() and lookup.get(role, role) != "system":
                 problems.append(RowProblem(f"{where}.{content_key}", "empty content"))
             flag = msg.get(spec.message_field_training)
             if flag is not None and not isinstance(flag, bool):
                 problems.append(RowProblem(f"{where}.{spec.message_field_training}", "must be true or false"))
+            detail = msg.get(spec.message_field_training_detail)
+            if detail is not None and not (isinstance(detail, list) and all(
+                    isinstance(d, dict) and isinstance(d.get("begin_offset"), int) and isinstance(d.get("end_offset"), int)
+                    for d in detail)):
+                problems.append(RowProblem(f"{where}.{spec.message_field_training_detail}",
+                                           "must be a list of {begin_offset, end_offset, train}"))
         return problems
 
     def messages(self, row, spec, train_on_inputs: bool) -> list[Message]:
@@ -143,12 +162,16 @@ class ChatTemplate:
         contents = [m.content for m in messages]
         chat = [{"role": m.role, "content": m.content, **m.extra} if m.extra else {"role": m.role, "content": m.content}
                 for m in messages]
-        text = plan.template.render(messages=chat, add_generation_prompt=False, **options.template_kwargs)
         # The marked render depends on the roles and extra fields, rarely on contents: reuse it
-        # across rows, and trust it only when splicing the contents in gives this row's real text.
+        # across rows. When the template provably copies contents verbatim, splicing them into it
+        # *is* the render; otherwise render for real and trust the splice only if it matches.
         key = tuple((m.role, not m.content, json.dumps(m.extra, sort_keys=True, default=str) if m.extra else "")
                     for m in messages)
         marked = plan.skeletons.get(key)
+        if plan.verbatim and marked is not None:
+            text, regions = _spliced(marked, contents)
+            return self._spans(messages, text, regions, plan, options)
+        text = plan.template.render(messages=chat, add_generation_prompt=False, **options.template_kwargs)
         regions = _splice(marked, text, contents) if marked is not None else None
         if regions is None:
             for i, c in enumerate(chat):
@@ -158,7 +181,9 @@ class ChatTemplate:
                 plan.skeletons.clear()
             plan.skeletons[key] = marked
             regions = _locate_contents(marked, text, contents)
+        return self._spans(messages, text, regions, plan, options)
 
+    def _spans(self, messages, text, regions, plan, options) -> Rendered:
         spans: list[Span] = []
         notes: list[str] = []
         eots = _eot_positions(text, regions, options.eot_tokens)
@@ -172,6 +197,8 @@ class ChatTemplate:
                 spans += _detail_spans(msg, region[0], region[1], text, i)
             else:
                 spans.append(Span(region[0], region[1], msg.trained, i))
+            if not msg.content:
+                continue  # axolotl: an empty turn trains nothing, not even its end-of-turn token
             train_eot = (policy == "all" or (policy == "turn" and msg.trained)
                          or (policy == "last" and i == last_trained))
             eot = eots[i]
@@ -194,28 +221,56 @@ class _Plan:
         self.content_key = spec.message_property_mappings.get("content", "content")
         self.lookup = _role_lookup(spec)
         self.field = spec.field_messages
+        self.system_key = spec.field_system
         self.train_all = train_on_inputs
-        self.roles_to_train = set(spec.roles_to_train)
+        self.roles_to_train = {self.lookup.get(r, r) for r in spec.roles_to_train}
         self.training_key = spec.message_field_training
         self.detail_key = spec.message_field_training_detail
         self.drop_system = spec.drop_system_message
         self.reserved = {self.role_key, self.content_key, self.training_key, self.detail_key}
         self.policy = spec.eot_policy
         self.template = _compile(template_text) if template_text else None
+        self.verbatim = bool(template_text) and content_is_verbatim(self.template.environment, template_text)
         self.skeletons: dict = {}
 
     def messages(self, row) -> list[Message]:
+        raw = row[self.field]
         out = []
-        for msg in row[self.field]:
+        system = row.get(self.system_key)
+        if isinstance(system, str) and not (raw and self.lookup.get(raw[0].get(self.role_key)) == "system"):
+            # Axolotl: a row-level system prompt becomes the first turn, unless one is already there.
+            raw = [{self.role_key: "system", self.content_key: system}] + raw
+        for msg in raw:
             name = msg[self.role_key]
             role = self.lookup.get(name, name)
             if self.drop_system and role == "system":
                 continue
+            content, detail = msg[self.content_key] or "", msg.get(self.detail_key)
+            if isinstance(content, list):
+                content, detail = _join_parts(content, detail)
             flag = msg.get(self.training_key)
-            trained = flag if isinstance(flag, bool) else (self.train_all or role in self.roles_to_train)
+            if isinstance(flag, bool):
+                trained = flag
+            elif detail is not None:
+                trained = bool(detail)  # an empty detail list trains nothing of the turn
+            else:
+                trained = self.train_all or role in self.roles_to_train
             extra = {k: v for k, v in msg.items() if k not in self.reserved} if len(msg) > 2 else {}
-            out.append(Message(role, msg[self.content_key] or "", trained, msg.get(self.detail_key), extra))
+            out.append(Message(role, content, trained, detail if trained else None, extra))
         return out
+
+
+def _join_parts(parts: list[dict], detail):
+    """Content given as parts: one string, and per-part training flags as a training_detail."""
+    text = "".join(p["text"] for p in parts)
+    if detail is None and any("train" in p or "weight" in p for p in parts):
+        detail, offset = [], 0
+        for p in parts:
+            train = p["train"] if "train" in p else (p.get("weight", 1) > 0)
+            if p["text"]:
+                detail.append({"begin_offset": offset, "end_offset": offset + len(p["text"]) - 1, "train": train})
+            offset += len(p["text"])
+    return text, detail
 
 
 def _plan(spec, train_on_inputs: bool, options) -> _Plan:
@@ -229,15 +284,34 @@ def _plan(spec, train_on_inputs: bool, options) -> _Plan:
 
 
 def _detail_spans(msg: Message, start: int, end: int, text: str, part: int) -> list[Span]:
-    # training_detail offsets index the message's own content; the template may have moved it.
+    """training_detail: inclusive character offsets into the message's content, snapped to tokens as
+    axolotl does (the encoder applies the rule: see `snap` in training.encode)."""
     base = text.find(msg.content, start, end + 1) if msg.content else -1
     base = start if base < 0 else base
     spans = [Span(start, end, False, part)]
     for d in msg.detail:
-        lo = base + int(d.get("begin_offset", 0))
-        hi = base + int(d.get("end_offset", len(msg.content) - 1)) + 1  # end_offset is inclusive
-        spans.append(Span(max(lo, start), min(hi, end), bool(d.get("train", True)), part))
+        if not d.get("train", True):
+            continue  # a train: false detail never masks what another detail trains
+        lo, hi = base + int(d["begin_offset"]), base + int(d["end_offset"]) + 1
+        spans.append(Span(max(lo, start), min(hi, end), True, part, (base, base + len(msg.content))))
     return spans
+
+
+def _spliced(marked: str, contents: list[str]) -> tuple[str, list[tuple[int, int] | None]]:
+    """The text a verbatim template renders, and each content's region, from its marked render."""
+    regions: list[tuple[int, int] | None] = [None] * len(contents)
+    out, length, prev = [], 0, 0
+    for m in _MARKER_RE.finditer(marked):
+        literal = marked[prev:m.start()]
+        out.append(literal)
+        length += len(literal)
+        content = contents[int(m.group(1))]
+        regions[int(m.group(1))] = (length, length + len(content))
+        out.append(content)
+        length += len(content)
+        prev = m.end()
+    out.append(marked[prev:])
+    return "".join(out), regions
 
 
 def _splice(marked: str, text: str, contents: list[str]) -> list[tuple[int, int] | None] | None:

@@ -28,6 +28,8 @@ class Completion:
                           append_eos=Span(0, 0, True, 0))],
             parts=["text"],
             split_every=options.sequence_len,
+            # Axolotl's cap: a text is cut at 64 x sequence_len tokens (and then gets no EOS).
+            max_tokens=options.sequence_len * 64,
         )
 
 
