@@ -58,7 +58,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    "django.contrib.auth.middleware.LoginRequiredMiddleware",  # every page needs a login
+    "webapp.workspaces.middleware.PagesNeedLoginMiddleware",  # every page needs a login
 ]
 
 ROOT_URLCONF = "webapp.urls"

@@ -13,6 +13,7 @@ urlpatterns = [
     path("datasets/", datasets.dataset_list, name="dataset-list"),
     path("datasets/<int:pk>/", datasets.dataset_detail, name="dataset-detail"),
     path("datasets/<int:pk>/preview/", datasets.dataset_preview, name="dataset-preview"),
+    path("datasets/<int:pk>/stats.json", datasets.dataset_stats, name="dataset-stats"),
     path("datasets/<int:pk>/rejected/", datasets.dataset_rejected, name="dataset-rejected"),
     path("configs/", runs.config_list, name="config-list"),
     path("configs/new/", runs.config_edit, name="config-new"),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import re
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -102,10 +104,105 @@ def test_other_workspaces_and_anonymous_users_see_nothing(client, alice_dataset,
 def test_preview_shows_trained_and_masked_tokens(alice_client, alice_dataset):
     page = alice_client.get(f"/datasets/{alice_dataset.pk}/preview/?row=3").content.decode()
     assert page.count('class="tok trained') > 3 and page.count('class="tok masked') > 3
-    assert "Row 3 " in page
+    assert "row 3 of 120" in page
 
 
 def test_preview_options_change_the_labels(alice_client, alice_dataset):
     base = alice_client.get(f"/datasets/{alice_dataset.pk}/preview/?row=1").content.decode()
     more = alice_client.get(f"/datasets/{alice_dataset.pk}/preview/?row=1&roles=assistant,user").content.decode()
     assert more.count('class="tok trained') > base.count('class="tok trained')
+
+
+def test_token_statistics_are_computed_by_the_worker_and_cached(alice_client, alice_dataset,
+                                                                django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        page = alice_client.get(f"/datasets/{alice_dataset.pk}/?sequence_len=40")
+    assert page.status_code == 200 and 'id="stats-bar"' in page.content.decode()
+    data = alice_client.get(f"/datasets/{alice_dataset.pk}/stats.json?sequence_len=40").json()
+    assert data["status"] == "done" and data["rows_done"] == 120  # huey immediate mode in tests
+    result = data["result"]
+    assert sum(result["lengths"]["counts"]) == 120
+    assert result["over_sequence_len"] == result["dropped"].get("too_long", 0) > 0
+    assert 0 < result["trained_ratio"] < 1
+    assert result["fields"]["roles"]["assistant"] >= 120
+    assert alice_dataset.stats.count() == 1
+    alice_client.get(f"/datasets/{alice_dataset.pk}/?sequence_len=40")  # same options: served from cache
+    assert alice_dataset.stats.count() == 1
+
+
+def test_preview_compares_two_option_sets_side_by_side(alice_client, alice_dataset):
+    page = alice_client.get(f"/datasets/{alice_dataset.pk}/preview/?row=2&compare=1&b_roles=assistant,user").content.decode()
+    a, b = page.split('id="column-A"')[1].split('id="column-B"')
+    assert b.count('class="tok trained') > a.count('class="tok trained') > 0
+
+
+def test_search_and_dropped_rows_lead_to_rows(alice_client, alice_dataset, django_capture_on_commit_callbacks):
+    from webapp.datasets.services import read_row
+
+    page = alice_client.get(f"/datasets/{alice_dataset.pk}/preview/?q=capital+of").content.decode()
+    rows = [int(r) for r in re.findall(r'row=(\d+)">\d+</a>', page.split('id="search-results"')[1])]
+    assert rows and all("capital of" in json.dumps(read_row(alice_dataset, r)) for r in rows)
+    with django_capture_on_commit_callbacks(execute=True):
+        alice_client.get(f"/datasets/{alice_dataset.pk}/?sequence_len=40")
+    page = alice_client.get(f"/datasets/{alice_dataset.pk}/preview/?sequence_len=40&dropped=1").content.decode()
+    assert re.search(r'title="too_long: \d+ tokens &gt; sequence_len 40"', page)
+
+
+def test_an_upload_that_breaks_off_leaves_nothing_behind(alice):
+    from webapp.datasets.services import upload_dataset
+
+    class BreaksOff(io.BytesIO):
+        def __iter__(self):
+            yield jsonl([CHAT_ROW])
+            raise ConnectionResetError("client went away")
+
+    before = set(dataset_dir().iterdir())
+    with pytest.raises(ConnectionResetError):
+        upload_dataset(alice[1], alice[0], BreaksOff(jsonl([CHAT_ROW] * 50)))
+    assert set(dataset_dir().iterdir()) == before and Dataset.objects.count() == 0
+
+
+def test_validation_streams_without_loading_the_file(alice, tmp_path):
+    """A 30 MB upload is validated and stored with a few MB of Python memory, not the file size."""
+    import tracemalloc
+
+    from django.core.files import File
+
+    from webapp.datasets.services import upload_dataset
+
+    path = tmp_path / "big.jsonl"
+    line = json.dumps(CHAT_ROW | {"pad": "x" * 1000}) + "\n"
+    with path.open("w") as f:
+        for i in range(30_000):
+            f.write(line.replace("2 plus 2", f"{i} plus 2"))
+    tracemalloc.start()
+    with path.open("rb") as f:
+        result = upload_dataset(alice[1], alice[0], File(f, name="big.jsonl"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert result.dataset.rows == 30_000
+    assert peak < 5 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB for a {path.stat().st_size / 2**20:.0f} MiB file"
+
+
+def test_api_upload_reports_problems_and_previews_rows(alice_client, chat_file, tiny_model_dir):
+    bad = alice_client.post("/api/datasets/", {"file": chat_file([CHAT_ROW, "{nope"])})
+    assert bad.status_code == 400
+    assert bad.json()["problems"] == [{"line": 2, "field": "", "message": "invalid JSON: Expecting property name "
+                                       "enclosed in double quotes at column 2"}]
+    ok = alice_client.post("/api/datasets/", {"file": chat_file()})
+    assert ok.status_code == 201
+    dataset_id = ok.json()["dataset"]["id"]
+    again = alice_client.post("/api/datasets/", {"file": chat_file(name="x.jsonl")})
+    assert again.status_code == 200 and again.json()["duplicate"]
+    listed = alice_client.get("/api/datasets/").json()
+    assert [d["id"] for d in listed] == [dataset_id]
+    preview = alice_client.get(f"/api/datasets/{dataset_id}/rows/0/preview").json()
+    trained = [t["text"] for t in preview["tokens"] if t["trained"]]
+    assert "".join(trained).replace("\u00b7", " ") == "2 plus 2 is 4.<|im_end|>"
+    assert alice_client.get(f"/api/datasets/{dataset_id}/rows/99/preview").status_code == 400
+
+
+def test_api_refuses_other_workspaces_and_anonymous(client, alice_dataset, bob_client):
+    assert bob_client.get(f"/api/datasets/{alice_dataset.pk}").status_code == 404
+    assert bob_client.get(f"/api/datasets/{alice_dataset.pk}/rows/0/preview").status_code == 404
+    assert client.get("/api/datasets/").status_code == 401

@@ -51,3 +51,27 @@ class Dataset(models.Model):
     @property
     def rejected_path(self) -> Path:
         return dataset_dir() / f"{self.sha256}.rejected.jsonl"
+
+
+class DatasetStats(models.Model):
+    """Token statistics of a dataset under one tokenizer and option set, computed once by a worker."""
+
+    class Status(models.TextChoices):
+        """pending -> running -> done | failed (failed ones are recomputed when asked again)."""
+
+        PENDING = "pending"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="stats")
+    key = models.CharField(max_length=64, help_text="hash of the model and options")
+    options = models.JSONField()
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    rows_done = models.IntegerField(default=0)
+    result = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["dataset", "key"], name="stats_unique_per_options")]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 from training.config import DatasetSpec
@@ -14,11 +16,39 @@ from webapp.runs.base_models import resolve_base_model
 
 @dataclass
 class PreviewOptions:
+    """The format options a user can vary while previewing (axolotl names)."""
+
     model: str
     train_on_inputs: bool = False
     roles_to_train: list[str] = field(default_factory=lambda: ["assistant"])
     train_on_eos: str = "turn"
     sequence_len: int = 512
+
+    @classmethod
+    def from_query(cls, query, models: list[str], prefix: str = "") -> PreviewOptions:
+        """From GET parameters (`prefix` picks the second column of a comparison); bad values fall back."""
+        get = lambda name, default="": query.get(prefix + name, default)  # noqa: E731
+        try:
+            sequence_len = max(16, int(get("sequence_len", 512)))
+        except ValueError:
+            sequence_len = 512
+        eos = get("train_on_eos")
+        model = get("model") or (models[0] if models else "")
+        return cls(
+            model=model if model in models else (models[0] if models else ""),
+            train_on_inputs=get("train_on_inputs") in ("on", "1", "true"),
+            roles_to_train=[r for r in get("roles", "assistant").replace(" ", "").split(",") if r] or ["assistant"],
+            train_on_eos=eos if eos in ("all", "turn", "last", "none") else "turn",
+            sequence_len=sequence_len,
+        )
+
+    def as_query(self, prefix: str = "") -> dict:
+        return {prefix + "model": self.model, prefix + "roles": ",".join(self.roles_to_train),
+                prefix + "train_on_eos": self.train_on_eos, prefix + "sequence_len": self.sequence_len,
+                **({prefix + "train_on_inputs": "on"} if self.train_on_inputs else {})}
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
 
 
 @dataclass
@@ -55,11 +85,17 @@ def visible(text: str) -> str:
     return text.replace(" ", "\u00b7").replace("\n", "\u21b5").replace("\t", "\u2192")
 
 
-def preview_row(dataset: Dataset, index: int, options: PreviewOptions) -> Preview:
+def make_encoder(dataset: Dataset, options: PreviewOptions) -> Encoder:
+    """The trainer's encoder, for this dataset's format and the chosen options."""
     tokenizer = _tokenizer(resolve_base_model(options.model))
     spec = DatasetSpec(path=dataset.name, type=dataset.format, roles_to_train=options.roles_to_train,
                        train_on_eos=options.train_on_eos)
-    encoder = Encoder(tokenizer, spec, sequence_len=options.sequence_len, train_on_inputs=options.train_on_inputs)
+    return Encoder(tokenizer, spec, sequence_len=options.sequence_len, train_on_inputs=options.train_on_inputs)
+
+
+def preview_row(dataset: Dataset, index: int, options: PreviewOptions) -> Preview:
+    encoder = make_encoder(dataset, options)
+    tokenizer = encoder.tokenizer
     raw = read_row(dataset, index)
     outcomes = encoder.encode_row(raw, index)
     specials = set(tokenizer.all_special_ids)

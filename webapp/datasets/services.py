@@ -18,7 +18,7 @@ from django.db import IntegrityError, transaction
 from training.config import DatasetSpec
 from training.formats import FORMATS, detect_format
 from training.rows import LineProblem, parse_line
-from webapp.datasets.models import Dataset, dataset_dir
+from webapp.datasets.models import Dataset, DatasetStats, dataset_dir
 
 MAX_PROBLEMS_SHOWN = 100
 GZIP_MAX_RATIO = 200  # refuse archives that inflate beyond this: a 1 MB bomb must not fill the disk
@@ -217,6 +217,28 @@ def read_row(dataset: Dataset, index: int) -> dict:
         return json.loads(f.readline())
 
 
+def iter_rows(dataset: Dataset) -> Iterator[dict]:
+    """Every stored row in order (stored files hold only valid JSON objects, one per line)."""
+    with dataset.path.open("rb") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def search_rows(dataset: Dataset, text: str, limit: int = 20) -> list[int]:
+    """Indexes of rows whose JSON contains `text` (case-insensitive), streaming the file."""
+    needle = text.lower().encode("utf-8")
+    escaped = json.dumps(text.lower(), ensure_ascii=True)[1:-1].encode()  # as it is written in JSON
+    found = []
+    with dataset.path.open("rb") as f:
+        for index, line in enumerate(f):
+            low = line.lower()
+            if needle in low or escaped in low:
+                found.append(index)
+                if len(found) >= limit:
+                    break
+    return found
+
+
 def first_rows(dataset: Dataset, n: int = 5) -> list[dict]:
     rows = []
     with dataset.path.open("rb") as f:
@@ -225,3 +247,15 @@ def first_rows(dataset: Dataset, n: int = 5) -> list[dict]:
             if len(rows) >= n:
                 break
     return rows
+
+
+def request_stats(dataset: Dataset, options) -> DatasetStats:
+    """The cached statistics for these options, queued for the worker if missing (or failed before)."""
+    from webapp.datasets.tasks import compute_dataset_stats
+
+    stats, created = DatasetStats.objects.get_or_create(
+        dataset=dataset, key=options.key(), defaults={"options": options.as_query()})
+    if created or stats.status == DatasetStats.Status.FAILED:
+        DatasetStats.objects.filter(pk=stats.pk).update(status=DatasetStats.Status.PENDING, error="", rows_done=0)
+        transaction.on_commit(lambda: compute_dataset_stats(stats.pk))
+    return stats

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import random
+from urllib.parse import urlencode
 
 from django.contrib import messages
-from django.http import FileResponse, Http404
+from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods
 
 from training.formats import FORMATS
 from webapp.datasets.models import Dataset
 from webapp.datasets.preview import PreviewOptions, preview_row
-from webapp.datasets.services import UploadRejected, first_rows, upload_dataset
+from webapp.datasets.services import UploadRejected, first_rows, request_stats, search_rows, upload_dataset
 from webapp.runs.base_models import available_models
 from webapp.workspaces.services import current_workspace
 
@@ -49,7 +50,23 @@ def dataset_list(request):
 
 def dataset_detail(request, pk: int):
     dataset = get_object_or_404(Dataset.objects.visible_to(request.user), pk=pk)
-    return render(request, "datasets/detail.html", {"dataset": dataset, "rows": first_rows(dataset, 5)})
+    models = available_models()
+    options = PreviewOptions.from_query(request.GET, models)
+    stats = request_stats(dataset, options) if options.model else None
+    return render(request, "datasets/detail.html", {
+        "dataset": dataset, "rows": first_rows(dataset, 5), "options": options, "models": models, "stats": stats,
+    })
+
+
+def dataset_stats(request, pk: int):
+    """JSON for the dataset page's progress bar and charts."""
+    dataset = get_object_or_404(Dataset.objects.visible_to(request.user), pk=pk)
+    options = PreviewOptions.from_query(request.GET, available_models())
+    stats = dataset.stats.filter(key=options.key()).first()
+    if stats is None:
+        return JsonResponse({"status": "missing"}, status=404)
+    return JsonResponse({"status": stats.status, "rows_done": stats.rows_done, "rows": dataset.rows,
+                         "result": stats.result, "error": stats.error, "sequence_len": options.sequence_len})
 
 
 def dataset_preview(request, pk: int):
@@ -58,31 +75,33 @@ def dataset_preview(request, pk: int):
     q = request.GET
     try:
         index = int(q.get("row", 0))
-        sequence_len = max(16, int(q.get("sequence_len", 512)))
     except ValueError:
-        index, sequence_len = 0, 512
+        index = 0
     if q.get("random"):
         index = random.randrange(dataset.rows)
     index = min(max(index, 0), dataset.rows - 1)
-    roles = [r for r in q.get("roles", "assistant").replace(" ", "").split(",") if r]
-    options = PreviewOptions(
-        model=q.get("model") or (models[0] if models else ""),
-        train_on_inputs=q.get("train_on_inputs") == "on",
-        roles_to_train=roles,
-        train_on_eos=q.get("train_on_eos") if q.get("train_on_eos") in ("all", "turn", "last", "none") else "turn",
-        sequence_len=sequence_len,
-    )
-    preview, error = None, None
+    options = PreviewOptions.from_query(q, models)
+    compare = q.get("compare") == "1"
+    other = PreviewOptions.from_query(q, models, prefix="b_") if compare else None
+    columns, error = [], None
     if not options.model:
         error = "no model is available to tokenize with: run `make run` (it builds the demo model) or add one"
     else:
         try:
-            preview = preview_row(dataset, index, options)
+            columns = [("A", options, preview_row(dataset, index, options))]
+            if other:
+                columns.append(("B", other, preview_row(dataset, index, other)))
         except (ValueError, OSError) as exc:
             error = str(exc)
+    search = q.get("q", "").strip()
+    stats = dataset.stats.filter(key=options.key(), status="done").first()
+    base = {k: v for k, v in q.items() if k not in ("row", "random")}
     return render(request, "datasets/preview.html", {
-        "dataset": dataset, "preview": preview, "error": error, "options": options, "models": models,
-        "index": index, "roles": ",".join(roles),
+        "dataset": dataset, "columns": columns, "error": error, "options": options, "other": other,
+        "models": models, "index": index, "compare": compare,
+        "search": search, "matches": search_rows(dataset, search) if search else None,
+        "dropped_rows": stats.result.get("dropped_rows", [])[:200] if stats and q.get("dropped") else None,
+        "base_query": urlencode(base), "options_query": urlencode(options.as_query()),
     })
 
 

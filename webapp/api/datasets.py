@@ -1,0 +1,103 @@
+"""/api/datasets: streamed upload with the validation report, list, get, preview of row N."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.shortcuts import get_object_or_404
+from ninja import File, Form, Router, Schema
+from ninja.files import UploadedFile
+
+from webapp.datasets.models import Dataset
+from webapp.datasets.preview import PreviewOptions, preview_row
+from webapp.datasets.services import UploadRejected, upload_dataset
+from webapp.runs.base_models import available_models
+from webapp.workspaces.services import current_workspace
+
+router = Router(tags=["datasets"])
+
+
+class DatasetOut(Schema):
+    id: int
+    name: str
+    format: str
+    rows: int
+    rejected_rows: int
+    size: int
+    sha256: str
+    created_at: datetime
+
+
+class Problem(Schema):
+    line: int
+    field: str
+    message: str
+
+
+class UploadOut(Schema):
+    dataset: DatasetOut
+    duplicate: bool
+    rejected_lines: int
+
+
+class UploadError(Schema):
+    message: str
+    valid_rows: int = 0
+    problems: list[Problem] = []
+    counts: dict[str, int] = {}
+
+
+class TokenOut(Schema):
+    id: int
+    text: str
+    label: int
+    trained: bool
+    special: bool
+    part: str
+
+
+class PreviewOut(Schema):
+    row: int
+    tokens: list[TokenOut]
+    trained: int
+    dropped: str | None
+    warnings: list[str]
+
+
+@router.post("/", response={201: UploadOut, 200: UploadOut, 400: UploadError})
+def upload(request, file: UploadedFile = File(...), name: str | None = Form(None), format: str | None = Form(None),
+           keep_valid: bool = Form(False)):
+    try:
+        result = upload_dataset(current_workspace(request), request.user, file, name=name, format=format,
+                                keep_valid=keep_valid)
+    except UploadRejected as exc:
+        report = exc.report
+        return 400, UploadError(
+            message=str(exc), valid_rows=report.rows if report else 0,
+            problems=[Problem(line=p.line, field=p.field, message=p.message) for p in (report.problems if report else [])],
+            counts=dict(report.counts) if report else {})
+    status = 200 if result.duplicate else 201
+    return status, UploadOut(dataset=result.dataset, duplicate=result.duplicate, rejected_lines=result.report.invalid)
+
+
+@router.get("/", response=list[DatasetOut])
+def list_datasets(request):
+    return Dataset.objects.visible_to(request.user)
+
+
+@router.get("/{dataset_id}", response=DatasetOut)
+def get_dataset(request, dataset_id: int):
+    return get_object_or_404(Dataset.objects.visible_to(request.user), pk=dataset_id)
+
+
+@router.get("/{dataset_id}/rows/{row}/preview", response={200: PreviewOut, 400: UploadError})
+def preview(request, dataset_id: int, row: int, model: str = "", roles: str = "assistant", train_on_eos: str = "turn",
+            train_on_inputs: bool = False, sequence_len: int = 512):
+    dataset = get_object_or_404(Dataset.objects.visible_to(request.user), pk=dataset_id)
+    if not 0 <= row < dataset.rows:
+        return 400, UploadError(message=f"row must be between 0 and {dataset.rows - 1}")
+    query = {"model": model, "roles": roles, "train_on_eos": train_on_eos, "sequence_len": sequence_len,
+             "train_on_inputs": "on" if train_on_inputs else ""}
+    result = preview_row(dataset, row, PreviewOptions.from_query(query, available_models()))
+    return PreviewOut(row=result.row, tokens=[TokenOut(**t.__dict__) for t in result.tokens], trained=result.trained,
+                      dropped=result.dropped, warnings=result.warnings)

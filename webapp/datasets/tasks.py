@@ -1,0 +1,41 @@
+"""Huey tasks for datasets: statistics over the whole file, with progress, cached per option set."""
+
+from __future__ import annotations
+
+import logging
+
+from huey.contrib.djhuey import db_task
+
+from webapp.datasets.models import DatasetStats
+
+log = logging.getLogger("trainyard.datasets")
+
+
+def compute_dataset_stats(stats_id: int) -> None:
+    """Public entry: queue the computation (after the creating transaction commits)."""
+    _compute_dataset_stats(stats_id)
+
+
+@db_task()
+def _compute_dataset_stats(stats_id: int) -> None:
+    from webapp.datasets.preview import PreviewOptions
+    from webapp.datasets.stats import compute_stats
+
+    claimed = DatasetStats.objects.filter(pk=stats_id, status=DatasetStats.Status.PENDING).update(
+        status=DatasetStats.Status.RUNNING)
+    if not claimed:
+        return  # gone, or another worker has it
+    stats = DatasetStats.objects.select_related("dataset").get(pk=stats_id)
+    options = PreviewOptions.from_query(stats.options, [stats.options.get("model", "")])
+
+    def progress(rows: int) -> None:
+        DatasetStats.objects.filter(pk=stats_id).update(rows_done=rows)
+
+    try:
+        result = compute_stats(stats.dataset, options, progress)
+    except Exception as exc:  # keep the reason for the page; the user can ask again
+        log.exception("stats %s failed", stats_id)
+        DatasetStats.objects.filter(pk=stats_id).update(status=DatasetStats.Status.FAILED, error=str(exc)[:2000])
+        return
+    DatasetStats.objects.filter(pk=stats_id).update(status=DatasetStats.Status.DONE, result=result,
+                                                    rows_done=result["rows"])
