@@ -35,7 +35,6 @@ ALLOWED_HOSTS = os.environ.get("TRAINYARD_ALLOWED_HOSTS", "127.0.0.1,localhost,t
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("TRAINYARD_CSRF_ORIGINS", "").split(",") if o]
 
 INSTALLED_APPS = [
-    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -116,6 +115,7 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)
 STATICFILES_DIRS = [BASE_DIR / "static", ("plotly", Path(plotly.__file__).parent / "package_data")]
 WHITENOISE_USE_FINDERS = True  # serve straight from the app folders: no collectstatic step
 WHITENOISE_AUTOREFRESH = DEBUG
@@ -129,6 +129,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 
 # Models a config may name by folder: hub ids, or folders under these directories.
 TRAINYARD_MODEL_DIRS = [Path(p) for p in os.environ.get("TRAINYARD_MODEL_DIRS", str(DATA_DIR / "models")).split(":")]
+TRAINYARD_GPUS = os.environ.get("TRAINYARD_GPUS", "")  # "0,1" or a count; default: the CUDA devices torch sees
+TRAINYARD_HEARTBEAT_TIMEOUT = int(os.environ.get("TRAINYARD_HEARTBEAT_TIMEOUT", 30))  # seconds
 TRAINYARD_ALLOW_TRUST_REMOTE_CODE = os.environ.get("TRAINYARD_ALLOW_TRUST_REMOTE_CODE", "") == "1"
 
 SESSION_COOKIE_HTTPONLY = True

@@ -95,11 +95,28 @@ def test_upload_preview_configure_train_watch_and_download(server, browser, tmp_
     page.wait_for_url(re.compile(r".*/datasets/\d+/$"))
     assert page.inner_text("#row-count") == "80"
 
-    # Token preview: trained and masked chips.
+    # Token statistics, computed by the worker, then drawn.
+    page.wait_for_selector("#stats-figures:not([hidden])", timeout=60_000)
+    assert page.inner_text("#st-dropped") == "0" and "%" in page.inner_text("#st-trained-ratio")
+    assert page.locator("#length-histogram .bars path, #length-histogram .barlayer").count() > 0
+
+    # Token preview: trained and masked chips; clicking one tells its id and label.
     page.click("text=Preview tokens and labels")
-    page.wait_for_selector(".tok.trained")
-    assert page.locator(".tok.trained").count() > 3 and page.locator(".tok.masked").count() > 3
+    page.wait_for_selector(".tokens .tok.trained")
+    assert page.locator(".tokens .tok.trained").count() > 3 and page.locator(".tokens .tok.masked").count() > 3
+    page.click(".tokens .tok.trained >> nth=0")
+    assert "(trained)" in page.inner_text(".token-info")
     page.screenshot(path=str(RESULTS / "preview.png"), full_page=True)
+
+    # Compare: the same row with user turns trained too has more trained tokens.
+    page.click("#compare-link")
+    page.fill("input[name=b_roles]", "assistant,user")
+    page.click("#preview-form button.primary")
+    page.wait_for_selector("#column-B .tokens .tok")
+    a = page.locator("#column-A .tokens .tok.trained").count()
+    b = page.locator("#column-B .tokens .tok.trained").count()
+    assert b > a > 0
+    page.screenshot(path=str(RESULTS / "compare.png"), full_page=True)
 
     # A config written in the YAML editor, then a run.
     page.goto(server + "/configs/new/")

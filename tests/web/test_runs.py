@@ -115,7 +115,7 @@ def test_killed_training_process_leaves_run_interrupted_with_its_metrics(alice, 
     run = services.enqueue_run(workspace, user, config)
     killer = threading.Thread(target=_kill_after_first_points, args=(run,))
     killer.start()
-    tasks.supervise(run.pk)
+    tasks.supervise(run.pk, ["test:cpu"])
     killer.join()
     run.refresh_from_db()
     assert run.status == RunStatus.INTERRUPTED and "SIGKILL" in run.message

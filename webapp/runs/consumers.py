@@ -8,7 +8,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from webapp.runs import realtime
+from webapp.runs import realtime, services
 from webapp.runs.models import Run
 
 POLL_SECONDS = 0.5
@@ -21,6 +21,7 @@ def _visible_run(user, run_id: int) -> Run | None:
 
 @database_sync_to_async
 def _updates(run_id: int, after_seq: int, log_offset: int):
+    services.mark_stale_runs_interrupted(run_id=run_id)  # a dead worker shows as interrupted while watched
     run = Run.objects.get(pk=run_id)
     return realtime.points_after(run_id, after_seq), realtime.status_of(run), realtime.log_after(run, log_offset)
 

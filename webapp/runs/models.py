@@ -67,6 +67,12 @@ class Run(models.Model):
     events_offset = models.BigIntegerField(default=0, help_text="bytes of events.jsonl already turned into rows")
     next_seq = models.IntegerField(default=0)
     data_summary = models.JSONField(default=dict, blank=True)
+    gpus = models.PositiveSmallIntegerField(default=1, help_text="devices the run needs")
+    priority = models.SmallIntegerField(default=0, help_text="higher runs first")
+    devices = models.JSONField(default=list, blank=True, help_text="devices it ran on")
+    attempt = models.PositiveSmallIntegerField(default=1)
+    resumed_from = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="resumes")
+    resume_checkpoint = models.CharField(max_length=500, blank=True, help_text="checkpoint folder it starts from")
 
     objects = OwnedQuerySet.as_manager()
 
@@ -87,6 +93,14 @@ class Run(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in ACTIVE_STATES
+
+
+class DeviceLease(models.Model):
+    """A device held by a run. The unique device column is the lock, across workers and hosts."""
+
+    device = models.CharField(max_length=200, unique=True)  # "host:cuda:0", or "host:cpu" without GPUs
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="leases")
+    acquired_at = models.DateTimeField(auto_now_add=True)
 
 
 class MetricPoint(models.Model):

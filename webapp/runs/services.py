@@ -72,18 +72,56 @@ def save_config(workspace, user, name: str, yaml_text: str, instance: TrainingCo
     return instance
 
 
-def enqueue_run(workspace, user, config: TrainingConfig, name: str | None = None) -> Run:
+def enqueue_run(workspace, user, config: TrainingConfig, name: str | None = None, *, gpus: int = 1,
+                priority: int = 0) -> Run:
     """Validate again (datasets may have gone), freeze the config into the run folder, queue after commit."""
     from webapp.runs.tasks import execute_run
 
     _, resolved = validate_config(workspace, config.yaml)
+    if gpus < 1:
+        raise ConfigInvalid([ConfigError("gpus", "a run needs at least one device")])
     with transaction.atomic():
         run = Run.objects.create(workspace=workspace, config=config, name=name or config.name,
-                                 config_yaml=config.yaml, created_by=user)
+                                 config_yaml=config.yaml, created_by=user, gpus=gpus, priority=priority)
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         transaction.on_commit(lambda: execute_run(run.pk))
     return run
+
+
+def latest_checkpoint(run: Run) -> Path | None:
+    folder = run.run_dir / "checkpoints"
+    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if folder.is_dir() else []
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+class CannotResume(ValueError):
+    pass
+
+
+def resume_run(run: Run, user) -> Run:
+    """A new attempt that starts from the run's last checkpoint, with its metrics up to there."""
+    from webapp.runs.tasks import execute_run
+
+    if run.status not in (RunStatus.INTERRUPTED, RunStatus.FAILED, RunStatus.CANCELLED):
+        raise CannotResume(f"only an interrupted, failed or cancelled run can be resumed (this one is {run.status})")
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is None:
+        raise CannotResume("this run saved no checkpoint (set save_steps in the config): start a new run instead")
+    step = int(checkpoint.name.split("-")[-1])
+    with transaction.atomic():
+        new = Run.objects.create(
+            workspace=run.workspace, config=run.config, name=run.name, config_yaml=run.config_yaml,
+            created_by=user, gpus=run.gpus, priority=run.priority, attempt=run.attempt + 1, resumed_from=run,
+            resume_checkpoint=str(checkpoint), current_step=step, total_steps=run.total_steps)
+        new.run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(run.run_dir / "config.yaml", new.run_dir / "config.yaml")
+        kept = MetricPoint.objects.filter(run=run, step__lte=step).order_by("seq")
+        MetricPoint.objects.bulk_create([MetricPoint(run=new, seq=i, step=p.step, time=p.time, values=p.values)
+                                         for i, p in enumerate(kept)])
+        Run.objects.filter(pk=new.pk).update(next_seq=kept.count())
+        transaction.on_commit(lambda: execute_run(new.pk))
+    return new
 
 
 def transition(run_id: int, from_states, to_state: str, **fields) -> bool:
@@ -156,13 +194,16 @@ def bump_heartbeat(run_id: int) -> None:
     Run.objects.filter(pk=run_id).update(heartbeat_at=timezone.now())
 
 
-def mark_stale_runs_interrupted(max_age_seconds: int = 60) -> int:
+def mark_stale_runs_interrupted(max_age_seconds: int | None = None, run_id: int | None = None) -> int:
     """Runs whose worker stopped beating (killed, host lost) end `interrupted`, logs and metrics kept."""
-    cutoff = timezone.now() - timezone.timedelta(seconds=max_age_seconds)
+    age = settings.TRAINYARD_HEARTBEAT_TIMEOUT if max_age_seconds is None else max_age_seconds
+    cutoff = timezone.now() - timezone.timedelta(seconds=age)
     stale = Run.objects.filter(status__in=[RunStatus.STARTING, RunStatus.RUNNING], heartbeat_at__lt=cutoff)
+    if run_id is not None:
+        stale = stale.filter(pk=run_id)
     count = 0
     for run_id in stale.values_list("pk", flat=True):
-        count += finish_run(run_id, RunStatus.INTERRUPTED, "the worker stopped reporting (killed or lost); "
-                                                           "logs and metrics up to then are kept")
+        count += finish_run(run_id, RunStatus.INTERRUPTED, "the worker stopped reporting (killed or lost); logs, "
+                                                           "metrics and checkpoints up to then are kept: resume it")
     return count
 

@@ -1,8 +1,10 @@
-"""Huey tasks. The worker supervises one training subprocess per run and is the single writer of its
-rows: it tails the run's events file into the database, beats, and kills the process on cancel."""
+"""Huey tasks. The worker waits for the run's devices, supervises one training subprocess per run and
+is the single writer of its rows: it tails the run's events file into the database, beats, and kills
+the process on cancel. Devices are released however the run ends."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -11,16 +13,18 @@ import sys
 import time
 
 from django.conf import settings
+from django.utils import timezone
 from huey import crontab
-from huey.contrib.djhuey import db_periodic_task, db_task
+from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 
 from training.events import read_events
-from webapp.runs import services
+from webapp.runs import gpus, services
 from webapp.runs.models import Run, RunStatus
 
 log = logging.getLogger("trainyard.worker")
 POLL_SECONDS = 0.25
 HEARTBEAT_SECONDS = 5
+WAIT_FOR_DEVICES_SECONDS = 3
 
 
 def execute_run(run_id: int) -> None:
@@ -30,36 +34,71 @@ def execute_run(run_id: int) -> None:
 
 @db_task()
 def _execute_run(run_id: int) -> None:
-    supervise(run_id)
+    run = Run.objects.filter(pk=run_id, status=RunStatus.QUEUED).first()
+    if run is None:
+        return  # deleted, cancelled, or another worker has it
+    try:
+        devices = gpus.allocate_gpus(run, run.gpus) if gpus.queue_position(run) == 1 else None
+    except ValueError as exc:
+        services.finish_run(run_id, RunStatus.FAILED, str(exc))
+        return
+    if devices is None:  # not our turn or not enough free devices: look again shortly
+        _execute_run.schedule((run_id,), delay=WAIT_FOR_DEVICES_SECONDS)
+        return
+    try:
+        supervise(run_id, devices)
+    finally:
+        gpus.release_gpus(run_id)
 
 
 @db_periodic_task(crontab(minute="*"))
 def _reap_stale_runs() -> None:
     services.mark_stale_runs_interrupted()
+    gpus.release_leases_of_ended_runs()
 
 
-def _command(run: Run) -> list[str]:
-    command = [sys.executable, "-m", "training", "train", str(run.run_dir / "config.yaml"),
-               "--run-dir", str(run.run_dir)]
+@HUEY.on_startup()
+def _reap_on_startup() -> None:
+    # A worker that restarts after a crash ends the runs it left behind straight away.
+    services.mark_stale_runs_interrupted()
+    gpus.release_leases_of_ended_runs()
+
+
+def command(run: Run, devices: list[str]) -> list[str]:
+    args = ["-m", "training", "train", str(run.run_dir / "config.yaml"), "--run-dir", str(run.run_dir)]
+    if run.resume_checkpoint:
+        args += ["--resume", run.resume_checkpoint]
     if settings.TRAINYARD_ALLOW_TRUST_REMOTE_CODE:
-        command.append("--allow-trust-remote-code")
-    return command
+        args.append("--allow-trust-remote-code")
+    gpu_count = len(gpus.cuda_visible_devices(devices).split(",")) if gpus.cuda_visible_devices(devices) else 0
+    if gpu_count > 1:  # one process per GPU, through accelerate (DDP)
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpu_count), *args]
+    return [sys.executable, *args]
 
 
-def supervise(run_id: int) -> None:
-    from django.utils import timezone
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the worker thread that started us dies (Linux), so a killed
+    worker never leaves a trainer running that nobody records."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
+
+def supervise(run_id: int, devices: list[str]) -> None:
     run = Run.objects.filter(pk=run_id).first()
     if run is None:
-        return  # deleted while queued
-    if not services.transition(run_id, [RunStatus.QUEUED], RunStatus.STARTING,
-                               started_at=timezone.now(), heartbeat_at=timezone.now()):
-        return  # cancelled, or another worker has it
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONUNBUFFERED": "1"}
+        return
+    now = timezone.now()
+    if not services.transition(run_id, [RunStatus.QUEUED], RunStatus.STARTING, started_at=now, heartbeat_at=now,
+                               devices=devices):
+        return  # cancelled meanwhile, or another worker has it
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONUNBUFFERED": "1",
+           "CUDA_VISIBLE_DEVICES": gpus.cuda_visible_devices(devices)}
     with run.log_path.open("ab") as log_file:
         # Own process group: cancel kills the trainer and anything it spawned, never the worker.
-        proc = subprocess.Popen(_command(run), stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                cwd=run.run_dir, start_new_session=True)
+        proc = subprocess.Popen(command(run, devices), stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                cwd=run.run_dir, start_new_session=True, preexec_fn=_die_with_parent)
     offset, last_beat, cancelled, final = run.events_offset, 0.0, False, None
     events_path = run.run_dir / "events.jsonl"
     while True:
@@ -72,10 +111,10 @@ def supervise(run_id: int) -> None:
                           and e.get("state") in ("succeeded", "failed", "cancelled")), final)
         if exited:
             break
-        now = time.monotonic()
-        if now - last_beat >= HEARTBEAT_SECONDS:
+        now_s = time.monotonic()
+        if now_s - last_beat >= HEARTBEAT_SECONDS:
             services.bump_heartbeat(run_id)
-            last_beat = now
+            last_beat = now_s
             if Run.objects.filter(pk=run_id, cancel_requested=True).exists():
                 cancelled = True
                 _kill_group(proc)
@@ -109,7 +148,7 @@ def _finish(run_id: int, returncode: int, cancelled: bool, final: dict | None) -
     if returncode < 0:
         name = signal.Signals(-returncode).name
         services.finish_run(run_id, RunStatus.INTERRUPTED,
-                            f"the training process was killed ({name}); logs and metrics up to then are kept")
+                            f"the training process was killed ({name}); logs, metrics and checkpoints are kept")
         return
     services.finish_run(run_id, RunStatus.FAILED,
                         f"the training process exited with code {returncode} without a result; see the log")

@@ -9,7 +9,7 @@ from django.views.decorators.http import require_POST
 
 from training.config import ConfigInvalid
 from webapp.datasets.models import Dataset
-from webapp.runs import realtime, services
+from webapp.runs import gpus, realtime, services
 from webapp.runs.base_models import available_models
 from webapp.runs.models import Run, TrainingConfig
 from webapp.workspaces.services import current_workspace
@@ -103,7 +103,20 @@ def run_detail(request, pk: int):
     return render(request, "runs/run_detail.html", {
         "run": run, "status": realtime.status_of(run), "log_text": log["text"] if log else "",
         "log_offset": log["offset"] if log else 0, "artifacts": run.artifacts.all(),
+        "queue_position": gpus.queue_position(run) if run.status == "queued" else None,
+        "can_resume": run.status in ("interrupted", "failed", "cancelled") and services.latest_checkpoint(run),
     })
+
+
+@require_POST
+def run_resume(request, pk: int):
+    run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
+    try:
+        new = services.resume_run(run, request.user)
+    except services.CannotResume as exc:
+        messages.error(request, str(exc))
+        return redirect("run-detail", pk=run.pk)
+    return redirect("run-detail", pk=new.pk)
 
 
 @require_POST
