@@ -81,7 +81,7 @@ if os.environ.get("DATABASE_URL"):
 else:
     DATABASES = {"default": {
         "ENGINE": "django.db.backends.sqlite3",
-        "NAME": DATA_DIR / "trainyard.sqlite3",
+        "NAME": os.environ.get("TRAINYARD_SQLITE_PATH", DATA_DIR / "trainyard.sqlite3"),
         "OPTIONS": {
             # WAL: the worker writes a metric per step while pages read; measured 10x faster writes.
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
@@ -94,12 +94,13 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 HUEY_IMMEDIATE = os.environ.get("TRAINYARD_HUEY_IMMEDIATE", "") == "1"
+QUEUE_NAME = os.environ.get("TRAINYARD_QUEUE", "trainyard")
 if REDIS_URL:
-    HUEY = {"huey_class": "huey.RedisHuey", "name": "trainyard", "url": REDIS_URL, "immediate": HUEY_IMMEDIATE}
+    HUEY = {"huey_class": "huey.RedisHuey", "name": QUEUE_NAME, "url": REDIS_URL, "immediate": HUEY_IMMEDIATE}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
                                   "CONFIG": {"hosts": [REDIS_URL]}}}
 else:
-    HUEY = {"huey_class": "huey.SqliteHuey", "name": "trainyard", "filename": str(DATA_DIR / "huey.sqlite3"),
+    HUEY = {"huey_class": "huey.SqliteHuey", "name": QUEUE_NAME, "filename": str(DATA_DIR / "huey.sqlite3"),
             "immediate": HUEY_IMMEDIATE}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 

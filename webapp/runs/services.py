@@ -161,6 +161,16 @@ def record_events(run_id: int, events: list[dict], new_offset: int) -> None:
                                              **fields)
 
 
+def catch_up_events(run_id: int) -> None:
+    """Record what a dead worker had not read yet from the run's events file (idempotent by offset)."""
+    from training.events import read_events
+
+    run = Run.objects.get(pk=run_id)
+    events, offset = read_events(run.run_dir / "events.jsonl", run.events_offset)
+    if events:
+        record_events(run_id, [e for e in events if e.get("event") != "status"], offset)
+
+
 def finish_run(run_id: int, state: str, message: str) -> bool:
     ok = transition(run_id, ACTIVE_STATES, state, message=message[:2000])
     if ok:
@@ -203,6 +213,7 @@ def mark_stale_runs_interrupted(max_age_seconds: int | None = None, run_id: int 
         stale = stale.filter(pk=run_id)
     count = 0
     for run_id in stale.values_list("pk", flat=True):
+        catch_up_events(run_id)
         count += finish_run(run_id, RunStatus.INTERRUPTED, "the worker stopped reporting (killed or lost); logs, "
                                                            "metrics and checkpoints up to then are kept: resume it")
     return count

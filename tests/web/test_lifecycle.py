@@ -1,0 +1,90 @@
+"""A worker killed mid-run: its trainer dies with it, the run ends interrupted with its metrics and
+checkpoints, and resuming it as a new attempt finishes the training."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from webapp.runs import services
+from webapp.runs.models import MetricPoint, Run, RunStatus, TrainingConfig
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+ROOT = Path(__file__).parents[2]
+
+CONFIG = """\
+base_model: tiny-chat
+datasets:
+  - path: chat
+sequence_len: 128
+adapter: lora
+lora_target_linear: true
+micro_batch_size: 2
+max_steps: 300
+save_steps: 20
+learning_rate: 0.003
+"""
+
+
+def worker_env() -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        env["TRAINYARD_SQLITE_PATH"] = str(db["NAME"])
+    else:
+        env["DATABASE_URL"] = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+    return env
+
+
+def trainer_pids(run) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"training train {run.run_dir}/config.yaml"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_killed_worker_leaves_run_interrupted_and_resume_finishes(alice, alice_dataset, monkeypatch):
+    from webapp.runs import tasks
+
+    user, workspace = alice
+    config = TrainingConfig.objects.create(workspace=workspace, name="long", yaml=CONFIG)
+    monkeypatch.setattr(tasks, "execute_run", lambda run_id: None)  # queue it; a real worker process takes it
+    run = services.enqueue_run(workspace, user, config)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "import django; django.setup(); from webapp.runs.tasks import supervise; "
+                               f"supervise({run.pk}, ['test:cpu'])"],
+        cwd=ROOT, env=worker_env(), start_new_session=True)
+    checkpoint = run.run_dir / "checkpoints" / "checkpoint-20"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and worker.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint.exists(), (run.run_dir / "train.log").read_text()[-3000:]
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    for _ in range(50):  # the trainer gets SIGKILL when its worker dies
+        if not trainer_pids(run):
+            break
+        time.sleep(0.1)
+    assert trainer_pids(run) == []
+
+    run.refresh_from_db()
+    assert run.status == RunStatus.RUNNING  # nobody has noticed yet
+    assert services.mark_stale_runs_interrupted(max_age_seconds=0) == 1
+    run.refresh_from_db()
+    assert run.status == RunStatus.INTERRUPTED and "resume it" in run.message
+    recorded = MetricPoint.objects.filter(run=run).count()
+    assert recorded >= 20
+
+    monkeypatch.setattr(tasks, "execute_run", lambda run_id: tasks._execute_run(run_id))  # huey immediate
+    resumed = services.resume_run(run, user)
+    resumed.refresh_from_db()
+    assert resumed.status == RunStatus.SUCCEEDED, (resumed.message, resumed.log_path.read_text()[-3000:])
+    assert resumed.attempt == 2 and resumed.resumed_from_id == run.pk
+    steps = [p.step for p in MetricPoint.objects.filter(run=resumed) if "loss" in p.values]
+    assert steps[:20] == list(range(1, 21)) and steps[-1] == 300 and len(steps) == len(set(steps))
+    assert "Resuming" in resumed.log_path.read_text() or steps[20] == 21
