@@ -149,7 +149,7 @@ class TrainConfig(BaseModel):
     lr_scheduler: str = "cosine"
     warmup_steps: int | None = Field(None, ge=0)
     warmup_ratio: float | None = Field(None, ge=0, lt=1)
-    optimizer: str = "adamw_torch"
+    optimizer: str | None = Field(None, description="a transformers optim name; default: transformers' (fused AdamW where available)")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     bf16: bool | Literal["auto"] = "auto"

@@ -211,7 +211,7 @@ def train(config: TrainConfig, run_dir: Path, sink: EventSink, *, should_stop: C
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_steps if config.warmup_steps is not None else (config.warmup_ratio or 0.0),
-        optim=config.optimizer,
+        **({"optim": config.optimizer} if config.optimizer else {}),
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         bf16=model.dtype == torch.bfloat16 if not config.load_in_4bit else False,

@@ -19,6 +19,7 @@ urlpatterns = [
     path("configs/new/", runs.config_edit, name="config-new"),
     path("configs/<int:pk>/", runs.config_edit, name="config-edit"),
     path("configs/<int:pk>/run/", runs.config_run, name="config-run"),
+    path("configs/<int:pk>/export.yaml", runs.config_export, name="config-export"),
     path("runs/", runs.run_list, name="run-list"),
     path("runs/<int:pk>/", runs.run_detail, name="run-detail"),
     path("runs/<int:pk>/cancel/", runs.run_cancel, name="run-cancel"),

@@ -71,3 +71,14 @@ def test_train_command_writes_events_and_a_failure_reason(project, tmp_path):
     events = [json.loads(line) for line in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "status" and events[-1]["state"] == "failed"
     assert "base_model: folder '/nonexistent/model' does not exist" in events[-1]["message"]
+
+
+def test_out_of_memory_failures_name_the_fix():
+    from training.cli import explain_failure
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    reason = explain_failure(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert "lower micro_batch_size" in reason and "gradient_checkpointing" in reason and "sequence_len" in reason
+    assert explain_failure(ValueError("bad thing\nmore")) == "ValueError: bad thing"

@@ -155,3 +155,31 @@ def test_run_urls_are_private(client, alice, bob_client):
     assert bob_client.post(f"/runs/{run.pk}/cancel/").status_code == 404
     assert bob_client.post(f"/configs/{config.pk}/run/").status_code == 404
     assert bob_client.get("/api/runs/").json() == []
+
+
+def test_validate_shows_a_memory_estimate_and_export_gives_the_yaml(alice_client, alice_dataset):
+    page = alice_client.post("/configs/new/", {"name": "c", "yaml": GOOD.format(steps=5), "action": "validate"})
+    assert page.status_code == 200 and 'id="memory-estimate"' in page.content.decode()
+    save(alice_client, GOOD.format(steps=5), name="exported")
+    config = TrainingConfig.objects.get(name="exported")
+    export = alice_client.get(f"/configs/{config.pk}/export.yaml")
+    assert export["Content-Disposition"] == 'attachment; filename="exported.yaml"'
+    assert export.content.decode() == GOOD.format(steps=5)
+
+
+def test_the_form_writes_common_keys_into_the_yaml(alice_client, alice_dataset):
+    form = {f"f_{k}": "" for k in ("adapter", "lora_r", "max_steps", "learning_rate")}
+    form.update({"f_base_model": "tiny-chat", "f_adapter": "lora", "f_lora_r": "32", "f_max_steps": "7",
+                 "f_learning_rate": "0.001", "f_gradient_checkpointing": "on"})
+    response = alice_client.post("/configs/new/", {"name": "c", "yaml": GOOD.format(steps=5), "action": "apply_form",
+                                                   **form})
+    text = response.content.decode()
+    assert "lora_r: 32" in text and "max_steps: 7" in text and "gradient_checkpointing: true" in text
+    bad = alice_client.post("/configs/new/", {"name": "c", "yaml": GOOD.format(steps=5), "action": "apply_form",
+                                              **{**form, "f_lora_r": "many"}})
+    assert bad.status_code == 400 and "<code>lora_r</code>: &#x27;many&#x27; is not a valid int" in bad.content.decode()
+
+
+def test_presets_start_new_configs(alice_client, alice_dataset):
+    page = alice_client.get("/configs/new/?preset=qlora-8b").content.decode()
+    assert "adapter: qlora" in page and "path: chat" in page

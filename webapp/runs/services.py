@@ -55,6 +55,82 @@ def validate_config(workspace, yaml_text: str) -> tuple[TrainConfig, dict]:
     return config, resolved
 
 
+def memory_estimate(config: TrainConfig, resolved: dict):
+    """The GPU memory estimate for a validated config, or None when the model's shape is unknown here."""
+    from training.memory import ModelShape, estimate
+
+    source = resolved.get("base_model", config.base_model)
+    path = Path(source) / "config.json"
+    if not path.exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json")
+        except Exception:
+            cached = None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        return estimate(config, ModelShape.from_config_json(path), bf16=config.bf16 is not False)
+    except (KeyError, ValueError):
+        return None
+
+
+def run_memory_estimate(run: Run):
+    try:
+        resolved = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+        return memory_estimate(parse_config(resolved, allow_trust_remote_code=True), resolved)
+    except (OSError, ConfigInvalid, yaml.YAMLError):
+        return None
+
+
+# Common keys editable as a form: (key, type, help)
+FORM_FIELDS = [
+    ("base_model", str, "hub id or model folder"), ("adapter", str, "lora, qlora, or empty for a full fine-tune"),
+    ("lora_r", int, ""), ("lora_alpha", int, ""), ("lora_dropout", float, ""),
+    ("lora_target_linear", bool, "LoRA on every linear layer"), ("load_in_4bit", bool, ""),
+    ("sequence_len", int, ""), ("sample_packing", bool, ""), ("micro_batch_size", int, ""),
+    ("gradient_accumulation_steps", int, ""), ("num_epochs", float, ""), ("max_steps", int, "overrides num_epochs"),
+    ("learning_rate", float, ""), ("lr_scheduler", str, "cosine, linear, constant..."), ("warmup_steps", int, ""),
+    ("optimizer", str, "default: fused AdamW"), ("gradient_checkpointing", bool, ""), ("val_set_size", float, ""),
+    ("eval_steps", int, ""), ("save_steps", int, ""), ("attn_implementation", str, "sdpa, eager, flash_attention_2"),
+]
+
+
+def form_values(yaml_text: str) -> list[dict]:
+    try:
+        data = yaml.safe_load(yaml_text) or {}
+    except yaml.YAMLError:
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    return [{"key": k, "type": t.__name__, "help": h, "value": data.get(k)} for k, t, h in FORM_FIELDS]
+
+
+def apply_form(yaml_text: str, form) -> str:
+    """The YAML with the form's common keys set (empty fields remove the key). Comments are lost."""
+    try:
+        data = yaml.safe_load(yaml_text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigInvalid([ConfigError("", f"fix the YAML before using the form: {exc}")]) from None
+    errors = []
+    for key, kind, _ in FORM_FIELDS:
+        if kind is bool:
+            data[key] = form.get(f"f_{key}") == "on"
+            continue
+        raw = (form.get(f"f_{key}") or "").strip()
+        if not raw:
+            data.pop(key, None)
+            continue
+        try:
+            data[key] = kind(raw) if kind is not str else raw
+        except ValueError:
+            errors.append(ConfigError(key, f"{raw!r} is not a valid {kind.__name__}"))
+    if errors:
+        raise ConfigInvalid(errors)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 def save_config(workspace, user, name: str, yaml_text: str, instance: TrainingConfig | None = None) -> TrainingConfig:
     validate_config(workspace, yaml_text)
     name = name.strip()

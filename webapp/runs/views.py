@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.contrib import messages
-from django.http import FileResponse, Http404
+from django.http import FileResponse, Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
@@ -12,29 +12,10 @@ from webapp.datasets.models import Dataset
 from webapp.runs import gpus, realtime, services
 from webapp.runs.base_models import available_models
 from webapp.runs.models import Run, TrainingConfig
+from webapp.runs.presets import PRESETS
 from webapp.workspaces.services import current_workspace
 
-STARTER_YAML = """\
-# Axolotl-style config. `datasets: - path:` names a dataset of this workspace;
-# `base_model` names a model folder on this server or a hub id.
-base_model: {model}
-datasets:
-  - path: {dataset}
-    type: {type}
-sequence_len: 256
-adapter: lora
-lora_r: 8
-lora_alpha: 16
-lora_target_linear: true
-micro_batch_size: 4
-gradient_accumulation_steps: 1
-max_steps: 60
-learning_rate: 0.003
-lr_scheduler: cosine
-warmup_steps: 5
-val_set_size: 0.05
-eval_steps: 20
-"""
+STARTER_PRESET = "lora-small"
 
 
 def home(request):
@@ -46,39 +27,67 @@ def config_list(request):
     return render(request, "runs/config_list.html", {"configs": TrainingConfig.objects.filter(workspace=workspace)})
 
 
-def _starter_yaml(workspace) -> str:
+def _starter_yaml(workspace, preset: str = STARTER_PRESET) -> str:
     dataset = Dataset.objects.filter(workspace=workspace).first()
     models = available_models()
-    return STARTER_YAML.format(model=models[0] if models else "owner/model-id",
-                               dataset=dataset.name if dataset else "my-dataset",
-                               type=dataset.format if dataset else "chat_template")
+    template = PRESETS.get(preset, PRESETS[STARTER_PRESET])[1]
+    return template.format(model=models[0] if models else "owner/model-id",
+                           dataset=dataset.name if dataset else "my-dataset",
+                           type=dataset.format if dataset else "chat_template")
 
 
 def config_edit(request, pk: int | None = None):
     workspace = current_workspace(request)
     instance = get_object_or_404(TrainingConfig.objects.visible_to(request.user), pk=pk) if pk else None
     name = instance.name if instance else ""
-    yaml_text = instance.yaml if instance else _starter_yaml(workspace)
-    errors, status = [], 200
+    yaml_text = instance.yaml if instance else _starter_yaml(workspace, request.GET.get("preset", STARTER_PRESET))
+    errors, status, estimate = [], 200, None
     if request.method == "POST":
         name, yaml_text = request.POST.get("name", ""), request.POST.get("yaml", "")
+        action = request.POST.get("action")
         try:
-            if request.POST.get("action") == "validate":
-                services.validate_config(workspace, yaml_text)
+            if action == "apply_form":
+                yaml_text = services.apply_form(yaml_text, request.POST)
+                messages.info(request, "The form's values are in the YAML below (not saved yet).")
+            elif action == "validate":
+                config, resolved = services.validate_config(workspace, yaml_text)
+                estimate = services.memory_estimate(config, resolved)
                 messages.success(request, "The config is valid.")
             else:
                 saved = services.save_config(workspace, request.user, name, yaml_text, instance)
-                if request.POST.get("action") == "run":
-                    run = services.enqueue_run(workspace, request.user, saved)
+                if action == "run":
+                    run = services.enqueue_run(workspace, request.user, saved, priority=_int(request.POST, "priority"),
+                                               gpus=_int(request.POST, "gpus", 1))
                     return redirect("run-detail", pk=run.pk)
                 messages.success(request, f"Saved “{saved.name}”.")
                 return redirect("config-edit", pk=saved.pk)
         except ConfigInvalid as exc:
             errors, status = exc.errors, 400
+    elif instance:
+        try:
+            config, resolved = services.validate_config(workspace, yaml_text)
+            estimate = services.memory_estimate(config, resolved)
+        except ConfigInvalid as exc:
+            errors = exc.errors
     return render(request, "runs/config_edit.html", {
-        "config": instance, "name": name, "yaml": yaml_text, "errors": errors,
+        "config": instance, "name": name, "yaml": yaml_text, "errors": errors, "estimate": estimate,
         "datasets": Dataset.objects.filter(workspace=workspace), "models": available_models(),
+        "presets": [(key, label) for key, (label, _) in PRESETS.items()], "form": services.form_values(yaml_text),
     }, status=status)
+
+
+def _int(data, key: str, default: int = 0) -> int:
+    try:
+        return int(data.get(key, default))
+    except (TypeError, ValueError):
+        return default
+
+
+def config_export(request, pk: int):
+    config = get_object_or_404(TrainingConfig.objects.visible_to(request.user), pk=pk)
+    response = HttpResponse(config.yaml, content_type="application/yaml")
+    response["Content-Disposition"] = f'attachment; filename="{config.name}.yaml"'
+    return response
 
 
 @require_POST
@@ -105,6 +114,9 @@ def run_detail(request, pk: int):
         "log_offset": log["offset"] if log else 0, "artifacts": run.artifacts.all(),
         "queue_position": gpus.queue_position(run) if run.status == "queued" else None,
         "can_resume": run.status in ("interrupted", "failed", "cancelled") and services.latest_checkpoint(run),
+        "estimate": services.run_memory_estimate(run),
+        "peak_memory_mb": max((p.values.get("memory_mb", 0) for p in run.points.all() if "memory_mb" in p.values),
+                              default=None),
     })
 
 

@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand
 from training.demo import build_demo_model, write_datasets
 from webapp.datasets.services import UploadRejected, upload_dataset
 from webapp.runs.models import TrainingConfig
-from webapp.runs.views import STARTER_YAML
+from webapp.runs.presets import PRESETS
 from webapp.workspaces.services import create_user_with_workspace
 
 DEMO_USER, DEMO_PASSWORD, DEMO_WORKSPACE = "demo", "trainyard", "Demo"
@@ -39,5 +39,5 @@ class Command(BaseCommand):
             self.stdout.write(f"dataset: {result.dataset.name} ({result.dataset.rows} rows)")
         TrainingConfig.objects.get_or_create(
             workspace=workspace, name="demo-lora",
-            defaults={"yaml": STARTER_YAML.format(model="tiny-chat", dataset="demo-chat", type="chat_template"),
+            defaults={"yaml": PRESETS["lora-small"][1].format(model="tiny-chat", dataset="demo-chat", type="chat_template"),
                       "created_by": user})
