@@ -55,7 +55,7 @@ def main() -> None:
 
     def baseline():
         for i in range(0, len(texts), BATCH):
-            tokenizer(texts[i:i + BATCH], add_special_tokens=False)["input_ids"]
+            tokenizer(texts[i : i + BATCH], add_special_tokens=False)["input_ids"]
 
     ours()  # warm caches (template compile) before timing either
     t_base = best_of(baseline, args.repeats)

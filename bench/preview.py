@@ -63,16 +63,23 @@ def main() -> None:
         tokenizer.apply_chat_template(row["messages"], tokenize=True)
         direct_ms.append(1000 * (time.perf_counter() - start))
     figures = {
-        "size_mb": args.size_mb, "rows": rows, "upload_s": round(upload_s, 1),
+        "size_mb": args.size_mb,
+        "rows": rows,
+        "upload_s": round(upload_s, 1),
         "first_preview_s": round(first_s, 3),
-        "preview_p50_ms": round(statistics.median(preview_ms), 2), "preview_p95_ms": round(p95(preview_ms), 2),
+        "preview_p50_ms": round(statistics.median(preview_ms), 2),
+        "preview_p95_ms": round(p95(preview_ms), 2),
         "direct_p95_ms": round(p95(direct_ms), 2),
         "goal_p95_ms": round(2 * p95(direct_ms) + 50, 2),
     }
     figures["ratio"] = round(figures["preview_p95_ms"] / max(figures["direct_p95_ms"], 1e-9), 2)
-    print(f"{rows} rows, {args.size_mb} MB: upload {figures['upload_s']} s, first preview {figures['first_preview_s']} s")
-    print(f"random-row preview p50 {figures['preview_p50_ms']} ms, p95 {figures['preview_p95_ms']} ms; "
-          f"direct tokenize p95 {figures['direct_p95_ms']} ms (goal p95 <= {figures['goal_p95_ms']} ms)")
+    print(
+        f"{rows} rows, {args.size_mb} MB: upload {figures['upload_s']} s, first preview {figures['first_preview_s']} s"
+    )
+    print(
+        f"random-row preview p50 {figures['preview_p50_ms']} ms, p95 {figures['preview_p95_ms']} ms; "
+        f"direct tokenize p95 {figures['direct_p95_ms']} ms (goal p95 <= {figures['goal_p95_ms']} ms)"
+    )
     print(json.dumps(figures))
 
 

@@ -45,8 +45,21 @@ def main() -> None:
     path = data / "upload.jsonl"
     rows = write_chat_jsonl(path, args.size_mb)
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "webapp.asgi:application", "--port", str(port),
-                               "--lifespan", "off", "--no-access-log"], cwd=ROOT, env=os.environ.copy())
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "webapp.asgi:application",
+            "--port",
+            str(port),
+            "--lifespan",
+            "off",
+            "--no-access-log",
+        ],
+        cwd=ROOT,
+        env=os.environ.copy(),
+    )
     try:
         for _ in range(100):
             try:
@@ -59,17 +72,23 @@ def main() -> None:
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
         page = opener.open(base + "/login/").read().decode()
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
-        opener.open(base + "/login/", urllib.parse.urlencode(
-            {"username": "demo", "password": "trainyard", "csrfmiddlewaretoken": token, "next": "/datasets/"}).encode())
+        opener.open(
+            base + "/login/",
+            urllib.parse.urlencode(
+                {"username": "demo", "password": "trainyard", "csrfmiddlewaretoken": token, "next": "/datasets/"}
+            ).encode(),
+        )
         page = opener.open(base + "/datasets/").read().decode()
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
         cookies = "; ".join(f"{c.name}={c.value}" for c in jar)
         idle = rss_mb(server.pid)
 
         boundary = "----trainyardbench"
-        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"csrfmiddlewaretoken\"\r\n\r\n{token}\r\n"
-                f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"upload.jsonl\"\r\n"
-                "Content-Type: application/octet-stream\r\n\r\n").encode()
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="csrfmiddlewaretoken"\r\n\r\n{token}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="upload.jsonl"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
         peak = {"mb": idle}
         done = threading.Event()
@@ -103,9 +122,15 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     figures = {
-        "size_mb": args.size_mb, "rows": rows, "status": response.status, "stored": "/datasets/" in location,
-        "seconds": round(seconds, 1), "mb_per_s": round(args.size_mb / seconds, 1),
-        "idle_rss_mb": round(idle, 1), "peak_rss_mb": round(peak["mb"], 1), "goal_peak_rss_mb": GOAL_MB,
+        "size_mb": args.size_mb,
+        "rows": rows,
+        "status": response.status,
+        "stored": "/datasets/" in location,
+        "seconds": round(seconds, 1),
+        "mb_per_s": round(args.size_mb / seconds, 1),
+        "idle_rss_mb": round(idle, 1),
+        "peak_rss_mb": round(peak["mb"], 1),
+        "goal_peak_rss_mb": GOAL_MB,
     }
     print(f"uploaded {args.size_mb} MB ({rows} rows) in {figures['seconds']} s, HTTP {response.status} -> {location}")
     print(f"web process RSS: idle {figures['idle_rss_mb']} MB, peak {figures['peak_rss_mb']} MB (goal < {GOAL_MB})")

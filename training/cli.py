@@ -79,15 +79,20 @@ def cmd_preprocess(args) -> int:
                 continue
             all_samples.append(outcome)
             if out:
-                out.write(json.dumps({"row": outcome.row, "input_ids": outcome.input_ids,
-                                      "labels": outcome.labels}) + "\n")
+                out.write(
+                    json.dumps({"row": outcome.row, "input_ids": outcome.input_ids, "labels": outcome.labels}) + "\n"
+                )
             if args.debug and shown < args.rows:
                 shown += 1
-                print(f"--- {path.name} row {outcome.row} ({len(outcome.input_ids)} tokens, "
-                      f"{outcome.trained_tokens} trained)")
+                print(
+                    f"--- {path.name} row {outcome.row} ({len(outcome.input_ids)} tokens, "
+                    f"{outcome.trained_tokens} trained)"
+                )
                 print(render_debug(tokenizer, outcome, color))
-        print(f"{path}: {stats.rows} rows read, {stats.samples} samples kept, "
-              f"{stats.tokens} tokens, {stats.trained_tokens} trained")
+        print(
+            f"{path}: {stats.rows} rows read, {stats.samples} samples kept, "
+            f"{stats.tokens} tokens, {stats.trained_tokens} trained"
+        )
         for reason, count in sorted(stats.dropped.items()):
             print(f"  dropped {count}: {reason} ({DROP_REASONS.get(reason, reason)})")
         if stats.truncated:
@@ -104,8 +109,10 @@ def cmd_preprocess(args) -> int:
         out.close()
     if config.sample_packing and all_samples:
         bins = pack(all_samples, config.sequence_len)
-        print(f"packing: {len(all_samples)} samples into {len(bins)} bins of {config.sequence_len}, "
-              f"efficiency {packing_efficiency(bins, config.sequence_len):.1%}")
+        print(
+            f"packing: {len(all_samples)} samples into {len(bins)} bins of {config.sequence_len}, "
+            f"efficiency {packing_efficiency(bins, config.sequence_len):.1%}"
+        )
     return 1 if failed else 0
 
 
@@ -125,9 +132,14 @@ def cmd_train(args) -> int:
         return 2
     stop_file = run_dir / "STOP"
     try:
-        summary = train(config, run_dir, sink, should_stop=stop_file.exists,
-                        base_dir=Path(args.config).resolve().parent,
-                        resume_from=Path(args.resume) if args.resume else None)
+        summary = train(
+            config,
+            run_dir,
+            sink,
+            should_stop=stop_file.exists,
+            base_dir=Path(args.config).resolve().parent,
+            resume_from=Path(args.resume) if args.resume else None,
+        )
     except BaseException as exc:  # every way out leaves a readable reason behind
         if isinstance(exc, KeyboardInterrupt):
             sink.emit("status", state="cancelled", message="stopped by the user")

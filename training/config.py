@@ -12,13 +12,44 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # Axolotl keys that are accepted so a plain axolotl YAML imports, but that Trainyard does not use
 # (the web app decides where outputs go and how runs are tracked).
 IGNORED_AXOLOTL_KEYS = {
-    "output_dir", "dataset_prepared_path", "strict", "wandb_project", "wandb_entity", "wandb_watch",
-    "wandb_name", "wandb_log_model", "wandb_mode", "hub_model_id", "push_dataset_to_hub", "hf_use_auth_token",
-    "base_model_config", "model_type", "tokenizer_type", "is_llama_derived_model", "debug", "deepspeed",
-    "fsdp", "fsdp_config", "early_stopping_patience", "local_rank", "logging_steps", "pad_to_sequence_len",
-    "eval_sample_packing", "resume_from_checkpoint", "auto_resume_from_checkpoints", "save_total_limit",
-    "group_by_length", "xformers_attention", "sdp_attention", "s2_attention", "evals_per_epoch",
-    "saves_per_epoch", "special_tokens_check", "plugins", "eval_table_size", "eval_max_new_tokens",
+    "output_dir",
+    "dataset_prepared_path",
+    "strict",
+    "wandb_project",
+    "wandb_entity",
+    "wandb_watch",
+    "wandb_name",
+    "wandb_log_model",
+    "wandb_mode",
+    "hub_model_id",
+    "push_dataset_to_hub",
+    "hf_use_auth_token",
+    "base_model_config",
+    "model_type",
+    "tokenizer_type",
+    "is_llama_derived_model",
+    "debug",
+    "deepspeed",
+    "fsdp",
+    "fsdp_config",
+    "early_stopping_patience",
+    "local_rank",
+    "logging_steps",
+    "pad_to_sequence_len",
+    "eval_sample_packing",
+    "resume_from_checkpoint",
+    "auto_resume_from_checkpoints",
+    "save_total_limit",
+    "group_by_length",
+    "xformers_attention",
+    "sdp_attention",
+    "s2_attention",
+    "evals_per_epoch",
+    "saves_per_epoch",
+    "special_tokens_check",
+    "plugins",
+    "eval_table_size",
+    "eval_max_new_tokens",
 }
 
 
@@ -82,8 +113,7 @@ class DatasetSpec(BaseModel):
         if self.message_field_role:
             self.message_property_mappings = {**self.message_property_mappings, "role": self.message_field_role}
         if self.message_field_content:
-            self.message_property_mappings = {
-                **self.message_property_mappings, "content": self.message_field_content}
+            self.message_property_mappings = {**self.message_property_mappings, "content": self.message_field_content}
         return self
 
     @field_validator("type")
@@ -138,6 +168,7 @@ class TrainConfig(BaseModel):
     lora_target_parameters: list[str] | None = None
     load_in_4bit: bool = False
     load_in_8bit: bool = False
+    merge_lora: bool = Field(False, description="also save the base model with the adapter merged in")
     attn_implementation: str = "sdpa"
     flash_attention: bool | None = Field(None, description="legacy axolotl key; prefer attn_implementation")
     # optimisation
@@ -149,7 +180,9 @@ class TrainConfig(BaseModel):
     lr_scheduler: str = "cosine"
     warmup_steps: int | None = Field(None, ge=0)
     warmup_ratio: float | None = Field(None, ge=0, lt=1)
-    optimizer: str | None = Field(None, description="a transformers optim name; default: transformers' (fused AdamW where available)")
+    optimizer: str | None = Field(
+        None, description="a transformers optim name; default: transformers' (fused AdamW where available)"
+    )
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     bf16: bool | Literal["auto"] = "auto"
@@ -193,7 +226,8 @@ class TrainConfig(BaseModel):
         if self.sample_packing and not ATTENTION_BACKENDS[self.attn_implementation].isolates_packed_samples:
             raise ValueError(
                 f"sample_packing with attn_implementation {self.attn_implementation} would let packed samples "
-                "attend to each other; use sdpa, eager or flash_attention_2")
+                "attend to each other; use sdpa, eager or flash_attention_2"
+            )
         return self
 
     @model_validator(mode="after")
@@ -257,8 +291,14 @@ def parse_config(source: str | dict, *, allow_trust_remote_code: bool = False) -
             errors.append(ConfigError(_key_path(loc), message))
         raise ConfigInvalid(errors) from None
     if config.trust_remote_code and not allow_trust_remote_code:
-        raise ConfigInvalid([ConfigError(
-            "trust_remote_code", "running code shipped with a model is disabled on this server; an admin must allow it")])
+        raise ConfigInvalid(
+            [
+                ConfigError(
+                    "trust_remote_code",
+                    "running code shipped with a model is disabled on this server; an admin must allow it",
+                )
+            ]
+        )
     return config
 
 
@@ -271,9 +311,15 @@ def check_environment(config: TrainConfig, *, cuda_available: bool | None = None
     errors = []
     backend = config.attention
     if backend.needs_package and importlib.util.find_spec(backend.needs_package) is None:
-        errors.append(ConfigError("attn_implementation", (
-            f"{config.attn_implementation} needs the {backend.needs_package} package, which is not installed "
-            "(pip install 'trainyard[gpu]' on a CUDA machine); use sdpa instead")))
+        errors.append(
+            ConfigError(
+                "attn_implementation",
+                (
+                    f"{config.attn_implementation} needs the {backend.needs_package} package, which is not installed "
+                    "(pip install 'trainyard[gpu]' on a CUDA machine); use sdpa instead"
+                ),
+            )
+        )
     if backend.needs_cuda and not cuda_available:
         errors.append(ConfigError("attn_implementation", f"{config.attn_implementation} needs a CUDA GPU; use sdpa"))
     if config.fp16 and not cuda_available:

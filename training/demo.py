@@ -27,10 +27,22 @@ _QWEN2_SPLIT = (
 )
 
 _COUNTRIES = [
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-    ("Japan", "Tokyo"), ("Canada", "Ottawa"), ("Egypt", "Cairo"), ("Peru", "Lima"),
-    ("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Chile", "Santiago"), ("India", "New Delhi"),
-    ("Greece", "Athens"), ("Poland", "Warsaw"), ("Portugal", "Lisbon"), ("Ireland", "Dublin"),
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Japan", "Tokyo"),
+    ("Canada", "Ottawa"),
+    ("Egypt", "Cairo"),
+    ("Peru", "Lima"),
+    ("Kenya", "Nairobi"),
+    ("Norway", "Oslo"),
+    ("Chile", "Santiago"),
+    ("India", "New Delhi"),
+    ("Greece", "Athens"),
+    ("Poland", "Warsaw"),
+    ("Portugal", "Lisbon"),
+    ("Ireland", "Dublin"),
 ]
 _COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 _ANIMALS = ["cat", "dog", "horse", "owl", "fox", "whale", "bee", "frog"]
@@ -86,10 +98,14 @@ def input_output_rows(n: int, seed: int = 3) -> list[dict]:
     rows = []
     for _ in range(n):
         q, a = _qa_pair(rng)
-        rows.append({"segments": [
-            {"label": False, "text": f"Question: {q}\n"},
-            {"label": True, "text": f"Answer: {a}"},
-        ]})
+        rows.append(
+            {
+                "segments": [
+                    {"label": False, "text": f"Question: {q}\n"},
+                    {"label": True, "text": f"Answer: {a}"},
+                ]
+            }
+        )
     return rows
 
 
@@ -123,9 +139,11 @@ def _corpus() -> list[str]:
     for row in chat_rows(400, seed=98):
         texts.extend(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in row["messages"])
     # Alpaca's prompt words, so prompts are not spelled out byte by byte.
-    texts += ["Below is an instruction that describes a task, paired with an input that provides "
-              "further context. Write a response that appropriately completes the request.\n\n"
-              "### Instruction:\n### Input:\n### Response:\n"] * 20
+    texts += [
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n### Input:\n### Response:\n"
+    ] * 20
     return texts
 
 
@@ -135,21 +153,28 @@ def build_tokenizer(vocab_size: int = 4096):
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
         additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
-        clean_up_tokenization_spaces=False, model_max_length=2048,
+        clean_up_tokenization_spaces=False,
+        model_max_length=2048,
     )
     fast.chat_template = CHATML_TEMPLATE
     return fast
@@ -161,12 +186,19 @@ def build_model(tokenizer, seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
         tie_word_embeddings=True,
         # 0.1 instead of 0.02: with tiny random embeddings LoRA barely moves the loss.
         initializer_range=0.1,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)
 

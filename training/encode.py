@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
-
 
 from training.config import DatasetSpec, TrainConfig
 from training.formats import FORMATS, Piece, Rendered, RowProblem
@@ -101,17 +100,30 @@ class EncodeStats:
 
     def as_dict(self) -> dict:
         return {
-            "rows": self.rows, "samples": self.samples, "dropped": dict(self.dropped),
-            "truncated": self.truncated, "tokens": self.tokens, "trained_tokens": self.trained_tokens,
+            "rows": self.rows,
+            "samples": self.samples,
+            "dropped": dict(self.dropped),
+            "truncated": self.truncated,
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
         }
 
 
 class Encoder:
     """Encodes rows of one dataset entry with one tokenizer. Cheap to call in batches of any size."""
 
-    def __init__(self, tokenizer, spec: DatasetSpec, *, sequence_len: int = 512, train_on_inputs: bool = False,
-                 excess_length_strategy: str = "drop", chat_template: str | None = "tokenizer_default",
-                 chat_template_jinja: str | None = None, eot_tokens: list[str] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        spec: DatasetSpec,
+        *,
+        sequence_len: int = 512,
+        train_on_inputs: bool = False,
+        excess_length_strategy: str = "drop",
+        chat_template: str | None = "tokenizer_default",
+        chat_template_jinja: str | None = None,
+        eot_tokens: list[str] | None = None,
+    ):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("Trainyard needs a fast (Rust) tokenizer to map trained characters to tokens")
         self.tokenizer = tokenizer
@@ -121,8 +133,10 @@ class Encoder:
         template = None
         if spec.format_name == "chat_template":
             template = resolve_chat_template(
-                spec.chat_template or chat_template, spec.chat_template_jinja or chat_template_jinja,
-                getattr(tokenizer, "chat_template", None))
+                spec.chat_template or chat_template,
+                spec.chat_template_jinja or chat_template_jinja,
+                getattr(tokenizer, "chat_template", None),
+            )
         eos = tokenizer.eos_token
         self.settings = EncodeSettings(
             eos_token=eos,
@@ -138,9 +152,13 @@ class Encoder:
     @classmethod
     def from_config(cls, tokenizer, config: TrainConfig, dataset_index: int = 0) -> Encoder:
         return cls(
-            tokenizer, config.datasets[dataset_index], sequence_len=config.sequence_len,
-            train_on_inputs=config.train_on_inputs, excess_length_strategy=config.excess_length_strategy,
-            chat_template=config.chat_template, chat_template_jinja=config.chat_template_jinja,
+            tokenizer,
+            config.datasets[dataset_index],
+            sequence_len=config.sequence_len,
+            train_on_inputs=config.train_on_inputs,
+            excess_length_strategy=config.excess_length_strategy,
+            chat_template=config.chat_template,
+            chat_template_jinja=config.chat_template_jinja,
             eot_tokens=config.eot_tokens,
         )
 
@@ -174,6 +192,7 @@ class Encoder:
 
     def encode_file(self, path, stats: EncodeStats | None = None) -> Iterator[Encoded | Dropped]:
         """Every line of a dataset file, broken lines included (as `invalid`), row index = line - 1."""
+
         def rows():
             for line, row in read_rows(path):
                 if stats is not None:
@@ -189,13 +208,22 @@ class Encoder:
         rendered: list[tuple[int, Rendered | Dropped]] = []
         for index, row in rows:
             if isinstance(row, LineProblem):  # unreadable line, passed through in order
-                rendered.append((index, Dropped(index, "invalid", f"{row.field}: {row.message}" if row.field
-                                                else row.message)))
+                rendered.append(
+                    (index, Dropped(index, "invalid", f"{row.field}: {row.message}" if row.field else row.message))
+                )
                 continue
             problems = self.check(row)
             if problems:
-                rendered.append((index, Dropped(index, "invalid", "; ".join(
-                    f"{p.field}: {p.message}" if p.field else p.message for p in problems))))
+                rendered.append(
+                    (
+                        index,
+                        Dropped(
+                            index,
+                            "invalid",
+                            "; ".join(f"{p.field}: {p.message}" if p.field else p.message for p in problems),
+                        ),
+                    )
+                )
                 continue
             try:
                 r = self.format.render(row, self.spec, self.settings)
@@ -245,7 +273,7 @@ class Encoder:
                 if r.max_tokens and len(ids) + n > r.max_tokens:  # cut: no EOS after a cut text
                     keep = max(r.max_tokens - len(ids), 0)
                     ids += piece_ids[:keep]
-                    del trained[len(ids):], parts[len(ids):]
+                    del trained[len(ids) :], parts[len(ids) :]
                     continue
                 ids += piece_ids
                 if piece.append_eos is not None and eos_id is not None and (not piece_ids or piece_ids[-1] != eos_id):
@@ -281,8 +309,15 @@ class Encoder:
                 if strategy == "drop":
                     out.append(Dropped(index, "too_long", f"{len(c_ids)} tokens > sequence_len {limit}", sample))
                     continue
-                sample = Encoded(index, c_ids[:limit], sample.labels[:limit], sample.token_parts[:limit], r.parts,
-                                 truncated=True, chunk=chunk)
+                sample = Encoded(
+                    index,
+                    c_ids[:limit],
+                    sample.labels[:limit],
+                    sample.token_parts[:limit],
+                    r.parts,
+                    truncated=True,
+                    chunk=chunk,
+                )
             if sample.trained_tokens == 0:
                 out.append(Dropped(index, "no_trained_tokens", "every token is masked", sample))
                 continue
@@ -346,7 +381,9 @@ def _mark_spans(encoding, spans, text_len: int) -> tuple[list[bool], list[int]]:
         if span.snap is not None:
             c_lo, c_hi = _token_range(encoding, span.snap[0], span.snap[1], text_len, offsets_cache)
             starts = [max(encoding.token_to_chars(i)[0] - span.snap[0], 0) for i in range(c_lo, c_hi)]
-            first, last = snap(starts, span.snap[1] - span.snap[0], span.start - span.snap[0], span.end - 1 - span.snap[0])
+            first, last = snap(
+                starts, span.snap[1] - span.snap[0], span.start - span.snap[0], span.end - 1 - span.snap[0]
+            )
             lo, hi = c_lo + first, c_lo + last + 1
         else:
             lo, hi = _token_range(encoding, span.start, span.end, text_len, offsets_cache)

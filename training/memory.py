@@ -45,9 +45,15 @@ class ModelShape:
     def linear_shapes(self) -> list[tuple[int, int]]:
         """(in, out) of each decoder linear layer: q, k, v, o, gate, up, down."""
         head_dim = self.hidden // self.heads
-        per_layer = [(self.hidden, self.heads * head_dim), (self.hidden, self.kv_heads * head_dim),
-                     (self.hidden, self.kv_heads * head_dim), (self.heads * head_dim, self.hidden),
-                     (self.hidden, self.intermediate), (self.hidden, self.intermediate), (self.intermediate, self.hidden)]
+        per_layer = [
+            (self.hidden, self.heads * head_dim),
+            (self.hidden, self.kv_heads * head_dim),
+            (self.hidden, self.kv_heads * head_dim),
+            (self.heads * head_dim, self.hidden),
+            (self.hidden, self.intermediate),
+            (self.hidden, self.intermediate),
+            (self.intermediate, self.hidden),
+        ]
         return per_layer * self.layers
 
 
@@ -62,21 +68,35 @@ class MemoryEstimate:
 
     @property
     def total_gib(self) -> float:
-        return round(self.weights_gib + self.adapter_and_optimizer_gib + self.activations_gib + self.logits_gib
-                     + self.overhead_gib, 2)
+        return round(
+            self.weights_gib
+            + self.adapter_and_optimizer_gib
+            + self.activations_gib
+            + self.logits_gib
+            + self.overhead_gib,
+            2,
+        )
 
     def rows(self) -> list[tuple[str, float]]:
-        return [("weights", self.weights_gib), ("adapter, gradients and optimizer", self.adapter_and_optimizer_gib),
-                ("activations", self.activations_gib), ("logits", self.logits_gib),
-                ("CUDA context", self.overhead_gib), ("total", self.total_gib)]
+        return [
+            ("weights", self.weights_gib),
+            ("adapter, gradients and optimizer", self.adapter_and_optimizer_gib),
+            ("activations", self.activations_gib),
+            ("logits", self.logits_gib),
+            ("CUDA context", self.overhead_gib),
+            ("total", self.total_gib),
+        ]
 
 
 def estimate(config: TrainConfig, shape: ModelShape, *, bf16: bool = True) -> MemoryEstimate:
     weight_bytes = 0.5 + 0.05 if config.load_in_4bit else (1.0 if config.load_in_8bit else (2.0 if bf16 else 4.0))
     weights = shape.params * weight_bytes
     if config.adapter:
-        targets = shape.linear_shapes() if (config.lora_target_linear or not config.lora_target_modules) else \
-            shape.linear_shapes()[: 2 * shape.layers]  # named modules: assume q and v, axolotl's classic choice
+        targets = (
+            shape.linear_shapes()
+            if (config.lora_target_linear or not config.lora_target_modules)
+            else shape.linear_shapes()[: 2 * shape.layers]
+        )  # named modules: assume q and v, axolotl's classic choice
         trainable = sum(config.lora_r * (i + o) for i, o in targets)
         # LoRA weights and grads in fp32, AdamW's two moments in fp32.
         training_state = trainable * (4 + 4 + 8)
@@ -93,6 +113,10 @@ def estimate(config: TrainConfig, shape: ModelShape, *, bf16: bool = True) -> Me
         activations = per_layer * shape.layers
     logits = tokens * shape.vocab * 4 * 2  # fp32 logits and their gradient
     return MemoryEstimate(
-        weights_gib=round(weights / GIB, 2), trainable_params=trainable,
-        adapter_and_optimizer_gib=round(training_state / GIB, 2), activations_gib=round(activations / GIB, 2),
-        logits_gib=round(logits / GIB, 2), overhead_gib=CUDA_CONTEXT_GIB)
+        weights_gib=round(weights / GIB, 2),
+        trainable_params=trainable,
+        adapter_and_optimizer_gib=round(training_state / GIB, 2),
+        activations_gib=round(activations / GIB, 2),
+        logits_gib=round(logits / GIB, 2),
+        overhead_gib=CUDA_CONTEXT_GIB,
+    )

@@ -56,19 +56,27 @@ def load_model(config: TrainConfig, tokenizer):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = pick_dtype(config)
-    kwargs: dict = {"dtype": dtype, "attn_implementation": config.attn_implementation,
-                    "trust_remote_code": config.trust_remote_code}
+    kwargs: dict = {
+        "dtype": dtype,
+        "attn_implementation": config.attn_implementation,
+        "trust_remote_code": config.trust_remote_code,
+    }
     if config.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32,
+        )
     elif config.load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     source = _source(config.base_model)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelNotFound(f"base_model: can't load a model from {config.base_model!r}: {str(exc).splitlines()[0]}") from None
+        raise ModelNotFound(
+            f"base_model: can't load a model from {config.base_model!r}: {str(exc).splitlines()[0]}"
+        ) from None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.use_cache = False  # packed samples would attend to each other with the cache on
@@ -91,8 +99,12 @@ def _add_adapter(model, config: TrainConfig):
     else:
         targets = config.lora_target_modules
     lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=targets, target_parameters=config.lora_target_parameters, task_type="CAUSAL_LM",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        target_parameters=config.lora_target_parameters,
+        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
 

@@ -32,7 +32,9 @@ def pack(samples: list[Encoded], sequence_len: int) -> list[Bin]:
     for i in order:
         n = len(samples[i].input_ids)
         if n > sequence_len:
-            raise ValueError(f"sample {i} has {n} tokens > sequence_len {sequence_len}; encode drops or truncates first")
+            raise ValueError(
+                f"sample {i} has {n} tokens > sequence_len {sequence_len}; encode drops or truncates first"
+            )
         for b, room in enumerate(free):
             if room >= n:
                 bins[b].add(i, samples[i])

@@ -9,15 +9,16 @@ import os
 import random
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from training.config import TrainConfig
 from training.encode import IGNORE_INDEX, Encoded, Encoder, EncodeStats
 from training.events import EventSink
 from training.packing import pack, packing_efficiency
 from training.rows import LineProblem
+
 
 class DataInvalid(ValueError):
     pass
@@ -92,6 +93,7 @@ class Collator:
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
         self.tokens_seen = 0
+        self.samples_seen = 0
 
     def __call__(self, features: list[dict]):
         import torch
@@ -103,6 +105,7 @@ class Collator:
             n = len(f["input_ids"])
             pad = width - n
             self.tokens_seen += n
+            self.samples_seen += f["position_ids"].count(0) if "position_ids" in f else 1  # packed: positions restart
             ids.append(f["input_ids"] + [self.pad_id] * pad)
             labels.append(f["labels"] + [IGNORE_INDEX] * pad)
             mask.append([1] * n + [0] * pad)
@@ -134,11 +137,11 @@ def _make_callback(sink: EventSink, collator: Collator, should_stop: Callable[[]
         def __init__(self):
             self.last_time = time.time()
             self.last_tokens = 0
+            self.last_samples = 0
             self.last_step = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            sink.emit("status", state="running", total_steps=state.max_steps,
-                      num_epochs=args.num_train_epochs)
+            sink.emit("status", state="running", total_steps=state.max_steps, num_epochs=args.num_train_epochs)
             self.last_time = time.time()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -149,9 +152,11 @@ def _make_callback(sink: EventSink, collator: Collator, should_stop: Callable[[]
                 dt = max(now - self.last_time, 1e-9)
                 steps = max(state.global_step - self.last_step, 1)
                 values["tokens_per_second"] = (collator.tokens_seen - self.last_tokens) / dt
+                values["samples_per_second"] = (collator.samples_seen - self.last_samples) / dt
                 values["seconds_per_step"] = dt / steps
                 values["memory_mb"] = _peak_memory_mb()
                 self.last_time, self.last_tokens, self.last_step = now, collator.tokens_seen, state.global_step
+                self.last_samples = collator.samples_seen
             values.pop("total_flos", None)
             sink.emit("metric", step=state.global_step, values=values)
 
@@ -160,14 +165,25 @@ def _make_callback(sink: EventSink, collator: Collator, should_stop: Callable[[]
                 control.should_training_stop = True
 
         def on_save(self, args, state, control, **kwargs):
-            sink.emit("artifact", kind="checkpoint", path=f"checkpoints/checkpoint-{state.global_step}",
-                      step=state.global_step)
+            sink.emit(
+                "artifact",
+                kind="checkpoint",
+                path=f"checkpoints/checkpoint-{state.global_step}",
+                step=state.global_step,
+            )
 
     return EventCallback()
 
 
-def train(config: TrainConfig, run_dir: Path, sink: EventSink, *, should_stop: Callable[[], bool] = lambda: False,
-          base_dir: Path | None = None, resume_from: Path | None = None) -> dict:
+def train(
+    config: TrainConfig,
+    run_dir: Path,
+    sink: EventSink,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+    base_dir: Path | None = None,
+    resume_from: Path | None = None,
+) -> dict:
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -188,16 +204,25 @@ def train(config: TrainConfig, run_dir: Path, sink: EventSink, *, should_stop: C
         sink.emit("log", message=f"data: {stats.as_dict()}")
     for warning in data.warnings:
         sink.emit("log", message=f"WARNING data: {warning}")
-    sink.emit("data", stats=[s.as_dict() for s in data.stats], train_samples=len(data.train),
-              eval_samples=len(data.eval), packing_efficiency=data.packing_efficiency, warnings=data.warnings)
+    sink.emit(
+        "data",
+        stats=[s.as_dict() for s in data.stats],
+        train_samples=len(data.train),
+        eval_samples=len(data.eval),
+        packing_efficiency=data.packing_efficiency,
+        warnings=data.warnings,
+    )
 
     # -- setup: model --------------------------------------------------------------------------
     sink.emit("status", state="preparing", message="loading model")
     model = load_model(config, tokenizer)
     trainable, total = count_parameters(model)
-    sink.emit("log", message=f"model: {total:,} parameters, {trainable:,} trainable "
-                             f"({config.adapter or 'full fine-tune'}, {config.attn_implementation}, "
-                             f"{'cuda' if torch.cuda.is_available() else 'cpu'})")
+    sink.emit(
+        "log",
+        message=f"model: {total:,} parameters, {trainable:,} trainable "
+        f"({config.adapter or 'full fine-tune'}, {config.attn_implementation}, "
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'})",
+    )
 
     collator = Collator(tokenizer.pad_token_id)
     has_eval = bool(data.eval)
@@ -227,8 +252,14 @@ def train(config: TrainConfig, run_dir: Path, sink: EventSink, *, should_stop: C
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval or None,
-                      data_collator=collator, callbacks=[_make_callback(sink, collator, should_stop)])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval or None,
+        data_collator=collator,
+        callbacks=[_make_callback(sink, collator, should_stop)],
+    )
 
     # -- train ---------------------------------------------------------------------------------
     started = time.time()
@@ -239,7 +270,23 @@ def train(config: TrainConfig, run_dir: Path, sink: EventSink, *, should_stop: C
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     sink.emit("artifact", kind="adapter" if config.adapter else "model", path=out.name)
-    summary = {"train_loss": result.training_loss, "steps": result.global_step,
-               "seconds": round(time.time() - started, 2), "peak_memory_mb": round(_peak_memory_mb(), 1)}
+    if config.adapter and config.merge_lora:
+        merged = trainer.model.merge_and_unload() if not config.load_in_4bit else None
+        if merged is None:
+            sink.emit(
+                "log",
+                message="WARNING merge_lora: a 4-bit base can't be merged in place; merge the adapter "
+                "into the full-precision base after training",
+            )
+        else:
+            merged.save_pretrained(run_dir / "merged")
+            tokenizer.save_pretrained(run_dir / "merged")
+            sink.emit("artifact", kind="merged", path="merged")
+    summary = {
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "seconds": round(time.time() - started, 2),
+        "peak_memory_mb": round(_peak_memory_mb(), 1),
+    }
     sink.emit("log", message=f"done: {summary}")
     return summary

@@ -41,8 +41,14 @@ def server(tmp_path_factory, tiny_model_dir):
     subprocess.run(manage + ["setup_demo", "--no-datasets"], env=env, cwd=ROOT, check=True, capture_output=True)
     port = _free_port()
     log = (data / "serve.log").open("w")
-    proc = subprocess.Popen(manage + ["serve", "--port", str(port)], env=env, cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        manage + ["serve", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -127,8 +133,9 @@ def test_upload_preview_configure_train_watch_and_download(server, browser, tmp_
     page.wait_for_url(re.compile(r".*/runs/\d+/$"))
 
     # The chart grows live over the websocket while the status moves on.
-    page.wait_for_function("document.querySelector('#chart-loss .scatterlayer, #chart-loss .gl-container') !== null",
-                           timeout=90_000)
+    page.wait_for_function(
+        "document.querySelector('#chart-loss .scatterlayer, #chart-loss .gl-container') !== null", timeout=90_000
+    )
     counts = []
     for _ in range(20):
         counts.append(page.evaluate("document.getElementById('chart-loss').data[0].x.length"))

@@ -43,9 +43,13 @@ def run_case(name: str):
     options = json.loads((case / "options.json").read_text())
     dataset = {k: v for k, v in options["dataset"].items() if k not in ("ds_type",)}
     spec = DatasetSpec(**dataset)
-    encoder = Encoder(tokenizer_for(options["tokenizer"]), spec, sequence_len=options["sequence_len"],
-                      train_on_inputs=options["train_on_inputs"],
-                      excess_length_strategy=options.get("excess_length_strategy", "drop"))
+    encoder = Encoder(
+        tokenizer_for(options["tokenizer"]),
+        spec,
+        sequence_len=options["sequence_len"],
+        train_on_inputs=options["train_on_inputs"],
+        excess_length_strategy=options.get("excess_length_strategy", "drop"),
+    )
     outcomes = list(encoder.encode_file(case / "data.jsonl"))
     expected = [json.loads(line) for line in (case / "expected.jsonl").read_text().splitlines()]
     return outcomes, expected
@@ -73,8 +77,12 @@ def test_labels_match_axolotl(name):
         sample = got.sample if isinstance(got, Dropped) else got
         kept_by_axolotl = exp["kept"] and exp["n_trainable"] > 0  # we also drop rows with nothing to train
         assert isinstance(got, Encoded) == kept_by_axolotl, (key, got)
-        if sample is not None and not (isinstance(got, Dropped) and got.reason in ("too_long", "too_short")
-                                        and exp["kept"] is False and len(sample.input_ids) != exp["n_tokens"]):
+        if sample is not None and not (
+            isinstance(got, Dropped)
+            and got.reason in ("too_long", "too_short")
+            and exp["kept"] is False
+            and len(sample.input_ids) != exp["n_tokens"]
+        ):
             assert sample.input_ids == exp["input_ids"], key
             assert sample.labels == exp["labels"], key
     leftover = [k for k, o in ours.items() if isinstance(o, Encoded) and (name, k[0]) not in ROW_DEVIATIONS]

@@ -8,18 +8,30 @@ from training.config import DatasetSpec
 from training.encode import Dropped, Encoded, Encoder
 from training.formats.chat_template import LLAMA3
 
-CONVO = {"messages": [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "What is 2 plus 2?"},
-    {"role": "assistant", "content": "2 plus 2 is 4."},
-    {"role": "user", "content": "And 3 plus 3?"},
-    {"role": "assistant", "content": "3 plus 3 is 6."},
-]}
+CONVO = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 plus 2?"},
+        {"role": "assistant", "content": "2 plus 2 is 4."},
+        {"role": "user", "content": "And 3 plus 3?"},
+        {"role": "assistant", "content": "3 plus 3 is 6."},
+    ]
+}
 
 
 def encode(tokenizer, row=CONVO, **options) -> Encoded | Dropped:
-    top = {k: options.pop(k) for k in ("train_on_inputs", "sequence_len", "eot_tokens", "chat_template",
-                                       "chat_template_jinja", "excess_length_strategy") if k in options}
+    top = {
+        k: options.pop(k)
+        for k in (
+            "train_on_inputs",
+            "sequence_len",
+            "eot_tokens",
+            "chat_template",
+            "chat_template_jinja",
+            "excess_length_strategy",
+        )
+        if k in options
+    }
     encoder = Encoder(tokenizer, DatasetSpec(path="x", **options), **top)
     (outcome,) = encoder.encode_row(row)
     return outcome
@@ -53,15 +65,22 @@ def test_input_ids_are_the_tokenized_rendered_template(tokenizer):
 def test_roles_to_train_adds_user_turns(tokenizer):
     sample = encode(tokenizer, roles_to_train=["assistant", "user"])
     assert trained_runs(tokenizer, sample) == [
-        "What is 2 plus 2?<|im_end|>", "2 plus 2 is 4.<|im_end|>", "And 3 plus 3?<|im_end|>", "3 plus 3 is 6.<|im_end|>"]
+        "What is 2 plus 2?<|im_end|>",
+        "2 plus 2 is 4.<|im_end|>",
+        "And 3 plus 3?<|im_end|>",
+        "3 plus 3 is 6.<|im_end|>",
+    ]
 
 
-@pytest.mark.parametrize("policy, expected", [
-    ("turn", ["2 plus 2 is 4.<|im_end|>", "3 plus 3 is 6.<|im_end|>"]),
-    ("none", ["2 plus 2 is 4.", "3 plus 3 is 6."]),
-    ("last", ["2 plus 2 is 4.", "3 plus 3 is 6.<|im_end|>"]),
-    ("all", ["<|im_end|>", "<|im_end|>", "2 plus 2 is 4.<|im_end|>", "<|im_end|>", "3 plus 3 is 6.<|im_end|>"]),
-])
+@pytest.mark.parametrize(
+    "policy, expected",
+    [
+        ("turn", ["2 plus 2 is 4.<|im_end|>", "3 plus 3 is 6.<|im_end|>"]),
+        ("none", ["2 plus 2 is 4.", "3 plus 3 is 6."]),
+        ("last", ["2 plus 2 is 4.", "3 plus 3 is 6.<|im_end|>"]),
+        ("all", ["<|im_end|>", "<|im_end|>", "2 plus 2 is 4.<|im_end|>", "<|im_end|>", "3 plus 3 is 6.<|im_end|>"]),
+    ],
+)
 def test_train_on_eos_policies(tokenizer, policy, expected):
     assert trained_runs(tokenizer, encode(tokenizer, train_on_eos=policy)) == expected
 
@@ -74,31 +93,39 @@ def test_train_on_inputs_trains_every_message_but_never_role_headers(tokenizer):
 
 
 def test_message_training_flag_overrides_the_role(tokenizer):
-    row = {"messages": [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Bad answer.", "training": False},
-        {"role": "user", "content": "Again"},
-        {"role": "assistant", "content": "Good answer."},
-    ]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Bad answer.", "training": False},
+            {"role": "user", "content": "Again"},
+            {"role": "assistant", "content": "Good answer."},
+        ]
+    }
     assert trained_runs(tokenizer, encode(tokenizer, row)) == ["Good answer.<|im_end|>"]
 
 
 def test_training_detail_trains_only_the_given_character_span(tokenizer):
     content = "The capital of France is Paris."
     start = content.index("Paris")
-    row = {"messages": [
-        {"role": "user", "content": "Capital?"},
-        {"role": "assistant", "content": content,
-         "training_detail": [{"begin_offset": start, "end_offset": start + len("Paris") - 1, "train": True}]},
-    ]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "Capital?"},
+            {
+                "role": "assistant",
+                "content": content,
+                "training_detail": [{"begin_offset": start, "end_offset": start + len("Paris") - 1, "train": True}],
+            },
+        ]
+    }
     runs = trained_runs(tokenizer, encode(tokenizer, row))
     assert runs[0].strip() == "Paris"
 
 
 def test_custom_fields_and_sharegpt_role_names(tokenizer):
     row = {"conversations": [{"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hello!"}]}
-    sample = encode(tokenizer, row, field_messages="conversations",
-                    message_property_mappings={"role": "from", "content": "value"})
+    sample = encode(
+        tokenizer, row, field_messages="conversations", message_property_mappings={"role": "from", "content": "value"}
+    )
     assert trained_runs(tokenizer, sample) == ["Hello!<|im_end|>"]
     assert "<|im_start|>user" in tokenizer.decode(sample.input_ids)
 
@@ -139,14 +166,17 @@ def test_tokenizer_without_chat_template_asks_for_one(tokenizer):
         Encoder(plain, DatasetSpec(path="x"))
 
 
-@pytest.mark.parametrize("row, field, message", [
-    ({"messages": []}, "messages", "empty message list"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "unknown role"),
-    ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content", "empty content"),
-    ({"messages": [{"role": "user"}]}, "messages[0].content", "missing"),
-    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content", "must be a string"),
-    ({"text": "hi"}, "messages", "missing"),
-])
+@pytest.mark.parametrize(
+    "row, field, message",
+    [
+        ({"messages": []}, "messages", "empty message list"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "unknown role"),
+        ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content", "empty content"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content", "missing"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content", "must be a string"),
+        ({"text": "hi"}, "messages", "missing"),
+    ],
+)
 def test_invalid_rows_name_the_field(tokenizer, row, field, message):
     outcome = encode(tokenizer, row)
     assert isinstance(outcome, Dropped) and outcome.reason == "invalid"

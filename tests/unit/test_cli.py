@@ -15,13 +15,18 @@ from training.cli import main
 @pytest.fixture
 def project(tmp_path, tiny_model_dir):
     (tmp_path / "chat.jsonl").write_text(
-        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}) + "\n"
-        + json.dumps({"messages": [{"role": "user", "content": "Only a question"}]}) + "\n"
-        + json.dumps({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}) + "\n")
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Only a question"}]})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]})
+        + "\n"
+    )
     # Relative dataset path: resolved next to the config file.
     (tmp_path / "config.yaml").write_text(
         f"base_model: {tiny_model_dir}\ndatasets:\n  - path: chat.jsonl\n    type: chat_template\n"
-        "sequence_len: 64\nsample_packing: true\n")
+        "sequence_len: 64\nsample_packing: true\n"
+    )
     return tmp_path
 
 
@@ -65,8 +70,12 @@ def test_invalid_config_exits_non_zero_naming_the_key(project):
 def test_train_command_writes_events_and_a_failure_reason(project, tmp_path):
     config = project / "config.yaml"
     config.write_text(config.read_text().replace("base_model:", "base_model: /nonexistent/model\n#"))
-    result = subprocess.run([sys.executable, "-m", "training", "train", str(config), "--run-dir", str(tmp_path / "r")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "train", str(config), "--run-dir", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     events = [json.loads(line) for line in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "status" and events[-1]["state"] == "failed"

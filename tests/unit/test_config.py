@@ -30,7 +30,9 @@ def test_errors_name_the_key_path():
 
 
 def test_unknown_key_is_named():
-    assert errors_of(BASE + "learning_rat: 0.1\n") == ["learning_rat: unknown key (not an axolotl option Trainyard supports)"]
+    assert errors_of(BASE + "learning_rat: 0.1\n") == [
+        "learning_rat: unknown key (not an axolotl option Trainyard supports)"
+    ]
 
 
 def test_plain_axolotl_keys_that_we_do_not_use_are_accepted():

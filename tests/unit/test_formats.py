@@ -25,7 +25,9 @@ def test_alpaca_prompt_text_and_masking(tokenizer):
 
 def test_alpaca_with_input_uses_the_input_prompt(tokenizer):
     (sample,) = encode_all(tokenizer, {"instruction": "Add.", "input": "2 and 3", "output": "5"}, "alpaca")
-    assert tokenizer.decode(sample.input_ids).startswith(SYSTEM_WITH_INPUT + "\n\n### Instruction:\nAdd.\n\n### Input:\n2 and 3")
+    assert tokenizer.decode(sample.input_ids).startswith(
+        SYSTEM_WITH_INPUT + "\n\n### Instruction:\nAdd.\n\n### Input:\n2 and 3"
+    )
 
 
 def test_alpaca_train_on_inputs_trains_the_prompt_too(tokenizer):
@@ -82,14 +84,17 @@ def test_a_truncated_row_whose_trained_part_was_cut_off_is_dropped(tokenizer):
     assert isinstance(outcome, Dropped) and outcome.reason == "no_trained_tokens"
 
 
-@pytest.mark.parametrize("row, fmt", [
-    ({"messages": [{"role": "user", "content": "x"}]}, "chat_template"),
-    ({"conversations": []}, "chat_template"),
-    ({"instruction": "a", "output": "b"}, "alpaca"),
-    ({"text": "a"}, "completion"),
-    ({"segments": []}, "input_output"),
-    ({"foo": 1}, None),
-])
+@pytest.mark.parametrize(
+    "row, fmt",
+    [
+        ({"messages": [{"role": "user", "content": "x"}]}, "chat_template"),
+        ({"conversations": []}, "chat_template"),
+        ({"instruction": "a", "output": "b"}, "alpaca"),
+        ({"text": "a"}, "completion"),
+        ({"segments": []}, "input_output"),
+        ({"foo": 1}, None),
+    ],
+)
 def test_detect_format(row, fmt):
     assert detect_format(row) == fmt
 

@@ -7,8 +7,15 @@ import pytest
 from training.config import parse_config
 from training.memory import ModelShape, estimate
 
-LLAMA_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 128256, "intermediate_size": 14336,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False}
+LLAMA_8B = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "vocab_size": 128256,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "tie_word_embeddings": False,
+}
 
 
 @pytest.fixture
@@ -26,8 +33,10 @@ def test_parameter_count_of_llama_8b(shape):
 
 
 def test_qlora_8b_fits_a_consumer_gpu_and_full_bf16_does_not(shape):
-    qlora = estimate(config(adapter="qlora", lora_r=16, lora_target_linear=True, sequence_len=2048,
-                            gradient_checkpointing=True), shape)
+    qlora = estimate(
+        config(adapter="qlora", lora_r=16, lora_target_linear=True, sequence_len=2048, gradient_checkpointing=True),
+        shape,
+    )
     full = estimate(config(sequence_len=2048, gradient_checkpointing=True), shape)
     assert 6 < qlora.total_gib < 16
     assert full.total_gib > 100  # weights + grads + AdamW moments + master weights

@@ -13,14 +13,20 @@ from training.packing import pack
 
 ROLES = ["system", "user", "assistant", "tool"]
 # Printable text with spaces and newlines; no characters of the template's special tokens.
-text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"], exclude_characters="<|>")
-               | st.sampled_from([" ", "\n", "\t"]), min_size=1, max_size=40).filter(lambda s: s.strip())
+text = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"], exclude_characters="<|>")
+    | st.sampled_from([" ", "\n", "\t"]),
+    min_size=1,
+    max_size=40,
+).filter(lambda s: s.strip())
 message = st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": text})
 conversation = st.lists(message, min_size=1, max_size=6)
-options = st.fixed_dictionaries({
-    "roles_to_train": st.lists(st.sampled_from(ROLES), min_size=1, max_size=3, unique=True),
-    "train_on_eos": st.sampled_from(["turn", "all", "last", "none"]),
-})
+options = st.fixed_dictionaries(
+    {
+        "roles_to_train": st.lists(st.sampled_from(ROLES), min_size=1, max_size=3, unique=True),
+        "train_on_eos": st.sampled_from(["turn", "all", "last", "none"]),
+    }
+)
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -51,8 +57,11 @@ def test_trained_tokens_are_trained_content_plus_requested_end_of_turn(tokenizer
     # Decoding the trained tokens of each message gives its content, then the eot token if asked.
     last_trained = max((i for i, m in enumerate(messages) if m["role"] in trained_roles), default=None)
     for i, msg in enumerate(messages):
-        ids = [t for t, p, lab in zip(sample.input_ids, sample.token_parts, sample.labels)
-               if p == i and lab != IGNORE_INDEX]
+        ids = [
+            t
+            for t, p, lab in zip(sample.input_ids, sample.token_parts, sample.labels)
+            if p == i and lab != IGNORE_INDEX
+        ]
         trained = msg["role"] in trained_roles
         eot = {"turn": trained, "all": True, "none": False, "last": i == last_trained}[opts["train_on_eos"]]
         # The tokenizer NFC-normalizes text, so compare with the normalized content.
@@ -62,8 +71,10 @@ def test_trained_tokens_are_trained_content_plus_requested_end_of_turn(tokenizer
 
 
 @SETTINGS
-@given(lengths=st.lists(st.integers(min_value=1, max_value=60), min_size=1, max_size=40),
-       sequence_len=st.integers(min_value=60, max_value=200))
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=60), min_size=1, max_size=40),
+    sequence_len=st.integers(min_value=60, max_value=200),
+)
 def test_packing_keeps_every_token_in_order_with_restarting_positions(lengths, sequence_len):
     samples = [Encoded(i, list(range(1000 * i, 1000 * i + n)), [7] * n, [0] * n, ["x"]) for i, n in enumerate(lengths)]
     bins = pack(samples, sequence_len)
@@ -73,9 +84,9 @@ def test_packing_keeps_every_token_in_order_with_restarting_positions(lengths, s
         offset = 0
         for i in b.samples:
             n = len(samples[i].input_ids)
-            assert b.input_ids[offset:offset + n] == samples[i].input_ids
-            assert b.labels[offset:offset + n] == [IGNORE_INDEX] + samples[i].labels[1:]
-            assert b.position_ids[offset:offset + n] == list(range(n))
+            assert b.input_ids[offset : offset + n] == samples[i].input_ids
+            assert b.labels[offset : offset + n] == [IGNORE_INDEX] + samples[i].labels[1:]
+            assert b.position_ids[offset : offset + n] == list(range(n))
             offset += n
         assert offset == len(b.input_ids)
         seen += b.samples

@@ -21,8 +21,14 @@ def make_config(model_dir, data_dir, **extra):
     base = {
         "base_model": str(model_dir),
         "datasets": [{"path": str(data_dir / "chat.jsonl"), "type": "chat_template"}],
-        "sequence_len": 128, "micro_batch_size": 4, "max_steps": 40, "learning_rate": 3e-3,
-        "warmup_steps": 2, "adapter": "lora", "lora_target_linear": True, "seed": 1,
+        "sequence_len": 128,
+        "micro_batch_size": 4,
+        "max_steps": 40,
+        "learning_rate": 3e-3,
+        "warmup_steps": 2,
+        "adapter": "lora",
+        "lora_target_linear": True,
+        "seed": 1,
     }
     return parse_config({**base, **extra})
 
@@ -81,11 +87,30 @@ def test_qlora_trains_on_the_cpu(tiny_model_dir, demo_data, tmp_path):
 
 def test_invalid_lines_stop_training_with_their_line_numbers(tiny_model_dir, tmp_path):
     data = tmp_path / "bad.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
-                    "not json\n"
-                    '{"messages": []}\n')
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        "not json\n"
+        '{"messages": []}\n'
+    )
     config = parse_config({"base_model": str(tiny_model_dir), "datasets": [{"path": str(data)}]})
     with pytest.raises(DataInvalid) as info:
         train(config, tmp_path / "run", ListEventSink())
     message = str(info.value)
     assert "bad.jsonl:line 2: invalid JSON" in message and "line 3: messages: empty message list" in message
+
+
+@pytest.mark.slow
+def test_merge_lora_saves_a_merged_model_with_gradient_checkpointing(tiny_model_dir, demo_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sink = ListEventSink()
+    train(
+        make_config(tiny_model_dir, demo_data, max_steps=4, merge_lora=True, gradient_checkpointing=True),
+        tmp_path,
+        sink,
+    )
+    assert {"adapter", "merged"} <= {e["kind"] for e in sink.events if e["event"] == "artifact"}
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    metric = next(e for e in sink.events if e["event"] == "metric" and "loss" in e["values"])
+    assert metric["values"]["samples_per_second"] > 0

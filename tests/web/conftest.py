@@ -47,12 +47,15 @@ def bob_client(bob):
 
 
 def jsonl(rows) -> bytes:
-    return "".join(json.dumps(r) if not isinstance(r, str) else r for r in [
-        (json.dumps(r) if not isinstance(r, str) else r) + "\n" for r in rows]).encode()
+    return "".join(
+        json.dumps(r) if not isinstance(r, str) else r
+        for r in [(json.dumps(r) if not isinstance(r, str) else r) + "\n" for r in rows]
+    ).encode()
 
 
-CHAT_ROW = {"messages": [{"role": "user", "content": "What is 2 plus 2?"},
-                         {"role": "assistant", "content": "2 plus 2 is 4."}]}
+CHAT_ROW = {
+    "messages": [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "2 plus 2 is 4."}]
+}
 
 
 @pytest.fixture
@@ -60,6 +63,7 @@ def chat_file():
     def make(rows=None, name="chat.jsonl"):
         rows = rows if rows is not None else [CHAT_ROW] * 3
         return SimpleUploadedFile(name, jsonl(rows), content_type="application/jsonl")
+
     return make
 
 

@@ -29,8 +29,12 @@ def make_run(workspace, points=3, status=RunStatus.RUNNING):
 
 
 def add_points(run, start, count):
-    MetricPoint.objects.bulk_create([MetricPoint(run=run, seq=i, step=i + 1, time=float(i), values={"loss": 5.0 - i / 10})
-                                     for i in range(start, start + count)])
+    MetricPoint.objects.bulk_create(
+        [
+            MetricPoint(run=run, seq=i, step=i + 1, time=float(i), values={"loss": 5.0 - i / 10})
+            for i in range(start, start + count)
+        ]
+    )
 
 
 async def receive_until(comm, kind):

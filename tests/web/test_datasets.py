@@ -27,15 +27,18 @@ def test_valid_upload_is_stored_and_shown(alice_client, chat_file):
     assert 'id="row-count">3<' in page and "What is 2 plus 2?" in page
 
 
-@pytest.mark.parametrize("line, reason", [
-    ("not json at all", "invalid JSON"),
-    ("[1, 2]", "expected a JSON object, got list"),
-    ('{"messages": []}', "empty message list"),
-    ('{"messages": [{"role": "wizard", "content": "hi"}]}', "unknown role 'wizard'"),
-    ('{"messages": [{"role": "user", "content": ""}]}', "empty content"),
-    ('{"messages": [{"role": "user"}]}', "missing"),
-    ('{"messages": "hello"}', "must be a list of messages"),
-])
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ("not json at all", "invalid JSON"),
+        ("[1, 2]", "expected a JSON object, got list"),
+        ('{"messages": []}', "empty message list"),
+        ('{"messages": [{"role": "wizard", "content": "hi"}]}', "unknown role 'wizard'"),
+        ('{"messages": [{"role": "user", "content": ""}]}', "empty content"),
+        ('{"messages": [{"role": "user"}]}', "missing"),
+        ('{"messages": "hello"}', "must be a list of messages"),
+    ],
+)
 def test_each_invalid_line_is_reported_with_its_number(alice_client, chat_file, line, reason):
     rows = [CHAT_ROW, CHAT_ROW, line, CHAT_ROW]
     response = alice_client.post("/datasets/", {"file": chat_file(rows)})
@@ -113,8 +116,9 @@ def test_preview_options_change_the_labels(alice_client, alice_dataset):
     assert more.count('class="tok trained') > base.count('class="tok trained')
 
 
-def test_token_statistics_are_computed_by_the_worker_and_cached(alice_client, alice_dataset,
-                                                                django_capture_on_commit_callbacks):
+def test_token_statistics_are_computed_by_the_worker_and_cached(
+    alice_client, alice_dataset, django_capture_on_commit_callbacks
+):
     with django_capture_on_commit_callbacks(execute=True):
         page = alice_client.get(f"/datasets/{alice_dataset.pk}/?sequence_len=40")
     assert page.status_code == 200 and 'id="stats-bar"' in page.content.decode()
@@ -131,7 +135,9 @@ def test_token_statistics_are_computed_by_the_worker_and_cached(alice_client, al
 
 
 def test_preview_compares_two_option_sets_side_by_side(alice_client, alice_dataset):
-    page = alice_client.get(f"/datasets/{alice_dataset.pk}/preview/?row=2&compare=1&b_roles=assistant,user").content.decode()
+    page = alice_client.get(
+        f"/datasets/{alice_dataset.pk}/preview/?row=2&compare=1&b_roles=assistant,user"
+    ).content.decode()
     a, b = page.split('id="column-A"')[1].split('id="column-B"')
     assert b.count('class="tok trained') > a.count('class="tok trained') > 0
 
@@ -187,8 +193,13 @@ def test_validation_streams_without_loading_the_file(alice, tmp_path):
 def test_api_upload_reports_problems_and_previews_rows(alice_client, chat_file, tiny_model_dir):
     bad = alice_client.post("/api/datasets/", {"file": chat_file([CHAT_ROW, "{nope"])})
     assert bad.status_code == 400
-    assert bad.json()["problems"] == [{"line": 2, "field": "", "message": "invalid JSON: Expecting property name "
-                                       "enclosed in double quotes at column 2"}]
+    assert bad.json()["problems"] == [
+        {
+            "line": 2,
+            "field": "",
+            "message": "invalid JSON: Expecting property name enclosed in double quotes at column 2",
+        }
+    ]
     ok = alice_client.post("/api/datasets/", {"file": chat_file()})
     assert ok.status_code == 201
     dataset_id = ok.json()["dataset"]["id"]

@@ -14,7 +14,7 @@ import pytest
 from django.db import connection
 
 from webapp.runs import services
-from webapp.runs.models import MetricPoint, Run, RunStatus, TrainingConfig
+from webapp.runs.models import MetricPoint, RunStatus, TrainingConfig
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 ROOT = Path(__file__).parents[2]
@@ -56,9 +56,16 @@ def test_killed_worker_leaves_run_interrupted_and_resume_finishes(alice, alice_d
     monkeypatch.setattr(tasks, "execute_run", lambda run_id: None)  # queue it; a real worker process takes it
     run = services.enqueue_run(workspace, user, config)
     worker = subprocess.Popen(
-        [sys.executable, "-c", "import django; django.setup(); from webapp.runs.tasks import supervise; "
-                               f"supervise({run.pk}, ['test:cpu'])"],
-        cwd=ROOT, env=worker_env(), start_new_session=True)
+        [
+            sys.executable,
+            "-c",
+            "import django; django.setup(); from webapp.runs.tasks import supervise; "
+            f"supervise({run.pk}, ['test:cpu'])",
+        ],
+        cwd=ROOT,
+        env=worker_env(),
+        start_new_session=True,
+    )
     checkpoint = run.run_dir / "checkpoints" / "checkpoint-20"
     deadline = time.time() + 120
     while not checkpoint.exists() and time.time() < deadline and worker.poll() is None:

@@ -46,12 +46,15 @@ def test_invalid_config_names_the_key_and_is_not_saved(alice_client, alice_datas
     assert TrainingConfig.objects.count() == 0 and Run.objects.count() == 0
 
 
-@pytest.mark.parametrize("base_model, message", [
-    ("../../etc", "must be inside the server's model directories"),
-    ("owner/bad name!", "neither a model folder name nor a hub id"),
-    ("/etc", "must be inside the server's model directories"),
-    ("missing-model", "no model folder named 'missing-model'"),
-])
+@pytest.mark.parametrize(
+    "base_model, message",
+    [
+        ("../../etc", "must be inside the server's model directories"),
+        ("owner/bad name!", "neither a model folder name nor a hub id"),
+        ("/etc", "must be inside the server's model directories"),
+        ("missing-model", "no model folder named 'missing-model'"),
+    ],
+)
 def test_model_paths_outside_the_model_directories_are_refused(alice_client, alice_dataset, base_model, message):
     response = save(alice_client, GOOD.format(steps=5).replace("tiny-chat", base_model))
     assert response.status_code == 400 and message in response.content.decode().replace("&#x27;", "'")
@@ -129,15 +132,21 @@ def _kill_after_first_points(run):
         if events.exists() and events.read_text().count('"metric"') >= 3:
             break
         time.sleep(0.2)
-    out = os.popen(f"pgrep -f 'training train {run.run_dir}/config.yaml'").read().split()
-    for pid in out:
-        os.kill(int(pid), signal.SIGKILL)
+    from .test_lifecycle import trainer_pids
+
+    for pid in trainer_pids(run):
+        os.kill(pid, signal.SIGKILL)
 
 
 def test_worker_that_stops_beating_leaves_run_interrupted(alice):
     user, workspace = alice
-    run = Run.objects.create(workspace=workspace, name="r", config_yaml="x", status=RunStatus.RUNNING,
-                             heartbeat_at=timezone.now() - timezone.timedelta(seconds=300))
+    run = Run.objects.create(
+        workspace=workspace,
+        name="r",
+        config_yaml="x",
+        status=RunStatus.RUNNING,
+        heartbeat_at=timezone.now() - timezone.timedelta(seconds=300),
+    )
     assert services.mark_stale_runs_interrupted() == 1
     run.refresh_from_db()
     assert run.status == RunStatus.INTERRUPTED and "stopped reporting" in run.message
@@ -148,8 +157,13 @@ def test_run_urls_are_private(client, alice, bob_client):
     run = Run.objects.create(workspace=workspace, name="secret", config_yaml="x", status=RunStatus.SUCCEEDED)
     artifact = Artifact.objects.create(run=run, kind="adapter", path="adapter.zip")
     config = TrainingConfig.objects.create(workspace=workspace, name="c", yaml="x")
-    for url in (f"/runs/{run.pk}/", f"/runs/{run.pk}/artifacts/{artifact.pk}/download/", f"/configs/{config.pk}/",
-                f"/api/runs/{run.pk}", f"/api/runs/{run.pk}/metrics"):
+    for url in (
+        f"/runs/{run.pk}/",
+        f"/runs/{run.pk}/artifacts/{artifact.pk}/download/",
+        f"/configs/{config.pk}/",
+        f"/api/runs/{run.pk}",
+        f"/api/runs/{run.pk}/metrics",
+    ):
         assert bob_client.get(url).status_code == 404, url
         assert client.get(url).status_code in (302, 401), url
     assert bob_client.post(f"/runs/{run.pk}/cancel/").status_code == 404
@@ -169,17 +183,61 @@ def test_validate_shows_a_memory_estimate_and_export_gives_the_yaml(alice_client
 
 def test_the_form_writes_common_keys_into_the_yaml(alice_client, alice_dataset):
     form = {f"f_{k}": "" for k in ("adapter", "lora_r", "max_steps", "learning_rate")}
-    form.update({"f_base_model": "tiny-chat", "f_adapter": "lora", "f_lora_r": "32", "f_max_steps": "7",
-                 "f_learning_rate": "0.001", "f_gradient_checkpointing": "on"})
-    response = alice_client.post("/configs/new/", {"name": "c", "yaml": GOOD.format(steps=5), "action": "apply_form",
-                                                   **form})
+    form.update(
+        {
+            "f_base_model": "tiny-chat",
+            "f_adapter": "lora",
+            "f_lora_r": "32",
+            "f_max_steps": "7",
+            "f_learning_rate": "0.001",
+            "f_gradient_checkpointing": "on",
+        }
+    )
+    response = alice_client.post(
+        "/configs/new/", {"name": "c", "yaml": GOOD.format(steps=5), "action": "apply_form", **form}
+    )
     text = response.content.decode()
     assert "lora_r: 32" in text and "max_steps: 7" in text and "gradient_checkpointing: true" in text
-    bad = alice_client.post("/configs/new/", {"name": "c", "yaml": GOOD.format(steps=5), "action": "apply_form",
-                                              **{**form, "f_lora_r": "many"}})
+    bad = alice_client.post(
+        "/configs/new/",
+        {"name": "c", "yaml": GOOD.format(steps=5), "action": "apply_form", **{**form, "f_lora_r": "many"}},
+    )
     assert bad.status_code == 400 and "<code>lora_r</code>: &#x27;many&#x27; is not a valid int" in bad.content.decode()
 
 
 def test_presets_start_new_configs(alice_client, alice_dataset):
     page = alice_client.get("/configs/new/?preset=qlora-8b").content.decode()
     assert "adapter: qlora" in page and "path: chat" in page
+
+
+@pytest.mark.slow
+def test_cancel_a_running_run_kills_its_process_and_frees_the_device(alice, alice_dataset, monkeypatch, settings):
+    from webapp.runs import gpus, tasks
+    from webapp.runs.models import DeviceLease
+
+    settings.TRAINYARD_GPUS = ""
+    user, workspace = alice
+    config = TrainingConfig.objects.create(workspace=workspace, name="c", yaml=GOOD.format(steps=2000))
+    monkeypatch.setattr(tasks, "execute_run", lambda run_id: None)
+    monkeypatch.setattr(tasks, "HEARTBEAT_SECONDS", 0.5)
+    run = services.enqueue_run(workspace, user, config)
+
+    def cancel_when_running():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            r = Run.objects.get(pk=run.pk)
+            if r.status == RunStatus.RUNNING and r.current_step > 2:
+                services.cancel_run(r)
+                return
+            time.sleep(0.2)
+
+    canceller = threading.Thread(target=cancel_when_running)
+    canceller.start()
+    tasks._execute_run.call_local(run.pk)
+    canceller.join()
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED and run.current_step < 2000
+    assert not DeviceLease.objects.exists() and gpus.allocate_gpus(run, 1)
+    from .test_lifecycle import trainer_pids
+
+    assert trainer_pids(run) == []

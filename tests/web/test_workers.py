@@ -61,9 +61,16 @@ def test_two_workers_share_the_queue_and_never_overlap_on_one_device(alice, alic
 
     env = {**worker_env(), "TRAINYARD_QUEUE": queue, "TRAINYARD_GPUS": ""}
     env.pop("TRAINYARD_HUEY_IMMEDIATE", None)
-    workers = [subprocess.Popen([sys.executable, "manage.py", "run_huey", "--workers", "1", "--no-periodic"],
-                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-               for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "manage.py", "run_huey", "--workers", "1", "--no-periodic"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
@@ -81,8 +88,11 @@ def test_two_workers_share_the_queue_and_never_overlap_on_one_device(alice, alic
     for earlier, later in zip(done, done[1:]):
         assert earlier.finished_at <= later.started_at  # one device: one run at a time
     for run in done:
-        starts = [e for e in map(json.loads, (run.run_dir / "events.jsonl").read_text().splitlines())
-                  if e.get("event") == "status" and e.get("state") == "running"]
+        starts = [
+            e
+            for e in map(json.loads, (run.run_dir / "events.jsonl").read_text().splitlines())
+            if e.get("event") == "status" and e.get("state") == "running"
+        ]
         assert len(starts) == 1  # executed exactly once
         assert run.devices and run.devices[0].endswith(":cpu")
     assert os.environ.get("TRAINYARD_HUEY_IMMEDIATE") == "1"  # the test process itself never ran them

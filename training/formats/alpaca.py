@@ -14,7 +14,9 @@ SYSTEM_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request."
 )
-SYSTEM_NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+SYSTEM_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,9 @@ STYLES = {
         "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
         "### Instruction:\n{instruction}\n\n### Response:\n",
     ),
-    "chat": PromptStyle("SYSTEM: {system}\n", "USER: {instruction}\n{input}\nASSISTANT:", "USER: {instruction}\nASSISTANT:"),
+    "chat": PromptStyle(
+        "SYSTEM: {system}\n", "USER: {instruction}\n{input}\nASSISTANT:", "USER: {instruction}\nASSISTANT:"
+    ),
     "chatml": PromptStyle(
         "<|im_start|>system\n{system}<|im_end|>\n",
         "<|im_start|>user\n{instruction}\n{input}<|im_end|>\n<|im_start|>assistant\n",
@@ -71,7 +75,8 @@ class Alpaca:
         instruction, user_input = row[spec.field_instruction], row.get(spec.field_input) or ""
         if user_input:
             prompt = style.system.format(system=SYSTEM_WITH_INPUT) + style.turn.format(
-                instruction=instruction, input=user_input)
+                instruction=instruction, input=user_input
+            )
         else:
             prompt = style.system.format(system=SYSTEM_NO_INPUT) + style.turn_no_input.format(instruction=instruction)
         response = row[spec.field_output]
@@ -79,8 +84,11 @@ class Alpaca:
             pieces=[
                 Piece(prompt, add_special_tokens=True, whole=Span(0, len(prompt), options.train_on_inputs, 0)),
                 # An empty output gets no EOS (as in axolotl), so the row has nothing to train.
-                Piece(response, whole=Span(0, len(response), True, 1),
-                      append_eos=Span(0, 0, True, 1) if response else None),
+                Piece(
+                    response,
+                    whole=Span(0, len(response), True, 1),
+                    append_eos=Span(0, 0, True, 1) if response else None,
+                ),
             ],
             parts=["prompt", "response"],
         )

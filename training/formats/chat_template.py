@@ -56,13 +56,15 @@ def resolve_chat_template(name: str | None, jinja: str | None, tokenizer_templat
             return tokenizer_template
         if name == "tokenizer_default_fallback_chatml":
             return CHATML
-        raise ValueError("the tokenizer has no chat template; set chat_template: chatml (or another name) "
-                         "or chat_template_jinja")
+        raise ValueError(
+            "the tokenizer has no chat template; set chat_template: chatml (or another name) or chat_template_jinja"
+        )
     if name.startswith("tokenizer_default_fallback_"):
         return tokenizer_template or NAMED_TEMPLATES[name.removeprefix("tokenizer_default_fallback_")]
     if name not in NAMED_TEMPLATES:
-        raise ValueError(f"unknown chat_template {name!r}; choose tokenizer_default, jinja or one of "
-                         f"{', '.join(NAMED_TEMPLATES)}")
+        raise ValueError(
+            f"unknown chat_template {name!r}; choose tokenizer_default, jinja or one of {', '.join(NAMED_TEMPLATES)}"
+        )
     return NAMED_TEMPLATES[name]
 
 
@@ -127,30 +129,46 @@ class ChatTemplate:
             if role is None:
                 problems.append(RowProblem(f"{where}.{role_key}", "missing"))
             elif role not in known:
-                problems.append(RowProblem(f"{where}.{role_key}", f"unknown role {role!r}; known: "
-                                           f"{', '.join(sorted(known))} (map it with the dataset's `roles` option)"))
+                problems.append(
+                    RowProblem(
+                        f"{where}.{role_key}",
+                        f"unknown role {role!r}; known: "
+                        f"{', '.join(sorted(known))} (map it with the dataset's `roles` option)",
+                    )
+                )
             if content is None:
                 problems.append(RowProblem(f"{where}.{content_key}", "missing"))
             elif isinstance(content, list):
                 bad = [j for j, p in enumerate(content) if not (isinstance(p, dict) and isinstance(p.get("text"), str))]
                 if bad:
-                    problems.append(RowProblem(f"{where}.{content_key}[{bad[0]}]", "a content part needs a string `text`"))
+                    problems.append(
+                        RowProblem(f"{where}.{content_key}[{bad[0]}]", "a content part needs a string `text`")
+                    )
                 elif not "".join(p["text"] for p in content).strip() and lookup.get(role, role) != "system":
                     problems.append(RowProblem(f"{where}.{content_key}", "empty content"))
             elif not isinstance(content, str):
-                problems.append(RowProblem(f"{where}.{content_key}",
-                                           f"must be a string, not {type(content).__name__}"))
+                problems.append(RowProblem(f"{where}.{content_key}", f"must be a string, not {type(content).__name__}"))
             elif not content.strip() and lookup.get(role, role) != "system":
                 problems.append(RowProblem(f"{where}.{content_key}", "empty content"))
             flag = msg.get(spec.message_field_training)
             if flag is not None and not isinstance(flag, bool):
                 problems.append(RowProblem(f"{where}.{spec.message_field_training}", "must be true or false"))
             detail = msg.get(spec.message_field_training_detail)
-            if detail is not None and not (isinstance(detail, list) and all(
-                    isinstance(d, dict) and isinstance(d.get("begin_offset"), int) and isinstance(d.get("end_offset"), int)
-                    for d in detail)):
-                problems.append(RowProblem(f"{where}.{spec.message_field_training_detail}",
-                                           "must be a list of {begin_offset, end_offset, train}"))
+            if detail is not None and not (
+                isinstance(detail, list)
+                and all(
+                    isinstance(d, dict)
+                    and isinstance(d.get("begin_offset"), int)
+                    and isinstance(d.get("end_offset"), int)
+                    for d in detail
+                )
+            ):
+                problems.append(
+                    RowProblem(
+                        f"{where}.{spec.message_field_training_detail}",
+                        "must be a list of {begin_offset, end_offset, train}",
+                    )
+                )
         return problems
 
     def messages(self, row, spec, train_on_inputs: bool) -> list[Message]:
@@ -160,13 +178,17 @@ class ChatTemplate:
         plan = _plan(spec, options.train_on_inputs, options)
         messages = plan.messages(row)
         contents = [m.content for m in messages]
-        chat = [{"role": m.role, "content": m.content, **m.extra} if m.extra else {"role": m.role, "content": m.content}
-                for m in messages]
+        chat = [
+            {"role": m.role, "content": m.content, **m.extra} if m.extra else {"role": m.role, "content": m.content}
+            for m in messages
+        ]
         # The marked render depends on the roles and extra fields, rarely on contents: reuse it
         # across rows. When the template provably copies contents verbatim, splicing them into it
         # *is* the render; otherwise render for real and trust the splice only if it matches.
-        key = tuple((m.role, not m.content, json.dumps(m.extra, sort_keys=True, default=str) if m.extra else "")
-                    for m in messages)
+        key = tuple(
+            (m.role, not m.content, json.dumps(m.extra, sort_keys=True, default=str) if m.extra else "")
+            for m in messages
+        )
         marked = plan.skeletons.get(key)
         if plan.verbatim and marked is not None:
             text, regions = _spliced(marked, contents)
@@ -199,8 +221,9 @@ class ChatTemplate:
                 spans.append(Span(region[0], region[1], msg.trained, i))
             if not msg.content:
                 continue  # axolotl: an empty turn trains nothing, not even its end-of-turn token
-            train_eot = (policy == "all" or (policy == "turn" and msg.trained)
-                         or (policy == "last" and i == last_trained))
+            train_eot = (
+                policy == "all" or (policy == "turn" and msg.trained) or (policy == "last" and i == last_trained)
+            )
             eot = eots[i]
             if eot is not None:
                 spans.append(Span(eot[0], eot[1], train_eot, i))
@@ -208,7 +231,8 @@ class ChatTemplate:
                 notes.append(
                     f"no end-of-turn token ({', '.join(options.eot_tokens) or 'none set'}) after a {msg.role} "
                     "turn in the rendered template, so none is trained and the model may not learn to stop: "
-                    "set eot_tokens to the token that ends a turn in this chat template")
+                    "set eot_tokens to the token that ends a turn in this chat template"
+                )
         parts = [f"{m.role} #{i}" for i, m in enumerate(messages)]
         return Rendered(pieces=[Piece(text, spans=spans, add_special_tokens=False)], parts=parts, notes=notes)
 
@@ -302,7 +326,7 @@ def _spliced(marked: str, contents: list[str]) -> tuple[str, list[tuple[int, int
     regions: list[tuple[int, int] | None] = [None] * len(contents)
     out, length, prev = [], 0, 0
     for m in _MARKER_RE.finditer(marked):
-        literal = marked[prev:m.start()]
+        literal = marked[prev : m.start()]
         out.append(literal)
         length += len(literal)
         content = contents[int(m.group(1))]
@@ -320,7 +344,7 @@ def _splice(marked: str, text: str, contents: list[str]) -> list[tuple[int, int]
     pieces, shift, prev = [], 0, 0
     for m in _MARKER_RE.finditer(marked):
         i = int(m.group(1))
-        pieces.append(marked[prev:m.start()])
+        pieces.append(marked[prev : m.start()])
         start = m.start() + shift
         regions[i] = (start, start + len(contents[i]))
         pieces.append(contents[i])
@@ -341,12 +365,12 @@ def _locate_contents(marked: str, text: str, contents: list[str]) -> list[tuple[
     cursor = 0
     for k, m in enumerate(order):
         seg_start = order[k - 1].end() if k else 0
-        segment = marked[seg_start:m.start()]
+        segment = marked[seg_start : m.start()]
         at = text.find(segment, cursor)
         if at < 0:
             continue
         content_start = at + len(segment)
-        nxt = marked[m.end():order[k + 1].start()] if k + 1 < len(order) else marked[m.end():]
+        nxt = marked[m.end() : order[k + 1].start()] if k + 1 < len(order) else marked[m.end() :]
         content_end = text.find(nxt, content_start) if nxt else len(text)
         if content_end < 0:
             content_end = content_start
@@ -365,7 +389,7 @@ def _eot_positions(text: str, regions, eot_tokens: list[str]) -> list[tuple[int,
             continue
         end = region[1]
         limit = len(text)
-        for later in regions[i + 1:n]:
+        for later in regions[i + 1 : n]:
             if later is not None and later[0] >= end:
                 limit = later[0]
                 break

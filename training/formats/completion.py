@@ -24,8 +24,9 @@ class Completion:
     def render(self, row, spec, options) -> Rendered:
         text = row[spec.field]
         return Rendered(
-            pieces=[Piece(text, add_special_tokens=True, whole=Span(0, len(text), True, 0),
-                          append_eos=Span(0, 0, True, 0))],
+            pieces=[
+                Piece(text, add_special_tokens=True, whole=Span(0, len(text), True, 0), append_eos=Span(0, 0, True, 0))
+            ],
             parts=["text"],
             split_every=options.sequence_len,
             # Axolotl's cap: a text is cut at 64 x sequence_len tokens (and then gets no EOS).

@@ -37,7 +37,9 @@ class InputOutput:
     def render(self, row, spec, options) -> Rendered:
         segments = row[spec.field_segments]
         pieces = [
-            Piece(seg["text"], whole=Span(0, len(seg["text"]), bool(seg.get("label", True)) or options.train_on_inputs, i))
+            Piece(
+                seg["text"], whole=Span(0, len(seg["text"]), bool(seg.get("label", True)) or options.train_on_inputs, i)
+            )
             for i, seg in enumerate(segments)
         ]
         parts = [f"segment {i} ({'trained' if seg.get('label', True) else 'masked'})" for i, seg in enumerate(segments)]

@@ -35,7 +35,9 @@ def content_is_verbatim(environment, source: str) -> bool:
         for node in tree.find_all((nodes.For, nodes.Assign)):
             source_expr = node.iter if isinstance(node, nodes.For) else node.node
             if _mentions(source_expr, names):
-                for target in node.target.find_all(nodes.Name) if not isinstance(node.target, nodes.Name) else [node.target]:
+                for target in (
+                    node.target.find_all(nodes.Name) if not isinstance(node.target, nodes.Name) else [node.target]
+                ):
                     if target.name not in names:
                         names.add(target.name)
                         changed = True
@@ -53,8 +55,11 @@ def _use_is_safe(node, parents) -> bool:
     """Follow a message (or list of messages) expression up to where it is consumed."""
     parent = parents.get(id(node))
     if isinstance(parent, (nodes.Getitem, nodes.Getattr)) and parent.node is node:
-        key = parent.attr if isinstance(parent, nodes.Getattr) else (
-            parent.arg.value if isinstance(parent.arg, nodes.Const) else None)
+        key = (
+            parent.attr
+            if isinstance(parent, nodes.Getattr)
+            else (parent.arg.value if isinstance(parent.arg, nodes.Const) else None)
+        )
         if key == "content":
             return _reaches_output_verbatim(parent, parents)
         if isinstance(key, str):

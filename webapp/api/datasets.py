@@ -65,17 +65,27 @@ class PreviewOut(Schema):
 
 
 @router.post("/", response={201: UploadOut, 200: UploadOut, 400: UploadError})
-def upload(request, file: UploadedFile = File(...), name: str | None = Form(None), format: str | None = Form(None),
-           keep_valid: bool = Form(False)):
+def upload(
+    request,
+    file: UploadedFile = File(...),
+    name: str | None = Form(None),
+    format: str | None = Form(None),
+    keep_valid: bool = Form(False),
+):
     try:
-        result = upload_dataset(current_workspace(request), request.user, file, name=name, format=format,
-                                keep_valid=keep_valid)
+        result = upload_dataset(
+            current_workspace(request), request.user, file, name=name, format=format, keep_valid=keep_valid
+        )
     except UploadRejected as exc:
         report = exc.report
         return 400, UploadError(
-            message=str(exc), valid_rows=report.rows if report else 0,
-            problems=[Problem(line=p.line, field=p.field, message=p.message) for p in (report.problems if report else [])],
-            counts=dict(report.counts) if report else {})
+            message=str(exc),
+            valid_rows=report.rows if report else 0,
+            problems=[
+                Problem(line=p.line, field=p.field, message=p.message) for p in (report.problems if report else [])
+            ],
+            counts=dict(report.counts) if report else {},
+        )
     status = 200 if result.duplicate else 201
     return status, UploadOut(dataset=result.dataset, duplicate=result.duplicate, rejected_lines=result.report.invalid)
 
@@ -91,13 +101,31 @@ def get_dataset(request, dataset_id: int):
 
 
 @router.get("/{dataset_id}/rows/{row}/preview", response={200: PreviewOut, 400: UploadError})
-def preview(request, dataset_id: int, row: int, model: str = "", roles: str = "assistant", train_on_eos: str = "turn",
-            train_on_inputs: bool = False, sequence_len: int = 512):
+def preview(
+    request,
+    dataset_id: int,
+    row: int,
+    model: str = "",
+    roles: str = "assistant",
+    train_on_eos: str = "turn",
+    train_on_inputs: bool = False,
+    sequence_len: int = 512,
+):
     dataset = get_object_or_404(Dataset.objects.visible_to(request.user), pk=dataset_id)
     if not 0 <= row < dataset.rows:
         return 400, UploadError(message=f"row must be between 0 and {dataset.rows - 1}")
-    query = {"model": model, "roles": roles, "train_on_eos": train_on_eos, "sequence_len": sequence_len,
-             "train_on_inputs": "on" if train_on_inputs else ""}
+    query = {
+        "model": model,
+        "roles": roles,
+        "train_on_eos": train_on_eos,
+        "sequence_len": sequence_len,
+        "train_on_inputs": "on" if train_on_inputs else "",
+    }
     result = preview_row(dataset, row, PreviewOptions.from_query(query, available_models()))
-    return PreviewOut(row=result.row, tokens=[TokenOut(**t.__dict__) for t in result.tokens], trained=result.trained,
-                      dropped=result.dropped, warnings=result.warnings)
+    return PreviewOut(
+        row=result.row,
+        tokens=[TokenOut(**t.__dict__) for t in result.tokens],
+        trained=result.trained,
+        dropped=result.dropped,
+        warnings=result.warnings,
+    )

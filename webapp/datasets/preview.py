@@ -43,9 +43,13 @@ class PreviewOptions:
         )
 
     def as_query(self, prefix: str = "") -> dict:
-        return {prefix + "model": self.model, prefix + "roles": ",".join(self.roles_to_train),
-                prefix + "train_on_eos": self.train_on_eos, prefix + "sequence_len": self.sequence_len,
-                **({prefix + "train_on_inputs": "on"} if self.train_on_inputs else {})}
+        return {
+            prefix + "model": self.model,
+            prefix + "roles": ",".join(self.roles_to_train),
+            prefix + "train_on_eos": self.train_on_eos,
+            prefix + "sequence_len": self.sequence_len,
+            **({prefix + "train_on_inputs": "on"} if self.train_on_inputs else {}),
+        }
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
@@ -88,8 +92,9 @@ def visible(text: str) -> str:
 def make_encoder(dataset: Dataset, options: PreviewOptions) -> Encoder:
     """The trainer's encoder, for this dataset's format and the chosen options."""
     tokenizer = _tokenizer(resolve_base_model(options.model))
-    spec = DatasetSpec(path=dataset.name, type=dataset.format, roles_to_train=options.roles_to_train,
-                       train_on_eos=options.train_on_eos)
+    spec = DatasetSpec(
+        path=dataset.name, type=dataset.format, roles_to_train=options.roles_to_train, train_on_eos=options.train_on_eos
+    )
     return Encoder(tokenizer, spec, sequence_len=options.sequence_len, train_on_inputs=options.train_on_inputs)
 
 
@@ -109,6 +114,14 @@ def preview_row(dataset: Dataset, index: int, options: PreviewOptions) -> Previe
         for token_id, label, part in zip(sample.input_ids, sample.labels, sample.token_parts):
             is_trained = label != IGNORE_INDEX
             trained += is_trained
-            tokens.append(Token(token_id, visible(tokenizer.decode([token_id])), label, is_trained,
-                                token_id in specials, sample.parts[part] if part >= 0 else "template"))
+            tokens.append(
+                Token(
+                    token_id,
+                    visible(tokenizer.decode([token_id])),
+                    label,
+                    is_trained,
+                    token_id in specials,
+                    sample.parts[part] if part >= 0 else "template",
+                )
+            )
     return Preview(index, raw, tokens, trained, dropped, encoder.warnings())

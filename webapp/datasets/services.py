@@ -9,9 +9,10 @@ import os
 import tempfile
 from array import array
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from django.db import IntegrityError, transaction
 
@@ -49,10 +50,17 @@ def reason_of(problem: LineProblem) -> str:
     """A short category for counting problems by reason."""
     message = problem.message
     for needle, reason in (
-        ("invalid JSON", "invalid JSON"), ("not UTF-8", "not UTF-8"), ("expected a JSON object", "not an object"),
-        ("byte limit", "line too long"), ("empty message list", "empty message list"),
-        ("unknown role", "unknown role"), ("empty content", "empty content"), ("can't tell", "unknown format"),
-        ("missing", "missing field"), ("must be", "mistyped field"), ("empty", "empty field"),
+        ("invalid JSON", "invalid JSON"),
+        ("not UTF-8", "not UTF-8"),
+        ("expected a JSON object", "not an object"),
+        ("byte limit", "line too long"),
+        ("empty message list", "empty message list"),
+        ("unknown role", "unknown role"),
+        ("empty content", "empty content"),
+        ("can't tell", "unknown format"),
+        ("missing", "missing field"),
+        ("must be", "mistyped field"),
+        ("empty", "empty field"),
     ):
         if needle in message:
             return reason
@@ -121,13 +129,21 @@ def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, k
                 if spec is None:
                     detected = detect_format(parsed)
                     if detected is None:
-                        problems = [LineProblem(line_no, "", "can't tell the format: expected `messages`, "
-                                                "`instruction`+`output`, `text` or `segments`")]
+                        problems = [
+                            LineProblem(
+                                line_no,
+                                "",
+                                "can't tell the format: expected `messages`, "
+                                "`instruction`+`output`, `text` or `segments`",
+                            )
+                        ]
                     else:
                         report.format = detected
                         spec = DatasetSpec(path="upload", type=detected)
                 if spec is not None and not problems:
-                    problems = [LineProblem(line_no, p.field, p.message) for p in FORMATS[spec.format_name].check(parsed, spec)]
+                    problems = [
+                        LineProblem(line_no, p.field, p.message) for p in FORMATS[spec.format_name].check(parsed, spec)
+                    ]
             if problems:
                 for p in problems:
                     report.add(p)
@@ -150,8 +166,9 @@ def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, k
     return report, Path(clean.name), digest.hexdigest(), written, offsets, Path(rejected.name)
 
 
-def upload_dataset(workspace, user, file, *, name: str | None = None, format: str | None = None,
-                   keep_valid: bool = False) -> UploadResult:
+def upload_dataset(
+    workspace, user, file, *, name: str | None = None, format: str | None = None, keep_valid: bool = False
+) -> UploadResult:
     """Validate and store an uploaded file. Nothing is kept unless it is stored whole.
 
     Raises UploadRejected with the report when lines are invalid and `keep_valid` is off.
@@ -160,7 +177,9 @@ def upload_dataset(workspace, user, file, *, name: str | None = None, format: st
 
     size = getattr(file, "size", None) or 0
     if size > settings.TRAINYARD_MAX_UPLOAD_BYTES:
-        raise UploadRejected(f"the file is {size:,} bytes, over this server's {settings.TRAINYARD_MAX_UPLOAD_BYTES:,}-byte limit")
+        raise UploadRejected(
+            f"the file is {size:,} bytes, over this server's {settings.TRAINYARD_MAX_UPLOAD_BYTES:,}-byte limit"
+        )
     if format and format not in FORMATS:
         raise UploadRejected(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     filename = os.path.basename(getattr(file, "name", "") or "dataset.jsonl")  # a label, never a path
@@ -184,8 +203,16 @@ def upload_dataset(workspace, user, file, *, name: str | None = None, format: st
         base = name or filename.rsplit(".jsonl", 1)[0].rsplit(".json", 1)[0] or "dataset"
         with transaction.atomic():
             dataset = _create_with_unique_name(
-                workspace=workspace, base=base, original_filename=filename, sha256=sha, size=stored_size,
-                format=report.format, rows=report.rows, rejected_rows=report.invalid, created_by=user)
+                workspace=workspace,
+                base=base,
+                original_filename=filename,
+                sha256=sha,
+                size=stored_size,
+                format=report.format,
+                rows=report.rows,
+                rejected_rows=report.invalid,
+                created_by=user,
+            )
         return UploadResult(dataset, False, report)
     finally:
         clean.unlink(missing_ok=True)
@@ -254,7 +281,8 @@ def request_stats(dataset: Dataset, options) -> DatasetStats:
     from webapp.datasets.tasks import compute_dataset_stats
 
     stats, created = DatasetStats.objects.get_or_create(
-        dataset=dataset, key=options.key(), defaults={"options": options.as_query()})
+        dataset=dataset, key=options.key(), defaults={"options": options.as_query()}
+    )
     if created or stats.status == DatasetStats.Status.FAILED:
         DatasetStats.objects.filter(pk=stats.pk).update(status=DatasetStats.Status.PENDING, error="", rows_done=0)
         transaction.on_commit(lambda: compute_dataset_stats(stats.pk))

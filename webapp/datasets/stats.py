@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 from training.encode import Dropped, Encoded
 from webapp.datasets.models import Dataset

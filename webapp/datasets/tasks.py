@@ -22,7 +22,8 @@ def _compute_dataset_stats(stats_id: int) -> None:
     from webapp.datasets.stats import compute_stats
 
     claimed = DatasetStats.objects.filter(pk=stats_id, status=DatasetStats.Status.PENDING).update(
-        status=DatasetStats.Status.RUNNING)
+        status=DatasetStats.Status.RUNNING
+    )
     if not claimed:
         return  # gone, or another worker has it
     stats = DatasetStats.objects.select_related("dataset").get(pk=stats_id)
@@ -37,5 +38,6 @@ def _compute_dataset_stats(stats_id: int) -> None:
         log.exception("stats %s failed", stats_id)
         DatasetStats.objects.filter(pk=stats_id).update(status=DatasetStats.Status.FAILED, error=str(exc)[:2000])
         return
-    DatasetStats.objects.filter(pk=stats_id).update(status=DatasetStats.Status.DONE, result=result,
-                                                    rows_done=result["rows"])
+    DatasetStats.objects.filter(pk=stats_id).update(
+        status=DatasetStats.Status.DONE, result=result, rows_done=result["rows"]
+    )

@@ -28,24 +28,39 @@ def dataset_list(request):
             error = "choose a JSONL file to upload"
         else:
             try:
-                result = upload_dataset(workspace, request.user, upload, name=request.POST.get("name") or None,
-                                        format=request.POST.get("format") or None,
-                                        keep_valid=request.POST.get("keep_valid") == "on")
+                result = upload_dataset(
+                    workspace,
+                    request.user,
+                    upload,
+                    name=request.POST.get("name") or None,
+                    format=request.POST.get("format") or None,
+                    keep_valid=request.POST.get("keep_valid") == "on",
+                )
             except UploadRejected as exc:
                 error, report = str(exc), exc.report
             else:
                 if result.duplicate:
                     messages.info(request, f"This file was already uploaded as “{result.dataset.name}”.")
                 elif result.report.invalid:
-                    messages.warning(request, f"Stored {result.report.rows} valid rows; "
-                                              f"{result.report.invalid} invalid lines were left out.")
+                    messages.warning(
+                        request,
+                        f"Stored {result.report.rows} valid rows; {result.report.invalid} invalid lines were left out.",
+                    )
                 else:
                     messages.success(request, f"Uploaded {result.dataset.rows} rows ({result.dataset.format}).")
                 return redirect("dataset-detail", pk=result.dataset.pk)
     datasets = Dataset.objects.filter(workspace=workspace)
-    return render(request, "datasets/list.html", {
-        "datasets": datasets, "report": report, "error": error, "formats": list(FORMATS),
-    }, status=400 if error else 200)
+    return render(
+        request,
+        "datasets/list.html",
+        {
+            "datasets": datasets,
+            "report": report,
+            "error": error,
+            "formats": list(FORMATS),
+        },
+        status=400 if error else 200,
+    )
 
 
 def dataset_detail(request, pk: int):
@@ -53,9 +68,17 @@ def dataset_detail(request, pk: int):
     models = available_models()
     options = PreviewOptions.from_query(request.GET, models)
     stats = request_stats(dataset, options) if options.model else None
-    return render(request, "datasets/detail.html", {
-        "dataset": dataset, "rows": first_rows(dataset, 5), "options": options, "models": models, "stats": stats,
-    })
+    return render(
+        request,
+        "datasets/detail.html",
+        {
+            "dataset": dataset,
+            "rows": first_rows(dataset, 5),
+            "options": options,
+            "models": models,
+            "stats": stats,
+        },
+    )
 
 
 def dataset_stats(request, pk: int):
@@ -65,8 +88,16 @@ def dataset_stats(request, pk: int):
     stats = dataset.stats.filter(key=options.key()).first()
     if stats is None:
         return JsonResponse({"status": "missing"}, status=404)
-    return JsonResponse({"status": stats.status, "rows_done": stats.rows_done, "rows": dataset.rows,
-                         "result": stats.result, "error": stats.error, "sequence_len": options.sequence_len})
+    return JsonResponse(
+        {
+            "status": stats.status,
+            "rows_done": stats.rows_done,
+            "rows": dataset.rows,
+            "result": stats.result,
+            "error": stats.error,
+            "sequence_len": options.sequence_len,
+        }
+    )
 
 
 def dataset_preview(request, pk: int):
@@ -96,18 +127,29 @@ def dataset_preview(request, pk: int):
     search = q.get("q", "").strip()
     stats = dataset.stats.filter(key=options.key(), status="done").first()
     base = {k: v for k, v in q.items() if k not in ("row", "random")}
-    return render(request, "datasets/preview.html", {
-        "dataset": dataset, "columns": columns, "error": error, "options": options, "other": other,
-        "models": models, "index": index, "compare": compare,
-        "search": search, "matches": search_rows(dataset, search) if search else None,
-        "dropped_rows": stats.result.get("dropped_rows", [])[:200] if stats and q.get("dropped") else None,
-        "base_query": urlencode(base), "options_query": urlencode(options.as_query()),
-    })
+    return render(
+        request,
+        "datasets/preview.html",
+        {
+            "dataset": dataset,
+            "columns": columns,
+            "error": error,
+            "options": options,
+            "other": other,
+            "models": models,
+            "index": index,
+            "compare": compare,
+            "search": search,
+            "matches": search_rows(dataset, search) if search else None,
+            "dropped_rows": stats.result.get("dropped_rows", [])[:200] if stats and q.get("dropped") else None,
+            "base_query": urlencode(base),
+            "options_query": urlencode(options.as_query()),
+        },
+    )
 
 
 def dataset_rejected(request, pk: int):
     dataset = get_object_or_404(Dataset.objects.visible_to(request.user), pk=pk)
     if not dataset.rejected_path.exists():
         raise Http404("no rejected lines")
-    return FileResponse(dataset.rejected_path.open("rb"), as_attachment=True,
-                        filename=f"{dataset.name}.rejected.jsonl")
+    return FileResponse(dataset.rejected_path.open("rb"), as_attachment=True, filename=f"{dataset.name}.rejected.jsonl")

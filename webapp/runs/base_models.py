@@ -35,8 +35,9 @@ def resolve_base_model(name: str) -> str:
     if name.startswith(("/", "~", ".")):
         path = Path(name).expanduser().resolve()
         if not any(path.is_relative_to(root) for root in roots):
-            raise ValueError("local model paths must be inside the server's model directories "
-                             f"({', '.join(str(r) for r in roots)})")
+            raise ValueError(
+                f"local model paths must be inside the server's model directories ({', '.join(str(r) for r in roots)})"
+            )
         if not path.is_dir():
             raise ValueError(f"folder {name!r} does not exist")
         return str(path)

@@ -26,8 +26,11 @@ def inventory() -> list[str]:
     host = socket.gethostname()
     spec = (settings.TRAINYARD_GPUS or "").strip()
     if spec:
-        ids = [str(i) for i in range(int(spec))] if spec.isdigit() and "," not in spec else [
-            x.strip() for x in spec.split(",") if x.strip()]
+        ids = (
+            [str(i) for i in range(int(spec))]
+            if spec.isdigit() and "," not in spec
+            else [x.strip() for x in spec.split(",") if x.strip()]
+        )
     else:
         ids = [str(i) for i in range(_cuda_count())]
     return [f"{host}:cuda:{i}" for i in ids] or [f"{host}:cpu"]
@@ -60,7 +63,7 @@ def release_leases_of_ended_runs() -> int:
 
 
 def cuda_visible_devices(devices: list[str]) -> str:
-    """"host:cuda:3" -> "3"; empty for the CPU, so the training process sees no GPU."""
+    """ "host:cuda:3" -> "3"; empty for the CPU, so the training process sees no GPU."""
     return ",".join(d.rsplit(":", 1)[1] for d in devices if ":cuda:" in d)
 
 
@@ -69,8 +72,8 @@ def queue_position(run: Run) -> int:
     from django.db.models import Q
 
     ahead = Run.objects.filter(status="queued").filter(
-        Q(priority__gt=run.priority) | Q(priority=run.priority, created_at__lt=run.created_at)
-        | Q(priority=run.priority, created_at=run.created_at, pk__lt=run.pk))
+        Q(priority__gt=run.priority)
+        | Q(priority=run.priority, created_at__lt=run.created_at)
+        | Q(priority=run.priority, created_at=run.created_at, pk__lt=run.pk)
+    )
     return ahead.count() + 1
-
-

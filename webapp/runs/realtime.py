@@ -47,8 +47,14 @@ def points_after(run_id: int, after_seq: int, limit: int = 5000) -> list[Point]:
 
 
 def status_of(run: Run) -> StatusPayload:
-    return StatusPayload(type="status", status=run.status, message=run.message, current_step=run.current_step,
-                         total_steps=run.total_steps, final=not run.is_active)
+    return StatusPayload(
+        type="status",
+        status=run.status,
+        message=run.message,
+        current_step=run.current_step,
+        total_steps=run.total_steps,
+        final=not run.is_active,
+    )
 
 
 def log_after(run: Run, offset: int) -> LogPayload | None:

@@ -45,7 +45,9 @@ def validate_config(workspace, yaml_text: str) -> tuple[TrainConfig, dict]:
         dataset = Dataset.objects.filter(workspace=workspace, name=entry["path"]).first()
         if dataset is None:
             known = ", ".join(names) or "none uploaded yet"
-            errors.append(ConfigError(f"datasets[{i}].path", f"no dataset named {entry['path']!r} in this workspace ({known})"))
+            errors.append(
+                ConfigError(f"datasets[{i}].path", f"no dataset named {entry['path']!r} in this workspace ({known})")
+            )
         elif config:
             resolved["datasets"][i]["path"] = str(dataset.path)
     if config:
@@ -87,14 +89,28 @@ def run_memory_estimate(run: Run):
 
 # Common keys editable as a form: (key, type, help)
 FORM_FIELDS = [
-    ("base_model", str, "hub id or model folder"), ("adapter", str, "lora, qlora, or empty for a full fine-tune"),
-    ("lora_r", int, ""), ("lora_alpha", int, ""), ("lora_dropout", float, ""),
-    ("lora_target_linear", bool, "LoRA on every linear layer"), ("load_in_4bit", bool, ""),
-    ("sequence_len", int, ""), ("sample_packing", bool, ""), ("micro_batch_size", int, ""),
-    ("gradient_accumulation_steps", int, ""), ("num_epochs", float, ""), ("max_steps", int, "overrides num_epochs"),
-    ("learning_rate", float, ""), ("lr_scheduler", str, "cosine, linear, constant..."), ("warmup_steps", int, ""),
-    ("optimizer", str, "default: fused AdamW"), ("gradient_checkpointing", bool, ""), ("val_set_size", float, ""),
-    ("eval_steps", int, ""), ("save_steps", int, ""), ("attn_implementation", str, "sdpa, eager, flash_attention_2"),
+    ("base_model", str, "hub id or model folder"),
+    ("adapter", str, "lora, qlora, or empty for a full fine-tune"),
+    ("lora_r", int, ""),
+    ("lora_alpha", int, ""),
+    ("lora_dropout", float, ""),
+    ("lora_target_linear", bool, "LoRA on every linear layer"),
+    ("load_in_4bit", bool, ""),
+    ("sequence_len", int, ""),
+    ("sample_packing", bool, ""),
+    ("micro_batch_size", int, ""),
+    ("gradient_accumulation_steps", int, ""),
+    ("num_epochs", float, ""),
+    ("max_steps", int, "overrides num_epochs"),
+    ("learning_rate", float, ""),
+    ("lr_scheduler", str, "cosine, linear, constant..."),
+    ("warmup_steps", int, ""),
+    ("optimizer", str, "default: fused AdamW"),
+    ("gradient_checkpointing", bool, ""),
+    ("val_set_size", float, ""),
+    ("eval_steps", int, ""),
+    ("save_steps", int, ""),
+    ("attn_implementation", str, "sdpa, eager, flash_attention_2"),
 ]
 
 
@@ -148,8 +164,9 @@ def save_config(workspace, user, name: str, yaml_text: str, instance: TrainingCo
     return instance
 
 
-def enqueue_run(workspace, user, config: TrainingConfig, name: str | None = None, *, gpus: int = 1,
-                priority: int = 0) -> Run:
+def enqueue_run(
+    workspace, user, config: TrainingConfig, name: str | None = None, *, gpus: int = 1, priority: int = 0
+) -> Run:
     """Validate again (datasets may have gone), freeze the config into the run folder, queue after commit."""
     from webapp.runs.tasks import execute_run
 
@@ -157,8 +174,15 @@ def enqueue_run(workspace, user, config: TrainingConfig, name: str | None = None
     if gpus < 1:
         raise ConfigInvalid([ConfigError("gpus", "a run needs at least one device")])
     with transaction.atomic():
-        run = Run.objects.create(workspace=workspace, config=config, name=name or config.name,
-                                 config_yaml=config.yaml, created_by=user, gpus=gpus, priority=priority)
+        run = Run.objects.create(
+            workspace=workspace,
+            config=config,
+            name=name or config.name,
+            config_yaml=config.yaml,
+            created_by=user,
+            gpus=gpus,
+            priority=priority,
+        )
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         transaction.on_commit(lambda: execute_run(run.pk))
@@ -187,14 +211,25 @@ def resume_run(run: Run, user) -> Run:
     step = int(checkpoint.name.split("-")[-1])
     with transaction.atomic():
         new = Run.objects.create(
-            workspace=run.workspace, config=run.config, name=run.name, config_yaml=run.config_yaml,
-            created_by=user, gpus=run.gpus, priority=run.priority, attempt=run.attempt + 1, resumed_from=run,
-            resume_checkpoint=str(checkpoint), current_step=step, total_steps=run.total_steps)
+            workspace=run.workspace,
+            config=run.config,
+            name=run.name,
+            config_yaml=run.config_yaml,
+            created_by=user,
+            gpus=run.gpus,
+            priority=run.priority,
+            attempt=run.attempt + 1,
+            resumed_from=run,
+            resume_checkpoint=str(checkpoint),
+            current_step=step,
+            total_steps=run.total_steps,
+        )
         new.run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(run.run_dir / "config.yaml", new.run_dir / "config.yaml")
         kept = MetricPoint.objects.filter(run=run, step__lte=step).order_by("seq")
-        MetricPoint.objects.bulk_create([MetricPoint(run=new, seq=i, step=p.step, time=p.time, values=p.values)
-                                         for i, p in enumerate(kept)])
+        MetricPoint.objects.bulk_create(
+            [MetricPoint(run=new, seq=i, step=p.step, time=p.time, values=p.values) for i, p in enumerate(kept)]
+        )
         Run.objects.filter(pk=new.pk).update(next_seq=kept.count())
         transaction.on_commit(lambda: execute_run(new.pk))
     return new
@@ -211,8 +246,10 @@ def cancel_run(run: Run) -> bool:
     """Queued runs end at once; starting/running ones are flagged and their worker kills the process."""
     if transition(run.pk, [RunStatus.QUEUED], RunStatus.CANCELLED, message="cancelled before it started"):
         return True
-    return Run.objects.filter(pk=run.pk, status__in=[RunStatus.STARTING, RunStatus.RUNNING]).update(
-        cancel_requested=True) == 1
+    return (
+        Run.objects.filter(pk=run.pk, status__in=[RunStatus.STARTING, RunStatus.RUNNING]).update(cancel_requested=True)
+        == 1
+    )
 
 
 def record_events(run_id: int, events: list[dict], new_offset: int) -> None:
@@ -222,8 +259,15 @@ def record_events(run_id: int, events: list[dict], new_offset: int) -> None:
     for event in events:
         kind = event.get("event")
         if kind == "metric":
-            points.append(MetricPoint(run=run, seq=seq, step=int(event.get("step", 0)),
-                                      time=float(event.get("time", 0)), values=event.get("values", {})))
+            points.append(
+                MetricPoint(
+                    run=run,
+                    seq=seq,
+                    step=int(event.get("step", 0)),
+                    time=float(event.get("time", 0)),
+                    values=event.get("values", {}),
+                )
+            )
             seq += 1
             fields["current_step"] = max(int(event.get("step", 0)), fields.get("current_step", run.current_step))
         elif kind == "status" and event.get("state") == "running":
@@ -233,8 +277,9 @@ def record_events(run_id: int, events: list[dict], new_offset: int) -> None:
             fields["data_summary"] = {k: v for k, v in event.items() if k not in ("event", "time")}
     with transaction.atomic():
         MetricPoint.objects.bulk_create(points)
-        Run.objects.filter(pk=run_id).update(events_offset=new_offset, next_seq=seq, heartbeat_at=timezone.now(),
-                                             **fields)
+        Run.objects.filter(pk=run_id).update(
+            events_offset=new_offset, next_seq=seq, heartbeat_at=timezone.now(), **fields
+        )
 
 
 def catch_up_events(run_id: int) -> None:
@@ -257,7 +302,7 @@ def finish_run(run_id: int, state: str, message: str) -> bool:
 def package_artifacts(run: Run) -> list[Artifact]:
     """Zip the adapter (or full model) folder with its tokenizer, for download."""
     made = []
-    for kind in ("adapter", "model"):
+    for kind in ("adapter", "model", "merged"):
         folder = run.run_dir / kind
         if not folder.is_dir():
             continue
@@ -290,7 +335,10 @@ def mark_stale_runs_interrupted(max_age_seconds: int | None = None, run_id: int 
     count = 0
     for run_id in stale.values_list("pk", flat=True):
         catch_up_events(run_id)
-        count += finish_run(run_id, RunStatus.INTERRUPTED, "the worker stopped reporting (killed or lost); logs, "
-                                                           "metrics and checkpoints up to then are kept: resume it")
+        count += finish_run(
+            run_id,
+            RunStatus.INTERRUPTED,
+            "the worker stopped reporting (killed or lost); logs, "
+            "metrics and checkpoints up to then are kept: resume it",
+        )
     return count
-

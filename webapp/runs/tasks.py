@@ -90,15 +90,27 @@ def supervise(run_id: int, devices: list[str]) -> None:
     if run is None:
         return
     now = timezone.now()
-    if not services.transition(run_id, [RunStatus.QUEUED], RunStatus.STARTING, started_at=now, heartbeat_at=now,
-                               devices=devices):
+    if not services.transition(
+        run_id, [RunStatus.QUEUED], RunStatus.STARTING, started_at=now, heartbeat_at=now, devices=devices
+    ):
         return  # cancelled meanwhile, or another worker has it
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONUNBUFFERED": "1",
-           "CUDA_VISIBLE_DEVICES": gpus.cuda_visible_devices(devices)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "PYTHONUNBUFFERED": "1",
+        "CUDA_VISIBLE_DEVICES": gpus.cuda_visible_devices(devices),
+    }
     with run.log_path.open("ab") as log_file:
         # Own process group: cancel kills the trainer and anything it spawned, never the worker.
-        proc = subprocess.Popen(command(run, devices), stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                cwd=run.run_dir, start_new_session=True, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(
+            command(run, devices),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=run.run_dir,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
     offset, last_beat, cancelled, final = run.events_offset, 0.0, False, None
     events_path = run.run_dir / "events.jsonl"
     while True:
@@ -107,8 +119,14 @@ def supervise(run_id: int, devices: list[str]) -> None:
         if events or new_offset != offset:
             services.record_events(run_id, events, new_offset)
             offset = new_offset
-            final = next((e for e in reversed(events) if e.get("event") == "status"
-                          and e.get("state") in ("succeeded", "failed", "cancelled")), final)
+            final = next(
+                (
+                    e
+                    for e in reversed(events)
+                    if e.get("event") == "status" and e.get("state") in ("succeeded", "failed", "cancelled")
+                ),
+                final,
+            )
         if exited:
             break
         now_s = time.monotonic()
@@ -147,8 +165,12 @@ def _finish(run_id: int, returncode: int, cancelled: bool, final: dict | None) -
         return
     if returncode < 0:
         name = signal.Signals(-returncode).name
-        services.finish_run(run_id, RunStatus.INTERRUPTED,
-                            f"the training process was killed ({name}); logs, metrics and checkpoints are kept")
+        services.finish_run(
+            run_id,
+            RunStatus.INTERRUPTED,
+            f"the training process was killed ({name}); logs, metrics and checkpoints are kept",
+        )
         return
-    services.finish_run(run_id, RunStatus.FAILED,
-                        f"the training process exited with code {returncode} without a result; see the log")
+    services.finish_run(
+        run_id, RunStatus.FAILED, f"the training process exited with code {returncode} without a result; see the log"
+    )

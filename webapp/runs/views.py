@@ -31,9 +31,11 @@ def _starter_yaml(workspace, preset: str = STARTER_PRESET) -> str:
     dataset = Dataset.objects.filter(workspace=workspace).first()
     models = available_models()
     template = PRESETS.get(preset, PRESETS[STARTER_PRESET])[1]
-    return template.format(model=models[0] if models else "owner/model-id",
-                           dataset=dataset.name if dataset else "my-dataset",
-                           type=dataset.format if dataset else "chat_template")
+    return template.format(
+        model=models[0] if models else "owner/model-id",
+        dataset=dataset.name if dataset else "my-dataset",
+        type=dataset.format if dataset else "chat_template",
+    )
 
 
 def config_edit(request, pk: int | None = None):
@@ -56,8 +58,13 @@ def config_edit(request, pk: int | None = None):
             else:
                 saved = services.save_config(workspace, request.user, name, yaml_text, instance)
                 if action == "run":
-                    run = services.enqueue_run(workspace, request.user, saved, priority=_int(request.POST, "priority"),
-                                               gpus=_int(request.POST, "gpus", 1))
+                    run = services.enqueue_run(
+                        workspace,
+                        request.user,
+                        saved,
+                        priority=_int(request.POST, "priority"),
+                        gpus=_int(request.POST, "gpus", 1),
+                    )
                     return redirect("run-detail", pk=run.pk)
                 messages.success(request, f"Saved “{saved.name}”.")
                 return redirect("config-edit", pk=saved.pk)
@@ -69,11 +76,22 @@ def config_edit(request, pk: int | None = None):
             estimate = services.memory_estimate(config, resolved)
         except ConfigInvalid as exc:
             errors = exc.errors
-    return render(request, "runs/config_edit.html", {
-        "config": instance, "name": name, "yaml": yaml_text, "errors": errors, "estimate": estimate,
-        "datasets": Dataset.objects.filter(workspace=workspace), "models": available_models(),
-        "presets": [(key, label) for key, (label, _) in PRESETS.items()], "form": services.form_values(yaml_text),
-    }, status=status)
+    return render(
+        request,
+        "runs/config_edit.html",
+        {
+            "config": instance,
+            "name": name,
+            "yaml": yaml_text,
+            "errors": errors,
+            "estimate": estimate,
+            "datasets": Dataset.objects.filter(workspace=workspace),
+            "models": available_models(),
+            "presets": [(key, label) for key, (label, _) in PRESETS.items()],
+            "form": services.form_values(yaml_text),
+        },
+        status=status,
+    )
 
 
 def _int(data, key: str, default: int = 0) -> int:
@@ -109,15 +127,23 @@ def run_list(request):
 def run_detail(request, pk: int):
     run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
     log = realtime.log_after(run, 0)
-    return render(request, "runs/run_detail.html", {
-        "run": run, "status": realtime.status_of(run), "log_text": log["text"] if log else "",
-        "log_offset": log["offset"] if log else 0, "artifacts": run.artifacts.all(),
-        "queue_position": gpus.queue_position(run) if run.status == "queued" else None,
-        "can_resume": run.status in ("interrupted", "failed", "cancelled") and services.latest_checkpoint(run),
-        "estimate": services.run_memory_estimate(run),
-        "peak_memory_mb": max((p.values.get("memory_mb", 0) for p in run.points.all() if "memory_mb" in p.values),
-                              default=None),
-    })
+    return render(
+        request,
+        "runs/run_detail.html",
+        {
+            "run": run,
+            "status": realtime.status_of(run),
+            "log_text": log["text"] if log else "",
+            "log_offset": log["offset"] if log else 0,
+            "artifacts": run.artifacts.all(),
+            "queue_position": gpus.queue_position(run) if run.status == "queued" else None,
+            "can_resume": run.status in ("interrupted", "failed", "cancelled") and services.latest_checkpoint(run),
+            "estimate": services.run_memory_estimate(run),
+            "peak_memory_mb": max(
+                (p.values.get("memory_mb", 0) for p in run.points.all() if "memory_mb" in p.values), default=None
+            ),
+        },
+    )
 
 
 @require_POST

@@ -26,8 +26,24 @@ class Command(BaseCommand):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         procs = [
             subprocess.Popen([sys.executable, "manage.py", "run_huey", "--workers", str(workers)], env=env),
-            subprocess.Popen([sys.executable, "-m", "uvicorn", "webapp.asgi:application", "--host", host,
-                              "--port", str(port), "--ws", "websockets", "--lifespan", "off", "--no-access-log"], env=env),
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "webapp.asgi:application",
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                    "--ws",
+                    "websockets",
+                    "--lifespan",
+                    "off",
+                    "--no-access-log",
+                ],
+                env=env,
+            ),
         ]
         self.stdout.write(self.style.SUCCESS(f"\nTrainyard is running: http://{host}:{port}/"))
         if login:

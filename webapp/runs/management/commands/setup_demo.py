@@ -38,6 +38,10 @@ class Command(BaseCommand):
                     raise SystemExit(f"demo dataset {path} failed validation: {exc}") from None
             self.stdout.write(f"dataset: {result.dataset.name} ({result.dataset.rows} rows)")
         TrainingConfig.objects.get_or_create(
-            workspace=workspace, name="demo-lora",
-            defaults={"yaml": PRESETS["lora-small"][1].format(model="tiny-chat", dataset="demo-chat", type="chat_template"),
-                      "created_by": user})
+            workspace=workspace,
+            name="demo-lora",
+            defaults={
+                "yaml": PRESETS["lora-small"][1].format(model="tiny-chat", dataset="demo-chat", type="chat_template"),
+                "created_by": user,
+            },
+        )
