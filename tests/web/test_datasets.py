@@ -217,3 +217,23 @@ def test_api_refuses_other_workspaces_and_anonymous(client, alice_dataset, bob_c
     assert bob_client.get(f"/api/datasets/{alice_dataset.pk}").status_code == 404
     assert bob_client.get(f"/api/datasets/{alice_dataset.pk}/rows/0/preview").status_code == 404
     assert client.get("/api/datasets/").status_code == 401
+
+
+def test_preview_can_take_its_options_from_a_config(alice_client, alice, alice_dataset):
+    from webapp.runs.models import TrainingConfig
+
+    config = TrainingConfig.objects.create(
+        workspace=alice[1], name="users-too",
+        yaml="base_model: tiny-chat\ndatasets:\n  - path: chat\n    roles_to_train: [assistant, user]\nsequence_len: 20\n")
+    page = alice_client.get(f"/datasets/{alice_dataset.pk}/preview/?row=1&config={config.pk}").content.decode()
+    assert 'value="assistant,user"' in page and 'name="sequence_len" value="20"' in page
+    assert "too_long" in page  # with sequence_len 20 the row is dropped, and the page says so
+
+
+def test_a_line_over_the_size_limit_is_reported(alice_client, monkeypatch):
+    from training import rows
+
+    monkeypatch.setattr(rows, "MAX_LINE_BYTES", 200)
+    data = jsonl([CHAT_ROW, {"text": "x" * 500}])
+    response = alice_client.post("/datasets/", {"file": SimpleUploadedFile("x.jsonl", data)})
+    assert response.status_code == 400 and "over the 200-byte limit" in response.content.decode()

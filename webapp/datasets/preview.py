@@ -42,6 +42,15 @@ class PreviewOptions:
             sequence_len=sequence_len,
         )
 
+    @classmethod
+    def from_config(cls, config, dataset_name: str, models: list[str]) -> PreviewOptions:
+        """The options a training config uses for this dataset (its entry, else its first)."""
+        spec = next((d for d in config.datasets if d.path == dataset_name), config.datasets[0])
+        if config.base_model not in models:
+            raise ValueError(f"its base_model {config.base_model!r} is not a model folder on this server")
+        return cls(model=config.base_model, train_on_inputs=config.train_on_inputs, roles_to_train=spec.roles_to_train,
+                   train_on_eos=spec.train_on_eos, sequence_len=config.sequence_len)
+
     def as_query(self, prefix: str = "") -> dict:
         return {
             prefix + "model": self.model,
@@ -73,6 +82,7 @@ class Preview:
     trained: int
     dropped: str | None
     warnings: list[str]
+    truncated: bool = False
 
 
 @lru_cache(maxsize=4)
@@ -104,13 +114,14 @@ def preview_row(dataset: Dataset, index: int, options: PreviewOptions) -> Previe
     raw = read_row(dataset, index)
     outcomes = encoder.encode_row(raw, index)
     specials = set(tokenizer.all_special_ids)
-    tokens, dropped, trained = [], None, 0
+    tokens, dropped, trained, truncated = [], None, 0, False
     for outcome in outcomes:
         sample = outcome.sample if isinstance(outcome, Dropped) else outcome
         if isinstance(outcome, Dropped):
             dropped = f"{outcome.reason}: {outcome.detail}"
         if sample is None:
             continue
+        truncated = truncated or sample.truncated
         for token_id, label, part in zip(sample.input_ids, sample.labels, sample.token_parts):
             is_trained = label != IGNORE_INDEX
             trained += is_trained
@@ -124,4 +135,4 @@ def preview_row(dataset: Dataset, index: int, options: PreviewOptions) -> Previe
                     sample.parts[part] if part >= 0 else "template",
                 )
             )
-    return Preview(index, raw, tokens, trained, dropped, encoder.warnings())
+    return Preview(index, raw, tokens, trained, dropped, encoder.warnings(), truncated)

@@ -10,11 +10,13 @@ from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods
 
+from training.config import ConfigInvalid, parse_config
 from training.formats import FORMATS
 from webapp.datasets.models import Dataset
 from webapp.datasets.preview import PreviewOptions, preview_row
 from webapp.datasets.services import UploadRejected, first_rows, request_stats, search_rows, upload_dataset
 from webapp.runs.base_models import available_models
+from webapp.runs.models import TrainingConfig
 from webapp.workspaces.services import current_workspace
 
 
@@ -112,6 +114,15 @@ def dataset_preview(request, pk: int):
         index = random.randrange(dataset.rows)
     index = min(max(index, 0), dataset.rows - 1)
     options = PreviewOptions.from_query(q, models)
+    configs = TrainingConfig.objects.filter(workspace=dataset.workspace)
+    chosen = configs.filter(pk=q.get("config")).first() if q.get("config", "").isdigit() else None
+    config_note = None
+    if chosen:
+        try:
+            options = PreviewOptions.from_config(parse_config(chosen.yaml, allow_trust_remote_code=True), dataset.name,
+                                                 models)
+        except (ConfigInvalid, ValueError) as exc:
+            config_note = f"config “{chosen.name}” can't be used here: {exc}"
     compare = q.get("compare") == "1"
     other = PreviewOptions.from_query(q, models, prefix="b_") if compare else None
     columns, error = [], None
