@@ -31,6 +31,7 @@ class PreparedData:
     stats: list[EncodeStats]
     warnings: list[str]
     packing_efficiency: float | None
+    examples: list[Encoded]  # a few encoded training samples, as the trainer sees them
 
 
 def resolve_path(path: str, base_dir: Path | None) -> Path:
@@ -84,7 +85,7 @@ def prepare_data(config: TrainConfig, tokenizer, base_dir: Path | None = None) -
     else:
         train = [{"input_ids": s.input_ids, "labels": s.labels} for s in train_samples]
     evals = [{"input_ids": s.input_ids, "labels": s.labels} for s in eval_samples]
-    return PreparedData(train, evals, all_stats, warnings, efficiency)
+    return PreparedData(train, evals, all_stats, warnings, efficiency, train_samples[:3])
 
 
 class Collator:
@@ -211,6 +212,15 @@ def train(
         eval_samples=len(data.eval),
         packing_efficiency=data.packing_efficiency,
         warnings=data.warnings,
+        examples=[
+            {
+                "row": e.row,
+                "tokens": [
+                    [tokenizer.decode([t]), lab != IGNORE_INDEX] for t, lab in zip(e.input_ids[:256], e.labels[:256])
+                ],
+            }
+            for e in data.examples
+        ],
     )
 
     # -- setup: model --------------------------------------------------------------------------

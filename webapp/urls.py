@@ -24,6 +24,8 @@ urlpatterns = [
     path("runs/<int:pk>/", runs.run_detail, name="run-detail"),
     path("runs/<int:pk>/cancel/", runs.run_cancel, name="run-cancel"),
     path("runs/<int:pk>/resume/", runs.run_resume, name="run-resume"),
+    path("runs/<int:pk>/notes/", runs.run_note, name="run-note"),
+    path("runs/<int:pk>/log.txt", runs.run_log, name="run-log"),
     path("runs/<int:pk>/artifacts/<int:artifact_id>/download/", runs.artifact_download, name="artifact-download"),
     path("api/", api.urls),
     path("admin/", admin.site.urls),

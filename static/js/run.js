@@ -1,43 +1,83 @@
-// Run page: history then live points over one websocket; reconnects by itself and resumes from the
-// last seq it has (no gap, no duplicate).
+// Run page: history (downsampled server-side) then live points over one websocket; reconnects by
+// itself and resumes after the last seq it has, so there is no gap and no duplicate.
 (function () {
   const run = window.RUN;
   const initial = JSON.parse(document.getElementById("initial-status").textContent);
-  const series = {
-    "chart-loss": {title: "loss", traces: [["loss", "train loss"], ["eval_loss", "eval loss"]]},
-    "chart-lr": {title: "learning rate", traces: [["learning_rate", "learning rate"]]},
-    "chart-grad": {title: "grad norm", traces: [["grad_norm", "grad norm"]]},
-    "chart-tps": {title: "tokens / s", traces: [["tokens_per_second", "tokens/s"]]},
+  const CHARTS = {
+    "chart-loss": {title: "loss", keys: [["loss", "train loss", true], ["eval_loss", "eval loss", false]]},
+    "chart-lr": {title: "learning rate", keys: [["learning_rate", "learning rate", false]]},
+    "chart-grad": {title: "grad norm", keys: [["grad_norm", "grad norm", false]]},
+    "chart-tps": {title: "throughput", keys: [["tokens_per_second", "tokens/s", false]]},
+    "chart-mem": {title: "peak memory (MB)", keys: [["memory_mb", "memory MB", false]]},
   };
-  let lastSeq = -1, logOffset = run.logOffset, plotted = false, closedForGood = false;
-  const layout = (title) => ({title: {text: title, font: {size: 14}}, margin: {l: 50, r: 10, t: 36, b: 36},
-    height: 260, xaxis: {title: {text: "step"}}, legend: {orientation: "h"}, hovermode: "x unified"});
+  const series = {};  // key -> {step: [], time: [], y: []}
+  let lastSeq = -1, logOffset = run.logOffset, plotted = false, closedForGood = false, dirty = false;
+  let firstTime = null, latestEpoch = null;
 
-  function ensurePlots() {
-    if (plotted) return;
-    for (const [id, s] of Object.entries(series)) {
-      Plotly.newPlot(id, s.traces.map(([, name]) => ({x: [], y: [], name, mode: "lines+markers",
-        type: "scattergl", marker: {size: 4}})), layout(s.title), {displaylogo: false, responsive: true});
-    }
-    plotted = true;
-    document.getElementById("no-points").hidden = true;
-  }
+  const num = (v) => (typeof v === "number" ? v : v === "nan" ? NaN : v === "inf" ? Infinity : v === "-inf" ? -Infinity : null);
 
   function addPoints(points) {
     points = points.filter((p) => p.seq > lastSeq);
     if (!points.length) return;
-    ensurePlots();
-    for (const [id, s] of Object.entries(series)) {
-      const xs = s.traces.map(() => []), ys = s.traces.map(() => []);
-      for (const p of points) {
-        s.traces.forEach(([key], i) => {
-          const v = p.values[key];
-          if (v !== undefined && v !== null) { xs[i].push(p.step); ys[i].push(typeof v === "number" ? v : NaN); }
-        });
+    for (const p of points) {
+      if (firstTime === null) firstTime = p.time;
+      for (const [key, raw] of Object.entries(p.values)) {
+        const v = num(raw);
+        if (v === null) continue;
+        const s = series[key] || (series[key] = {step: [], time: [], y: []});
+        s.step.push(p.step); s.time.push(p.time - firstTime); s.y.push(v);
       }
-      if (xs.some((x) => x.length)) Plotly.extendTraces(id, {x: xs, y: ys}, s.traces.map((_, i) => i));
+      if (typeof p.values.epoch === "number") latestEpoch = p.values.epoch;
     }
     lastSeq = points[points.length - 1].seq;
+    dirty = true;
+  }
+
+  function ema(values, alpha) {
+    if (!alpha) return values;
+    let last = null;
+    return values.map((v) => (Number.isFinite(v) ? (last = last === null ? v : alpha * last + (1 - alpha) * v) : v));
+  }
+
+  function draw() {
+    if (!dirty) return;
+    dirty = false;
+    const smooth = parseFloat(document.getElementById("smoothing").value);
+    const xKey = document.getElementById("x-axis").value;
+    const log = document.getElementById("log-scale").checked;
+    if (!Object.keys(series).length) return;
+    document.getElementById("no-points").hidden = true;
+    for (const [id, chart] of Object.entries(CHARTS)) {
+      const traces = [];
+      for (const [key, name, smoothable] of chart.keys) {
+        const s = series[key];
+        if (!s) continue;
+        if (smoothable && smooth) traces.push({x: s[xKey], y: s.y, name: name + " (raw)", type: "scattergl",
+          mode: "lines", opacity: 0.3, line: {color: "#3358d4"}, showlegend: false});
+        traces.push({x: s[xKey], y: smoothable ? ema(s.y, smooth) : s.y, name, type: "scattergl",
+          mode: s.y.length > 200 ? "lines" : "lines+markers", marker: {size: 4}});
+      }
+      const layout = {title: {text: chart.title, font: {size: 14}}, height: 250, margin: {l: 55, r: 10, t: 34, b: 36},
+        xaxis: {title: {text: xKey === "step" ? "step" : "seconds"}}, legend: {orientation: "h"}, hovermode: "x unified",
+        yaxis: {type: log && id !== "chart-lr" ? "log" : "linear"},
+        annotations: traces.length ? [] : [{text: "no data yet", showarrow: false, xref: "paper", yref: "paper",
+          x: 0.5, y: 0.5, font: {color: "#667085"}}]};
+      Plotly.react(id, traces, layout, {displaylogo: false, responsive: true});
+    }
+    plotted = true;
+  }
+  setInterval(draw, 500);  // at most two redraws a second, however fast points arrive
+  for (const id of ["smoothing", "x-axis", "log-scale"]) {
+    document.getElementById(id).addEventListener("input", () => {
+      document.getElementById("smoothing-value").textContent = document.getElementById("smoothing").value;
+      dirty = true; draw();
+    });
+  }
+
+  function fmt(seconds) {
+    seconds = Math.max(0, Math.round(seconds));
+    const h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
+    return (h ? h + "h " : "") + (h || m ? m + "m " : "") + s + "s";
   }
 
   function showStatus(s) {
@@ -48,8 +88,27 @@
     const bar = document.getElementById("step-progress");
     if (s.total_steps) bar.max = s.total_steps;
     bar.value = s.current_step;
-    document.getElementById("step-text").textContent =
-      "step " + s.current_step + (s.total_steps ? " / " + s.total_steps : "");
+    document.getElementById("step-text").textContent = "step " + s.current_step + (s.total_steps ? " / " + s.total_steps : "");
+    if (latestEpoch !== null) document.getElementById("epoch-text").textContent = "epoch " + latestEpoch.toFixed(2);
+    if (run.startedAt) {
+      const end = s.final ? (run.finishedAt || Date.now() / 1000) : Date.now() / 1000;
+      const elapsed = end - run.startedAt;
+      let text = "elapsed " + fmt(elapsed);
+      if (!s.final && s.total_steps && s.current_step > 0) text += " · ETA " + fmt(elapsed / s.current_step * (s.total_steps - s.current_step));
+      document.getElementById("time-text").textContent = text;
+    }
+    const box = document.getElementById("health-alerts");
+    if (s.health && s.health.length) {
+      box.innerHTML = "";
+      for (const a of s.health) {
+        const div = document.createElement("div");
+        div.className = "alert " + a.level;
+        const b = document.createElement("b");
+        b.textContent = a.message;
+        div.append(b, " — " + a.fix);
+        box.append(div);
+      }
+    }
     if (s.final) {
       const cancel = document.getElementById("cancel-form");
       if (cancel) cancel.remove();
@@ -57,25 +116,32 @@
     }
   }
 
+  const logBox = document.getElementById("log"), search = document.getElementById("log-search");
+  let logText = logBox.textContent;
+  function showLog() {
+    const q = search.value.toLowerCase();
+    const atBottom = logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 4;
+    logBox.textContent = q ? logText.split("\n").filter((l) => l.toLowerCase().includes(q)).join("\n") : logText;
+    if (atBottom || !q) logBox.scrollTop = logBox.scrollHeight;
+  }
+  search.addEventListener("input", showLog);
+  logBox.scrollTop = logBox.scrollHeight;
+
   function connect() {
     const proto = location.protocol === "https:" ? "wss" : "ws";
     const ws = new WebSocket(`${proto}://${location.host}/ws/runs/${run.id}/?after=${lastSeq}&log=${logOffset}`);
     ws.onmessage = (ev) => {
       const msg = JSON.parse(ev.data);
-      if (msg.type === "points") addPoints(msg.points);
+      if (msg.type === "points") { addPoints(msg.points); draw(); }
       else if (msg.type === "status") showStatus(msg);
-      else if (msg.type === "log") {
-        const pre = document.getElementById("log");
-        const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-        pre.textContent += msg.text;
-        logOffset = msg.offset;
-        if (atBottom) pre.scrollTop = pre.scrollHeight;
-      }
+      else if (msg.type === "log") { logText += msg.text; logOffset = msg.offset; showLog(); }
     };
     ws.onclose = (ev) => {
       if (ev.code === 4403 || closedForGood) return;
       setTimeout(connect, 1000);
     };
   }
+  showStatus(initial);
   connect();
+  window.trainyardSeries = series;  // for tests and the curious
 })();

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[2]
+server_env: dict = {}
 CHROMIUM = "/usr/bin/chromium"
 RESULTS = ROOT / "test-results"
 pytestmark = pytest.mark.slow
@@ -57,6 +58,7 @@ def server(tmp_path_factory, tiny_model_dir):
             break
         except OSError:
             time.sleep(0.3)
+    server_env.update(env)
     yield url
     os.killpg(proc.pid, 2)
     proc.wait(timeout=30)
@@ -153,3 +155,41 @@ def test_upload_preview_configure_train_watch_and_download(server, browser, tmp_
     target = tmp_path / "adapter.zip"
     info.value.save_as(target)
     assert "adapter/adapter_model.safetensors" in zipfile.ZipFile(target).namelist()
+
+
+PLANT = """
+from webapp.runs.models import Run
+from webapp.runs import services
+from webapp.workspaces.models import Workspace
+run = Run.objects.create(workspace=Workspace.objects.get(name="Demo"), name="planted", config_yaml="x",
+                         status="running")
+run.run_dir.mkdir(parents=True, exist_ok=True)
+print(run.pk)
+"""
+
+NAN = """
+from webapp.runs import services
+events = [{"event": "metric", "step": i, "time": float(i), "values": {"loss": 3.0 - i / 10, "grad_norm": 1.0}}
+          for i in range(1, 6)]
+events.append({"event": "metric", "step": 6, "time": 6.0, "values": {"loss": "nan", "grad_norm": "nan"}})
+services.record_events(RUN_ID, events, 1)
+"""
+
+
+def test_a_planted_nan_shows_a_health_alert_live(server, browser):
+    manage = [sys.executable, str(ROOT / "manage.py"), "shell", "-c"]
+    run_id = int(subprocess.run(manage + [PLANT], env=server_env, cwd=ROOT, check=True, capture_output=True,
+                                text=True).stdout.split()[-1])
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server + "/login/")
+    page.fill("input[name=username]", "demo")
+    page.fill("input[name=password]", "trainyard")
+    page.click("button.primary")
+    page.goto(f"{server}/runs/{run_id}/")
+    assert "No problem seen" in page.inner_text("#health-alerts")
+    subprocess.run(manage + [NAN.replace("RUN_ID", str(run_id))], env=server_env, cwd=ROOT, check=True)
+    page.wait_for_selector("#health-alerts .alert.critical", timeout=15_000)  # arrives over the websocket
+    assert "loss is nan at step 6" in page.inner_text("#health-alerts")
+    page.wait_for_function("document.getElementById('chart-loss').data && "
+                           "document.getElementById('chart-loss').data[0].x.length === 6")
+    page.screenshot(path=str(RESULTS / "health.png"), full_page=True)

@@ -48,8 +48,13 @@ class PreviewOptions:
         spec = next((d for d in config.datasets if d.path == dataset_name), config.datasets[0])
         if config.base_model not in models:
             raise ValueError(f"its base_model {config.base_model!r} is not a model folder on this server")
-        return cls(model=config.base_model, train_on_inputs=config.train_on_inputs, roles_to_train=spec.roles_to_train,
-                   train_on_eos=spec.train_on_eos, sequence_len=config.sequence_len)
+        return cls(
+            model=config.base_model,
+            train_on_inputs=config.train_on_inputs,
+            roles_to_train=spec.roles_to_train,
+            train_on_eos=spec.train_on_eos,
+            sequence_len=config.sequence_len,
+        )
 
     def as_query(self, prefix: str = "") -> dict:
         return {

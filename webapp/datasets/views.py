@@ -119,8 +119,9 @@ def dataset_preview(request, pk: int):
     config_note = None
     if chosen:
         try:
-            options = PreviewOptions.from_config(parse_config(chosen.yaml, allow_trust_remote_code=True), dataset.name,
-                                                 models)
+            options = PreviewOptions.from_config(
+                parse_config(chosen.yaml, allow_trust_remote_code=True), dataset.name, models
+            )
         except (ConfigInvalid, ValueError) as exc:
             config_note = f"config “{chosen.name}” can't be used here: {exc}"
     compare = q.get("compare") == "1"

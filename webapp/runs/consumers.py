@@ -20,6 +20,11 @@ def _visible_run(user, run_id: int) -> Run | None:
 
 
 @database_sync_to_async
+def _history(run_id: int, after_seq: int):
+    return realtime.history(run_id, after_seq)
+
+
+@database_sync_to_async
 def _updates(run_id: int, after_seq: int, log_offset: int):
     services.mark_stale_runs_interrupted(run_id=run_id)  # a dead worker shows as interrupted while watched
     run = Run.objects.get(pk=run_id)
@@ -45,20 +50,22 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
             streamer.cancel()
 
     async def _stream(self):
-        first, last_status = True, None
+        last_status = None
+        history = await _history(self.run_id, self.after_seq)
+        await self.send_json({"type": "points", "history": True, "points": history})
+        if history:
+            self.after_seq = history[-1]["seq"]
         while True:
             points, status, log = await _updates(self.run_id, self.after_seq, self.log_offset)
-            if points or first:
-                await self.send_json({"type": "points", "history": first, "points": points})
-                if points:
-                    self.after_seq = points[-1]["seq"]
+            if points:
+                await self.send_json({"type": "points", "history": False, "points": points})
+                self.after_seq = points[-1]["seq"]
             if log:
                 await self.send_json(log)
                 self.log_offset = log["offset"]
             if status != last_status:
                 await self.send_json(status)
                 last_status = status
-            first = False
             if status["final"] and not points and not log:
                 return  # nothing more will come; the socket stays open until the page leaves
             await asyncio.sleep(POLL_SECONDS)

@@ -73,6 +73,7 @@ class Run(models.Model):
     attempt = models.PositiveSmallIntegerField(default=1)
     resumed_from = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="resumes")
     resume_checkpoint = models.CharField(max_length=500, blank=True, help_text="checkpoint folder it starts from")
+    health = models.JSONField(default=list, blank=True, help_text="alerts from training.health, kept by the worker")
 
     objects = OwnedQuerySet.as_manager()
 
@@ -126,3 +127,23 @@ class Artifact(models.Model):
 
     class Meta:
         ordering = ["created_at"]
+
+
+class RunNote(models.Model):
+    """Markdown notes by workspace members on a run's page."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="notes")
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL)
+    text = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at"]
+
+    @property
+    def html(self) -> str:
+        import markdown
+        import nh3
+
+        # Markdown from users is rendered, then sanitized: no script, no inline handlers.
+        return nh3.clean(markdown.markdown(self.text, extensions=["fenced_code", "tables"]))

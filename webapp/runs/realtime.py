@@ -11,6 +11,7 @@ from typing import TypedDict
 from webapp.runs.models import MetricPoint, Run
 
 MAX_LOG_CHUNK = 64 * 1024
+HISTORY_POINTS = 4000
 
 
 class Point(TypedDict):
@@ -33,6 +34,7 @@ class StatusPayload(TypedDict):
     current_step: int
     total_steps: int | None
     final: bool
+    health: list[dict]  # training.health alerts: code, level, step, message, fix
 
 
 class LogPayload(TypedDict):
@@ -46,6 +48,20 @@ def points_after(run_id: int, after_seq: int, limit: int = 5000) -> list[Point]:
     return [Point(seq=p.seq, step=p.step, time=p.time, values=p.values) for p in rows]
 
 
+def history(run_id: int, after_seq: int, max_points: int = HISTORY_POINTS) -> list[Point]:
+    """Everything after `after_seq`, downsampled when long (min/max of loss per bucket, every eval
+    point kept): a 100k-step run loads as a few thousand points that still show its spikes."""
+    from training.health import downsample
+
+    rows = MetricPoint.objects.filter(run_id=run_id, seq__gt=after_seq).order_by("seq")
+    if rows.count() <= max_points:
+        return points_after(run_id, after_seq, limit=max_points)
+    points = [
+        Point(seq=s, step=st, time=t, values=v) for s, st, t, v in rows.values_list("seq", "step", "time", "values")
+    ]
+    return downsample(points, limit=max_points)
+
+
 def status_of(run: Run) -> StatusPayload:
     return StatusPayload(
         type="status",
@@ -54,14 +70,28 @@ def status_of(run: Run) -> StatusPayload:
         current_step=run.current_step,
         total_steps=run.total_steps,
         final=not run.is_active,
+        health=run.health,
     )
 
 
-def log_after(run: Run, offset: int) -> LogPayload | None:
+def log_tail(run: Run, max_bytes: int = 256 * 1024) -> LogPayload | None:
+    """The end of the log for a page load (the full file is a download away)."""
+    try:
+        size = run.log_path.stat().st_size
+    except FileNotFoundError:
+        return None
+    start = max(0, size - max_bytes)
+    payload = log_after(run, start, max_bytes)
+    if payload and start:
+        payload["text"] = "…(earlier lines in the full log)\n" + payload["text"].split("\n", 1)[-1]
+    return payload
+
+
+def log_after(run: Run, offset: int, max_bytes: int = MAX_LOG_CHUNK) -> LogPayload | None:
     try:
         with run.log_path.open("rb") as f:
             f.seek(offset)
-            data = f.read(MAX_LOG_CHUNK)
+            data = f.read(max_bytes)
     except FileNotFoundError:
         return None
     if not data:

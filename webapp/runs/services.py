@@ -79,6 +79,14 @@ def memory_estimate(config: TrainConfig, resolved: dict):
         return None
 
 
+def run_base_model(run: Run) -> str:
+    """The model the run trained on, as it was resolved (absolute folder or hub id)."""
+    try:
+        return str(yaml.safe_load((run.run_dir / "config.yaml").read_text()).get("base_model", ""))
+    except (OSError, yaml.YAMLError, AttributeError):
+        return ""
+
+
 def run_memory_estimate(run: Run):
     try:
         resolved = yaml.safe_load((run.run_dir / "config.yaml").read_text())
@@ -275,11 +283,36 @@ def record_events(run_id: int, events: list[dict], new_offset: int) -> None:
             transition(run_id, [RunStatus.STARTING], RunStatus.RUNNING)
         elif kind == "data":
             fields["data_summary"] = {k: v for k, v in event.items() if k not in ("event", "time")}
+        elif kind == "artifact" and event.get("kind") == "checkpoint":
+            Artifact.objects.get_or_create(run=run, kind="checkpoint", path=event["path"])
+    if points:
+        fields["health"] = _updated_health(run, points, seq)
     with transaction.atomic():
         MetricPoint.objects.bulk_create(points)
         Run.objects.filter(pk=run_id).update(
             events_offset=new_offset, next_seq=seq, heartbeat_at=timezone.now(), **fields
         )
+
+
+TREND_EVERY = 50  # metric points between re-assessments of the loss trend
+
+
+def _updated_health(run: Run, new_points: list[MetricPoint], seq: int) -> list[dict]:
+    """Point alerts (NaN, spikes) from the new points; trend alerts every TREND_EVERY points from a
+    strided view of the history, so a long run costs the worker a bounded read."""
+    from training.health import assess
+
+    alerts = {a["code"]: a for a in run.health}
+    for alert in assess([{"step": p.step, "values": p.values} for p in new_points]):
+        alerts.setdefault(alert.code, alert.as_dict())
+    if seq // TREND_EVERY != run.next_seq // TREND_EVERY:
+        stride = max(1, seq // 2000)
+        history = MetricPoint.objects.filter(run=run).order_by("seq").values_list("seq", "step", "values")
+        series = [{"step": s, "values": v} for q, s, v in history.iterator() if q % stride == 0]
+        series += [{"step": p.step, "values": p.values} for p in new_points]
+        trends = {a.code: a.as_dict() for a in assess(series) if a.code in ("flat_loss", "collapse", "overfit")}
+        alerts = {k: v for k, v in alerts.items() if k not in ("flat_loss", "collapse", "overfit")} | trends
+    return list(alerts.values())
 
 
 def catch_up_events(run_id: int) -> None:
@@ -315,6 +348,20 @@ def package_artifacts(run: Run) -> list[Artifact]:
         tmp.replace(target)
         made.append(Artifact.objects.create(run=run, kind=kind, path=target.name, size=target.stat().st_size))
     return made
+
+
+def config_diff(old: Run, new: Run) -> list[tuple[str, str]]:
+    """Line diff of two runs' configs: (kind, line) with kind in add / remove / same / hunk."""
+    import difflib
+
+    lines = difflib.unified_diff(
+        old.config_yaml.splitlines(), new.config_yaml.splitlines(), f"run {old.pk}", f"run {new.pk}", lineterm="", n=3
+    )
+    out = []
+    for line in list(lines)[2:]:
+        kind = {"+": "add", "-": "remove", "@": "hunk"}.get(line[:1], "same")
+        out.append((kind, line))
+    return out
 
 
 def delete_run_files(run: Run) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from django.contrib import messages
 from django.http import FileResponse, Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from training.config import ConfigInvalid
 from webapp.datasets.models import Dataset
 from webapp.runs import gpus, realtime, services
 from webapp.runs.base_models import available_models
-from webapp.runs.models import Run, TrainingConfig
+from webapp.runs.models import Run, RunNote, TrainingConfig
 from webapp.runs.presets import PRESETS
 from webapp.workspaces.services import current_workspace
 
@@ -43,6 +44,13 @@ def config_edit(request, pk: int | None = None):
     instance = get_object_or_404(TrainingConfig.objects.visible_to(request.user), pk=pk) if pk else None
     name = instance.name if instance else ""
     yaml_text = instance.yaml if instance else _starter_yaml(workspace, request.GET.get("preset", STARTER_PRESET))
+    source = (
+        Run.objects.visible_to(request.user).filter(pk=request.GET.get("from_run")).first()
+        if request.GET.get("from_run", "").isdigit()
+        else None
+    )
+    if source and not instance:  # "clone as new run": start from that run's config
+        yaml_text, name = source.config_yaml, f"{source.name}-copy"
     errors, status, estimate = [], 200, None
     if request.method == "POST":
         name, yaml_text = request.POST.get("name", ""), request.POST.get("yaml", "")
@@ -126,11 +134,23 @@ def run_list(request):
 
 def run_detail(request, pk: int):
     run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
-    log = realtime.log_after(run, 0)
+    log = realtime.log_tail(run)
+    others = Run.objects.filter(workspace=run.workspace).exclude(pk=run.pk)[:50]
+    diff_with = (
+        Run.objects.filter(workspace=run.workspace, pk=request.GET.get("diff")).first()
+        if request.GET.get("diff", "").isdigit()
+        else None
+    )
     return render(
         request,
         "runs/run_detail.html",
         {
+            "others": others,
+            "diff_with": diff_with,
+            "config_diff": services.config_diff(diff_with, run) if diff_with else None,
+            "notes": run.notes.select_related("author"),
+            "examples": run.data_summary.get("examples", []),
+            "base_model": services.run_base_model(run),
             "run": run,
             "status": realtime.status_of(run),
             "log_text": log["text"] if log else "",
@@ -143,6 +163,24 @@ def run_detail(request, pk: int):
                 (p.values.get("memory_mb", 0) for p in run.points.all() if "memory_mb" in p.values), default=None
             ),
         },
+    )
+
+
+@require_POST
+def run_note(request, pk: int):
+    run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
+    text = request.POST.get("text", "").strip()
+    if text:
+        RunNote.objects.create(run=run, author=request.user, text=text[:20000])
+    return redirect(reverse("run-detail", args=[run.pk]) + "#notes")
+
+
+def run_log(request, pk: int):
+    run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
+    if not run.log_path.exists():
+        raise Http404("no log yet")
+    return FileResponse(
+        run.log_path.open("rb"), as_attachment=True, filename=f"run-{run.pk}.log", content_type="text/plain"
     )
 
 
