@@ -178,8 +178,11 @@ services.record_events(RUN_ID, events, 1)
 
 def test_a_planted_nan_shows_a_health_alert_live(server, browser):
     manage = [sys.executable, str(ROOT / "manage.py"), "shell", "-c"]
-    run_id = int(subprocess.run(manage + [PLANT], env=server_env, cwd=ROOT, check=True, capture_output=True,
-                                text=True).stdout.split()[-1])
+    run_id = int(
+        subprocess.run(
+            manage + [PLANT], env=server_env, cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout.split()[-1]
+    )
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(server + "/login/")
     page.fill("input[name=username]", "demo")
@@ -190,6 +193,7 @@ def test_a_planted_nan_shows_a_health_alert_live(server, browser):
     subprocess.run(manage + [NAN.replace("RUN_ID", str(run_id))], env=server_env, cwd=ROOT, check=True)
     page.wait_for_selector("#health-alerts .alert.critical", timeout=15_000)  # arrives over the websocket
     assert "loss is nan at step 6" in page.inner_text("#health-alerts")
-    page.wait_for_function("document.getElementById('chart-loss').data && "
-                           "document.getElementById('chart-loss').data[0].x.length === 6")
+    page.wait_for_function(
+        "document.getElementById('chart-loss').data && document.getElementById('chart-loss').data[0].x.length === 6"
+    )
     page.screenshot(path=str(RESULTS / "health.png"), full_page=True)

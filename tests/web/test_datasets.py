@@ -225,11 +225,13 @@ def test_preview_can_take_its_options_from_a_config(alice_client, alice, alice_d
     config = TrainingConfig.objects.create(
         workspace=alice[1],
         name="users-too",
-        yaml="base_model: tiny-chat\ndatasets:\n  - path: chat\n    roles_to_train: [assistant, user]\nsequence_len: 20\n",
+        yaml="base_model: tiny-chat\ndatasets:\n  - path: chat\n"
+        "    roles_to_train: [assistant, user]\nsequence_len: 20\n",
     )
     page = alice_client.get(f"/datasets/{alice_dataset.pk}/preview/?row=1&config={config.pk}").content.decode()
     assert 'value="assistant,user"' in page and 'name="sequence_len" value="20"' in page
     assert "too_long" in page  # with sequence_len 20 the row is dropped, and the page says so
+    assert f'<option value="{config.pk}" selected>users-too</option>' in page
 
 
 def test_a_line_over_the_size_limit_is_reported(alice_client, monkeypatch):

@@ -156,6 +156,9 @@ def dataset_preview(request, pk: int):
             "dropped_rows": stats.result.get("dropped_rows", [])[:200] if stats and q.get("dropped") else None,
             "base_query": urlencode(base),
             "options_query": urlencode(options.as_query()),
+            "configs": configs,
+            "chosen": chosen,
+            "config_note": config_note,
         },
     )
 
