@@ -34,7 +34,7 @@ class Encoded:
 
     @property
     def trained_tokens(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 @dataclass
@@ -297,7 +297,10 @@ class Encoder:
             bounds = [(s, min(s + r.split_every, len(ids))) for s in range(0, len(ids), r.split_every)]
         out: list[Encoded | Dropped] = []
         for chunk, (lo, hi) in enumerate(bounds):
-            c_ids, c_trained, c_parts = ids[lo:hi], trained[lo:hi], parts[lo:hi]
+            if len(bounds) == 1:  # the common case: no copies
+                c_ids, c_trained, c_parts = ids, trained, parts
+            else:
+                c_ids, c_trained, c_parts = ids[lo:hi], trained[lo:hi], parts[lo:hi]
             sample = Encoded(index, c_ids, build_labels(c_ids, c_trained), c_parts, r.parts, chunk=chunk)
             if len(c_ids) < MIN_SAMPLE_TOKENS:
                 out.append(Dropped(index, "too_short", f"{len(c_ids)} token(s): nothing to predict", sample))

@@ -178,10 +178,6 @@ class ChatTemplate:
         plan = _plan(spec, options.train_on_inputs, options)
         messages = plan.messages(row)
         contents = [m.content for m in messages]
-        chat = [
-            {"role": m.role, "content": m.content, **m.extra} if m.extra else {"role": m.role, "content": m.content}
-            for m in messages
-        ]
         # The marked render depends on the roles and extra fields, rarely on contents: reuse it
         # across rows. When the template provably copies contents verbatim, splicing them into it
         # *is* the render; otherwise render for real and trust the splice only if it matches.
@@ -191,8 +187,12 @@ class ChatTemplate:
         )
         marked = plan.skeletons.get(key)
         if plan.verbatim and marked is not None:
-            text, regions = _spliced(marked, contents)
-            return self._spans(messages, text, regions, plan, options)
+            skeleton = plan.parsed.get(key) or plan.parsed.setdefault(key, _Skeleton(marked, options.eot_tokens))
+            return self._spans(messages, *skeleton.splice(contents), plan, options)
+        chat = [
+            {"role": m.role, "content": m.content, **m.extra} if m.extra else {"role": m.role, "content": m.content}
+            for m in messages
+        ]
         text = plan.template.render(messages=chat, add_generation_prompt=False, **options.template_kwargs)
         regions = _splice(marked, text, contents) if marked is not None else None
         if regions is None:
@@ -203,12 +203,11 @@ class ChatTemplate:
                 plan.skeletons.clear()
             plan.skeletons[key] = marked
             regions = _locate_contents(marked, text, contents)
-        return self._spans(messages, text, regions, plan, options)
+        return self._spans(messages, text, regions, _eot_positions(text, regions, options.eot_tokens), plan, options)
 
-    def _spans(self, messages, text, regions, plan, options) -> Rendered:
+    def _spans(self, messages, text, regions, eots, plan, options) -> Rendered:
         spans: list[Span] = []
         notes: list[str] = []
-        eots = _eot_positions(text, regions, options.eot_tokens)
         policy = plan.policy
         last_trained = max((i for i, m in enumerate(messages) if m.trained), default=None)
         for i, msg in enumerate(messages):
@@ -256,6 +255,7 @@ class _Plan:
         self.template = _compile(template_text) if template_text else None
         self.verbatim = bool(template_text) and content_is_verbatim(self.template.environment, template_text)
         self.skeletons: dict = {}
+        self.parsed: dict = {}
 
     def messages(self, row) -> list[Message]:
         raw = row[self.field]
@@ -321,21 +321,41 @@ def _detail_spans(msg: Message, start: int, end: int, text: str, part: int) -> l
     return spans
 
 
-def _spliced(marked: str, contents: list[str]) -> tuple[str, list[tuple[int, int] | None]]:
-    """The text a verbatim template renders, and each content's region, from its marked render."""
-    regions: list[tuple[int, int] | None] = [None] * len(contents)
-    out, length, prev = [], 0, 0
-    for m in _MARKER_RE.finditer(marked):
-        literal = marked[prev : m.start()]
-        out.append(literal)
-        length += len(literal)
-        content = contents[int(m.group(1))]
-        regions[int(m.group(1))] = (length, length + len(content))
-        out.append(content)
-        length += len(content)
-        prev = m.end()
-    out.append(marked[prev:])
-    return "".join(out), regions
+class _Skeleton:
+    """A marked render taken apart once: the literal text around each content, and where the first
+    end-of-turn token sits in the literal after it. Splicing a row's contents is then string joins."""
+
+    def __init__(self, marked: str, eot_tokens: list[str]):
+        self.literals, self.order = [], []
+        prev = 0
+        for m in _MARKER_RE.finditer(marked):
+            self.literals.append(marked[prev : m.start()])
+            self.order.append(int(m.group(1)))
+            prev = m.end()
+        self.literals.append(marked[prev:])
+        self.eot_offsets = []  # per content (in render order): (offset after content end, length) or None
+        for literal in self.literals[1:]:
+            found = [(literal.find(t), len(t)) for t in eot_tokens if literal.find(t) >= 0]
+            self.eot_offsets.append(min(found) if found else None)
+
+    def splice(self, contents: list[str]):
+        n = len(contents)
+        regions: list[tuple[int, int] | None] = [None] * n
+        eots: list[tuple[int, int] | None] = [None] * n
+        out = [self.literals[0]]
+        length = len(self.literals[0])
+        for k, i in enumerate(self.order):
+            content = contents[i]
+            end = length + len(content)
+            regions[i] = (length, end)
+            off = self.eot_offsets[k]
+            if off is not None:
+                eots[i] = (end + off[0], end + off[0] + off[1])
+            literal = self.literals[k + 1]
+            out.append(content)
+            out.append(literal)
+            length = end + len(literal)
+        return "".join(out), regions, eots
 
 
 def _splice(marked: str, text: str, contents: list[str]) -> list[tuple[int, int] | None] | None:
