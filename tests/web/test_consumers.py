@@ -88,3 +88,31 @@ async def test_log_is_streamed_from_the_offset_the_page_has(alice):
     log = await receive_until(comm, "log")
     assert log["text"] == "second line\n" and log["offset"] == len("first line\nsecond line\n")
     await comm.disconnect()
+
+
+async def test_with_redis_points_arrive_through_the_channel_layer(alice, settings, monkeypatch):
+    import os
+    import uuid
+
+    from tests.conftest import require_service
+    from webapp.runs import consumers, realtime
+
+    url = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/15")
+    require_service(url, "Redis")
+    settings.REDIS_URL = url
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [url], "prefix": uuid.uuid4().hex[:8]},
+        }
+    }
+    monkeypatch.setattr(consumers, "tail_seconds", lambda: 60.0)  # only the publish can deliver in time
+    run = await make_run(alice[1], points=2)
+    comm = communicator(alice[0], run.pk)
+    assert (await comm.connect())[0]
+    history = await receive_until(comm, "points")
+    assert [p["seq"] for p in history["points"]] == [0, 1]
+    await sync_to_async(realtime.publish_points)(run.pk, [{"seq": 2, "step": 3, "time": 1.0, "values": {"loss": 1.0}}])
+    live = await receive_until(comm, "points")
+    assert [p["seq"] for p in live["points"]] == [2]
+    await comm.disconnect()

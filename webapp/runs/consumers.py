@@ -1,4 +1,9 @@
-"""Run page websocket: authorize, then forward history and live points, status and log. No other logic."""
+"""Run page websocket: authorize, then forward history and live points, status and log.
+
+Live points reach a page two ways, deduplicated by `seq`: a tail that polls the metric rows the
+worker wrote (one per run per web process, shared by every open page of that run: works with no
+server in between), and with Redis the worker's own publish to the run's group (lower latency).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,16 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
 
 from webapp.runs import realtime, services
 from webapp.runs.models import Run
 
-POLL_SECONDS = 0.5
+STATUS_SECONDS = 1.0
+
+
+def tail_seconds() -> float:
+    return 1.0 if settings.REDIS_URL else 0.1  # with Redis the tail is only a safety net
 
 
 @database_sync_to_async
@@ -25,13 +35,85 @@ def _history(run_id: int, after_seq: int):
 
 
 @database_sync_to_async
-def _updates(run_id: int, after_seq: int, log_offset: int):
+def _points(run_id: int, after_seq: int):
+    return realtime.points_after(run_id, after_seq)
+
+
+@database_sync_to_async
+def _max_seq(run_id: int) -> int:
+    return Run.objects.filter(pk=run_id).values_list("next_seq", flat=True).first() or 0
+
+
+@database_sync_to_async
+def _status_and_log(run_id: int, log_offset: int):
     services.mark_stale_runs_interrupted(run_id=run_id)  # a dead worker shows as interrupted while watched
     run = Run.objects.get(pk=run_id)
-    return realtime.points_after(run_id, after_seq), realtime.status_of(run), realtime.log_after(run, log_offset)
+    return realtime.status_of(run), realtime.log_after(run, log_offset)
+
+
+class RunTail:
+    """One per run per web process, shared by every open page of that run: it polls the run's new
+    metric rows and, with Redis, listens to the run's group on a single channel, then fans out in
+    process. 100 open pages cost one Redis message per point, not 100."""
+
+    tails: dict[int, RunTail] = {}
+
+    def __init__(self, run_id: int, after_seq: int):
+        self.run_id, self.after_seq, self.queues = run_id, after_seq, set()
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._poll())]
+        if settings.REDIS_URL:
+            self.tasks.append(loop.create_task(self._listen()))
+
+    @classmethod
+    async def subscribe(cls, run_id: int) -> asyncio.Queue:
+        tail = cls.tails.get(run_id)
+        if tail is None:
+            tail = cls.tails[run_id] = cls(run_id, await _max_seq(run_id) - 1)
+        queue: asyncio.Queue = asyncio.Queue()
+        tail.queues.add(queue)
+        return queue
+
+    @classmethod
+    def unsubscribe(cls, run_id: int, queue: asyncio.Queue) -> None:
+        tail = cls.tails.get(run_id)
+        if tail:
+            tail.queues.discard(queue)
+            if not tail.queues:
+                for task in tail.tasks:
+                    task.cancel()
+                cls.tails.pop(run_id, None)
+
+    def _fan_out(self, points) -> None:
+        points = [p for p in points if p["seq"] > self.after_seq]
+        if points:
+            self.after_seq = points[-1]["seq"]
+            for queue in self.queues:
+                queue.put_nowait(points)
+
+    async def _poll(self):
+        while True:
+            self._fan_out(await _points(self.run_id, self.after_seq))
+            await asyncio.sleep(tail_seconds())
+
+    async def _listen(self):
+        from channels.layers import get_channel_layer
+
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        await layer.group_add(realtime.group_name(self.run_id), channel)
+        try:
+            while True:
+                message = await layer.receive(channel)
+                self._fan_out(message.get("points", []))
+        finally:
+            await layer.group_discard(realtime.group_name(self.run_id), channel)
 
 
 class RunConsumer(AsyncJsonWebsocketConsumer):
+    # No channel of its own: pages of a run share its RunTail, which holds the one Redis channel.
+    channel_layer_alias = None
+
     async def connect(self):
         run_id = int(self.scope["url_route"]["kwargs"]["run_id"])
         if await _visible_run(self.scope["user"], run_id) is None:
@@ -42,30 +124,39 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
         self.after_seq = int(query.get("after", ["-1"])[0])
         self.log_offset = int(query.get("log", ["0"])[0])
         await self.accept()
-        self.streamer = asyncio.create_task(self._stream())
+        self.queue = await RunTail.subscribe(run_id)
+        await self._send_points(await _history(run_id, self.after_seq), history=True)
+        self.tasks = [asyncio.create_task(self._forward_tail()), asyncio.create_task(self._status_and_log())]
 
     async def disconnect(self, code):
-        streamer = getattr(self, "streamer", None)
-        if streamer:
-            streamer.cancel()
+        for task in getattr(self, "tasks", []):
+            task.cancel()
+        if hasattr(self, "queue"):
+            RunTail.unsubscribe(self.run_id, self.queue)
 
-    async def _stream(self):
-        last_status = None
-        history = await _history(self.run_id, self.after_seq)
-        await self.send_json({"type": "points", "history": True, "points": history})
-        if history:
-            self.after_seq = history[-1]["seq"]
+    async def _send_points(self, points, history: bool = False):
+        fresh = [p for p in points if p["seq"] > self.after_seq]
+        if fresh and fresh[0]["seq"] > self.after_seq + 1 and not history:
+            fresh = await _points(self.run_id, self.after_seq)  # a gap: fill it from the database
+        if fresh or history:
+            await self.send_json({"type": "points", "history": history, "points": fresh})
+        if fresh:
+            self.after_seq = max(self.after_seq, fresh[-1]["seq"])
+
+    async def _forward_tail(self):
         while True:
-            points, status, log = await _updates(self.run_id, self.after_seq, self.log_offset)
-            if points:
-                await self.send_json({"type": "points", "history": False, "points": points})
-                self.after_seq = points[-1]["seq"]
+            await self._send_points(await self.queue.get())
+
+    async def _status_and_log(self):
+        last_status = None
+        while True:
+            status, log = await _status_and_log(self.run_id, self.log_offset)
             if log:
                 await self.send_json(log)
                 self.log_offset = log["offset"]
             if status != last_status:
                 await self.send_json(status)
                 last_status = status
-            if status["final"] and not points and not log:
-                return  # nothing more will come; the socket stays open until the page leaves
-            await asyncio.sleep(POLL_SECONDS)
+            if status["final"] and not log:
+                return
+            await asyncio.sleep(STATUS_SECONDS)

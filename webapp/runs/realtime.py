@@ -43,6 +43,22 @@ class LogPayload(TypedDict):
     offset: int  # byte offset after this text: reconnect with it to resume
 
 
+def group_name(run_id: int) -> str:
+    return f"run-{run_id}"
+
+
+def publish_points(run_id: int, points: list[Point]) -> None:
+    """Send new points to the run's pages through the channel layer (Redis mode: across hosts).
+    Without Redis the pages' tail reads them from the database instead."""
+    from asgiref.sync import async_to_sync
+    from channels.layers import get_channel_layer
+    from django.conf import settings
+
+    if not settings.REDIS_URL or not points:
+        return
+    async_to_sync(get_channel_layer().group_send)(group_name(run_id), {"type": "run.points", "points": points})
+
+
 def points_after(run_id: int, after_seq: int, limit: int = 5000) -> list[Point]:
     rows = MetricPoint.objects.filter(run_id=run_id, seq__gt=after_seq).order_by("seq")[:limit]
     return [Point(seq=p.seq, step=p.step, time=p.time, values=p.values) for p in rows]

@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from training.config import ConfigError, ConfigInvalid, TrainConfig, check_environment, parse_config
 from webapp.datasets.models import Dataset
+from webapp.runs import realtime
 from webapp.runs.base_models import resolve_base_model
 from webapp.runs.models import ACTIVE_STATES, Artifact, MetricPoint, Run, RunStatus, TrainingConfig
 
@@ -292,6 +293,8 @@ def record_events(run_id: int, events: list[dict], new_offset: int) -> None:
         Run.objects.filter(pk=run_id).update(
             events_offset=new_offset, next_seq=seq, heartbeat_at=timezone.now(), **fields
         )
+        published = [realtime.Point(seq=p.seq, step=p.step, time=p.time, values=p.values) for p in points]
+        transaction.on_commit(lambda: realtime.publish_points(run_id, published))
 
 
 TREND_EVERY = 50  # metric points between re-assessments of the loss trend
