@@ -68,7 +68,7 @@ async def client(url: str, cookie: str, origin: str, expected: int, latencies: l
             while time.time() < deadline and len(seen) < expected:
                 try:
                     msg = json.loads(await asyncio.wait_for(ws.recv(), timeout=max(0.1, deadline - time.time())))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 if msg["type"] == "points":
                     now = time.time()
