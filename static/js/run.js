@@ -145,3 +145,29 @@
   connect();
   window.trainyardSeries = series;  // for tests and the curious
 })();
+
+// Playground: the prompt goes to a worker; poll until both answers are there.
+(function () {
+  const form = document.getElementById("playground-form");
+  if (!form) return;
+  const status = document.getElementById("playground-status");
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    status.textContent = "queued…";
+    const res = await fetch(`/runs/${window.RUN.id}/playground/`, {method: "POST", body: new FormData(form),
+      credentials: "same-origin"});
+    const data = await res.json();
+    if (!res.ok) { status.textContent = data.error; return; }
+    const poll = async () => {
+      const g = await (await fetch(`/runs/${window.RUN.id}/playground/${data.id}/`, {credentials: "same-origin"})).json();
+      if (g.status === "pending") { status.textContent = "generating…"; setTimeout(poll, 700); return; }
+      if (g.status === "failed") { status.textContent = "failed: " + g.error; return; }
+      status.textContent = "";
+      document.getElementById("playground-result").hidden = false;
+      document.getElementById("gen-base").textContent = g.base;
+      document.getElementById("gen-tuned").textContent = g.tuned;
+      document.getElementById("gen-source").textContent = "(" + g.source + ")";
+    };
+    poll();
+  });
+})();

@@ -241,3 +241,22 @@ def test_cancel_a_running_run_kills_its_process_and_frees_the_device(alice, alic
     from .test_lifecycle import trainer_pids
 
     assert trainer_pids(run) == []
+
+
+@pytest.mark.slow
+def test_playground_answers_with_base_and_adapter_in_a_worker(alice_client, alice_dataset, settings):
+    from webapp.runs.models import Generation
+
+    assert (
+        alice_client.post("/configs/new/", {"name": "pg", "yaml": GOOD.format(steps=8), "action": "run"}).status_code
+        == 302
+    )
+    run = Run.objects.get(name="pg")
+    assert run.status == RunStatus.SUCCEEDED
+    response = alice_client.post(f"/runs/{run.pk}/playground/", {"prompt": "What is 2 plus 2?"})
+    generation = Generation.objects.get(pk=response.json()["id"])
+    data = alice_client.get(f"/runs/{run.pk}/playground/{generation.pk}/").json()
+    assert data["status"] == "done", data
+    assert data["source"] == "adapter" and isinstance(data["base"], str) and isinstance(data["tuned"], str)
+    empty = alice_client.post(f"/runs/{run.pk}/playground/", {"prompt": "  "})
+    assert empty.status_code == 400 and empty.json()["error"] == "type a prompt first"

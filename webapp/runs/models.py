@@ -147,3 +147,27 @@ class RunNote(models.Model):
 
         # Markdown from users is rendered, then sanitized: no script, no inline handlers.
         return nh3.clean(markdown.markdown(self.text, extensions=["fenced_code", "tables"]))
+
+
+class Generation(models.Model):
+    """A playground prompt, answered by a worker with the base model and with base + adapter."""
+
+    class Status(models.TextChoices):
+        """pending -> done | failed"""
+
+        PENDING = "pending"
+        DONE = "done"
+        FAILED = "failed"
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="generations")
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL)
+    prompt = models.TextField()
+    source = models.CharField(max_length=500, blank=True, help_text="adapter or checkpoint folder used")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    base_text = models.TextField(blank=True)
+    tuned_text = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]

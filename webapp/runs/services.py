@@ -353,6 +353,35 @@ def package_artifacts(run: Run) -> list[Artifact]:
     return made
 
 
+class NothingToTry(ValueError):
+    pass
+
+
+def playground_source(run: Run) -> Path:
+    """What the playground loads: the final adapter (or model), else the latest checkpoint."""
+    for name in ("adapter", "model"):
+        if (run.run_dir / name).is_dir():
+            return run.run_dir / name
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is None:
+        raise NothingToTry("nothing to try yet: no adapter and no checkpoint (set save_steps to try during training)")
+    return checkpoint
+
+
+def ask_playground(run: Run, user, prompt: str):
+    from webapp.runs.models import Generation
+    from webapp.runs.tasks import answer_prompt
+
+    prompt = prompt.strip()
+    if not prompt:
+        raise NothingToTry("type a prompt first")
+    generation = Generation.objects.create(
+        run=run, author=user, prompt=prompt[:4000], source=str(playground_source(run))
+    )
+    transaction.on_commit(lambda: answer_prompt(generation.pk))
+    return generation
+
+
 def config_diff(old: Run, new: Run) -> list[tuple[str, str]]:
     """Line diff of two runs' configs: (kind, line) with kind in add / remove / same / hunk."""
     import difflib

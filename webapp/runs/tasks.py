@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from django.conf import settings
 from django.utils import timezone
@@ -174,3 +175,24 @@ def _finish(run_id: int, returncode: int, cancelled: bool, final: dict | None) -
     services.finish_run(
         run_id, RunStatus.FAILED, f"the training process exited with code {returncode} without a result; see the log"
     )
+
+
+def answer_prompt(generation_id: int) -> None:
+    """Public entry: queue a playground generation (after commit)."""
+    _answer_prompt(generation_id)
+
+
+@db_task()
+def _answer_prompt(generation_id: int) -> None:
+    from training.generate import generate_pair
+    from webapp.runs.models import Generation
+
+    gen = Generation.objects.select_related("run").filter(pk=generation_id, status="pending").first()
+    if gen is None:
+        return
+    try:
+        base_text, tuned_text = generate_pair(services.run_base_model(gen.run), Path(gen.source), gen.prompt)
+    except Exception as exc:  # the page shows why; the worker goes on
+        Generation.objects.filter(pk=generation_id).update(status="failed", error=str(exc)[:2000])
+        return
+    Generation.objects.filter(pk=generation_id).update(status="done", base_text=base_text, tuned_text=tuned_text)

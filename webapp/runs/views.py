@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from django.contrib import messages
-from django.http import FileResponse, Http404, HttpResponse
+from django.http import FileResponse, Http404, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
@@ -149,6 +151,7 @@ def run_detail(request, pk: int):
             "diff_with": diff_with,
             "config_diff": services.config_diff(diff_with, run) if diff_with else None,
             "notes": run.notes.select_related("author"),
+            "generations": run.generations.all()[:5],
             "examples": run.data_summary.get("examples", []),
             "base_model": services.run_base_model(run),
             "run": run,
@@ -163,6 +166,32 @@ def run_detail(request, pk: int):
                 (p.values.get("memory_mb", 0) for p in run.points.all() if "memory_mb" in p.values), default=None
             ),
         },
+    )
+
+
+@require_POST
+def run_playground(request, pk: int):
+    run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
+    try:
+        generation = services.ask_playground(run, request.user, request.POST.get("prompt", ""))
+    except services.NothingToTry as exc:
+        return JsonResponse({"error": str(exc)}, status=400)
+    return JsonResponse({"id": generation.pk, "status": generation.status})
+
+
+def run_generation(request, pk: int, generation_id: int):
+    run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
+    g = get_object_or_404(run.generations, pk=generation_id)
+    return JsonResponse(
+        {
+            "id": g.pk,
+            "status": g.status,
+            "prompt": g.prompt,
+            "base": g.base_text,
+            "tuned": g.tuned_text,
+            "error": g.error,
+            "source": Path(g.source).name,
+        }
     )
 
 
