@@ -21,6 +21,7 @@ urlpatterns = [
     path("configs/<int:pk>/run/", runs.config_run, name="config-run"),
     path("configs/<int:pk>/export.yaml", runs.config_export, name="config-export"),
     path("runs/", runs.run_list, name="run-list"),
+    path("runs/compare/", runs.run_compare, name="run-compare"),
     path("runs/<int:pk>/", runs.run_detail, name="run-detail"),
     path("runs/<int:pk>/cancel/", runs.run_cancel, name="run-cancel"),
     path("runs/<int:pk>/resume/", runs.run_resume, name="run-resume"),

@@ -68,3 +68,13 @@ def test_history_of_a_long_run_is_downsampled_but_live_points_are_not(running):
 def test_clone_as_new_run_starts_a_config_from_the_run(alice_client, running):
     page = alice_client.get(f"/configs/new/?from_run={running.pk}").content.decode()
     assert "lora_r: 8" in page and 'value="r-copy"' in page
+
+
+def test_compare_overlays_runs_and_diffs_their_configs(alice_client, alice, bob_client, running):
+    other = Run.objects.create(workspace=alice[1], name="o", config_yaml="base_model: a\nlora_r: 16\n")
+    for run, loss in ((running, 2.0), (other, 3.0)):
+        MetricPoint.objects.create(run=run, seq=0, step=1, time=0.0, values={"loss": loss})
+    page = alice_client.get(f"/runs/compare/?ids={running.pk}&ids={other.pk}").content.decode()
+    assert f"run {running.pk} · r" in page and '"loss": 3.0' in page and 'id="config-diff"' in page
+    assert "+lora_r: 16" in page
+    assert f"run {running.pk} · r" not in bob_client.get(f"/runs/compare/?ids={running.pk}").content.decode()

@@ -169,6 +169,26 @@ def run_detail(request, pk: int):
     )
 
 
+def run_compare(request):
+    """Overlay the charts of chosen runs of the workspace and diff their configs."""
+    workspace = current_workspace(request)
+    runs = list(Run.objects.filter(workspace=workspace))
+    ids = [int(i) for i in request.GET.getlist("ids") if i.isdigit()]
+    chosen = sorted((r for r in runs if r.pk in ids), key=lambda r: r.pk)  # older first: diffs read forward
+    series = {r.pk: {"name": f"run {r.pk} · {r.name}", "points": realtime.history(r.pk, -1)} for r in chosen}
+    return render(
+        request,
+        "runs/compare.html",
+        {
+            "runs": runs,
+            "chosen": chosen,
+            "ids": ids,
+            "series": series,
+            "config_diff": services.config_diff(chosen[0], chosen[1]) if len(chosen) >= 2 else None,
+        },
+    )
+
+
 @require_POST
 def run_playground(request, pk: int):
     run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
