@@ -113,3 +113,17 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def merge_adapter_into_base(base_model: str, adapter_dir: Path, out_dir: Path) -> Path:
+    """Base model + LoRA adapter -> one plain model folder (with the tokenizer), loadable without peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(_source(base_model))
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    tmp = Path(str(out_dir) + ".part")
+    merged.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
+    tmp.rename(out_dir)
+    return out_dir

@@ -26,6 +26,7 @@ urlpatterns = [
     path("runs/<int:pk>/cancel/", runs.run_cancel, name="run-cancel"),
     path("runs/<int:pk>/resume/", runs.run_resume, name="run-resume"),
     path("runs/<int:pk>/notes/", runs.run_note, name="run-note"),
+    path("runs/<int:pk>/merge/", runs.run_merge, name="run-merge"),
     path("runs/<int:pk>/playground/", runs.run_playground, name="run-playground"),
     path("runs/<int:pk>/playground/<int:generation_id>/", runs.run_generation, name="run-generation"),
     path("runs/<int:pk>/log.txt", runs.run_log, name="run-log"),

@@ -260,3 +260,23 @@ def test_playground_answers_with_base_and_adapter_in_a_worker(alice_client, alic
     assert data["source"] == "adapter" and isinstance(data["base"], str) and isinstance(data["tuned"], str)
     empty = alice_client.post(f"/runs/{run.pk}/playground/", {"prompt": "  "})
     assert empty.status_code == 400 and empty.json()["error"] == "type a prompt first"
+
+
+@pytest.mark.slow
+def test_merged_model_on_request_and_checkpoint_download(alice_client, alice_dataset):
+    yaml_text = GOOD.format(steps=6) + "save_steps: 3\n"
+    alice_client.post("/configs/new/", {"name": "m", "yaml": yaml_text, "action": "run"})
+    run = Run.objects.get(name="m")
+    assert run.status == RunStatus.SUCCEEDED
+    checkpoint = Artifact.objects.get(run=run, kind="checkpoint", path="checkpoints/checkpoint-3")
+    assert checkpoint.size > 0
+    zipped = alice_client.get(f"/runs/{run.pk}/artifacts/{checkpoint.pk}/download/")
+    names = zipfile.ZipFile(io.BytesIO(b"".join(zipped.streaming_content))).namelist()
+    assert "checkpoint-3/adapter_model.safetensors" in names
+    alice_client.post(f"/runs/{run.pk}/merge/")
+    merged = Artifact.objects.get(run=run, kind="merged")
+    download = alice_client.get(f"/runs/{run.pk}/artifacts/{merged.pk}/download/")
+    names = zipfile.ZipFile(io.BytesIO(b"".join(download.streaming_content))).namelist()
+    assert "merged/model.safetensors" in names and not any("adapter" in n for n in names)
+    again = alice_client.post(f"/runs/{run.pk}/merge/", follow=True)
+    assert "already there" in again.content.decode()

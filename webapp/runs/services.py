@@ -285,7 +285,12 @@ def record_events(run_id: int, events: list[dict], new_offset: int) -> None:
         elif kind == "data":
             fields["data_summary"] = {k: v for k, v in event.items() if k not in ("event", "time")}
         elif kind == "artifact" and event.get("kind") == "checkpoint":
-            Artifact.objects.get_or_create(run=run, kind="checkpoint", path=event["path"])
+            Artifact.objects.get_or_create(
+                run=run,
+                kind="checkpoint",
+                path=event["path"],
+                defaults={"size": folder_size(run.run_dir / event["path"])},
+            )
     if points:
         fields["health"] = _updated_health(run, points, seq)
     with transaction.atomic():
@@ -335,22 +340,45 @@ def finish_run(run_id: int, state: str, message: str) -> bool:
     return ok
 
 
-def package_artifacts(run: Run) -> list[Artifact]:
-    """Zip the adapter (or full model) folder with its tokenizer, for download."""
+def zip_folder(folder: Path, target: Path, arcname: str) -> Path:
+    """Zip a folder next to itself (written aside, then renamed: never a half zip)."""
+    tmp = target.with_suffix(".zip.part")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, Path(arcname) / path.relative_to(folder))
+    tmp.replace(target)
+    return target
+
+
+def package_artifacts(run: Run, kinds=("adapter", "model", "merged")) -> list[Artifact]:
+    """Zip the adapter (or full model, or merged model) folder with its tokenizer, for download."""
     made = []
-    for kind in ("adapter", "model", "merged"):
+    for kind in kinds:
         folder = run.run_dir / kind
-        if not folder.is_dir():
-            continue
-        target = run.run_dir / f"{kind}.zip"
-        tmp = target.with_suffix(".zip.part")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for path in sorted(folder.rglob("*")):
-                if path.is_file():
-                    zf.write(path, Path(kind) / path.relative_to(folder))
-        tmp.replace(target)
-        made.append(Artifact.objects.create(run=run, kind=kind, path=target.name, size=target.stat().st_size))
+        if folder.is_dir():
+            target = zip_folder(folder, run.run_dir / f"{kind}.zip", kind)
+            made.append(Artifact.objects.create(run=run, kind=kind, path=target.name, size=target.stat().st_size))
     return made
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+class CannotMerge(ValueError):
+    pass
+
+
+def request_merge(run: Run) -> None:
+    """Merge the adapter into the base model in a worker, as a downloadable artifact."""
+    from webapp.runs.tasks import merge_adapter
+
+    if not (run.run_dir / "adapter").is_dir():
+        raise CannotMerge("only a finished LoRA/QLoRA run has an adapter to merge")
+    if run.artifacts.filter(kind="merged").exists():
+        raise CannotMerge("the merged model is already there")
+    transaction.on_commit(lambda: merge_adapter(run.pk))
 
 
 class NothingToTry(ValueError):

@@ -196,3 +196,23 @@ def _answer_prompt(generation_id: int) -> None:
         Generation.objects.filter(pk=generation_id).update(status="failed", error=str(exc)[:2000])
         return
     Generation.objects.filter(pk=generation_id).update(status="done", base_text=base_text, tuned_text=tuned_text)
+
+
+def merge_adapter(run_id: int) -> None:
+    """Public entry: queue the merge of a run's adapter into its base model."""
+    _merge_adapter(run_id)
+
+
+@db_task()
+def _merge_adapter(run_id: int) -> None:
+    from training.modeling import merge_adapter_into_base
+
+    run = Run.objects.filter(pk=run_id).first()
+    if run is None or run.artifacts.filter(kind="merged").exists():
+        return
+    try:
+        merge_adapter_into_base(services.run_base_model(run), run.run_dir / "adapter", run.run_dir / "merged")
+    except Exception:
+        log.exception("merging the adapter of run %s failed", run_id)
+        return
+    services.package_artifacts(run, kinds=("merged",))

@@ -152,6 +152,8 @@ def run_detail(request, pk: int):
             "config_diff": services.config_diff(diff_with, run) if diff_with else None,
             "notes": run.notes.select_related("author"),
             "generations": run.generations.all()[:5],
+            "has_adapter": (run.run_dir / "adapter").is_dir(),
+            "has_merged": run.artifacts.filter(kind="merged").exists(),
             "examples": run.data_summary.get("examples", []),
             "base_model": services.run_base_model(run),
             "run": run,
@@ -187,6 +189,18 @@ def run_compare(request):
             "config_diff": services.config_diff(chosen[0], chosen[1]) if len(chosen) >= 2 else None,
         },
     )
+
+
+@require_POST
+def run_merge(request, pk: int):
+    run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
+    try:
+        services.request_merge(run)
+    except services.CannotMerge as exc:
+        messages.warning(request, str(exc))
+    else:
+        messages.info(request, "Merging in a worker: the merged model appears under Artifacts when it is ready.")
+    return redirect(reverse("run-detail", args=[run.pk]) + "#artifacts")
 
 
 @require_POST
@@ -258,6 +272,9 @@ def artifact_download(request, pk: int, artifact_id: int):
     run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
     artifact = get_object_or_404(run.artifacts, pk=artifact_id)
     path = (run.run_dir / artifact.path).resolve()
-    if not path.is_relative_to(run.run_dir.resolve()) or not path.is_file():
+    if not path.is_relative_to(run.run_dir.resolve()) or not path.exists():
         raise Http404("artifact file missing")
+    if path.is_dir():  # a checkpoint: zipped on first download, then served from disk
+        target = path.with_name(path.name + ".zip")
+        path = target if target.exists() else services.zip_folder(path, target, path.name)
     return FileResponse(path.open("rb"), as_attachment=True, filename=f"run-{run.pk}-{path.name}")
