@@ -104,6 +104,8 @@ QUEUE_NAME = os.environ.get("TRAINYARD_QUEUE", "trainyard")
 if REDIS_URL:
     HUEY = {"huey_class": "huey.RedisHuey", "name": QUEUE_NAME, "url": REDIS_URL, "immediate": HUEY_IMMEDIATE}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
+    # Shared by every web process: login rate limits hold across hosts.
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
 else:
     HUEY = {
         "huey_class": "huey.SqliteHuey",

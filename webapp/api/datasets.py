@@ -8,11 +8,12 @@ from django.shortcuts import get_object_or_404
 from ninja import File, Form, Router, Schema
 from ninja.files import UploadedFile
 
+from webapp.api.access import visible
 from webapp.datasets.models import Dataset
 from webapp.datasets.preview import PreviewOptions, preview_row
 from webapp.datasets.services import UploadRejected, upload_dataset
 from webapp.runs.base_models import available_models
-from webapp.workspaces.services import current_workspace
+from webapp.workspaces.services import current_workspace, require_writer
 
 router = Router(tags=["datasets"])
 
@@ -72,10 +73,10 @@ def upload(
     format: str | None = Form(None),
     keep_valid: bool = Form(False),
 ):
+    workspace = current_workspace(request)
+    require_writer(request.user, workspace)
     try:
-        result = upload_dataset(
-            current_workspace(request), request.user, file, name=name, format=format, keep_valid=keep_valid
-        )
+        result = upload_dataset(workspace, request.user, file, name=name, format=format, keep_valid=keep_valid)
     except UploadRejected as exc:
         report = exc.report
         return 400, UploadError(
@@ -92,12 +93,12 @@ def upload(
 
 @router.get("/", response=list[DatasetOut])
 def list_datasets(request):
-    return Dataset.objects.visible_to(request.user)
+    return visible(request, Dataset.objects)
 
 
 @router.get("/{dataset_id}", response=DatasetOut)
 def get_dataset(request, dataset_id: int):
-    return get_object_or_404(Dataset.objects.visible_to(request.user), pk=dataset_id)
+    return get_object_or_404(visible(request, Dataset.objects), pk=dataset_id)
 
 
 @router.get("/{dataset_id}/rows/{row}/preview", response={200: PreviewOut, 400: UploadError})
@@ -111,7 +112,7 @@ def preview(
     train_on_inputs: bool = False,
     sequence_len: int = 512,
 ):
-    dataset = get_object_or_404(Dataset.objects.visible_to(request.user), pk=dataset_id)
+    dataset = get_object_or_404(visible(request, Dataset.objects), pk=dataset_id)
     if not 0 <= row < dataset.rows:
         return 400, UploadError(message=f"row must be between 0 and {dataset.rows - 1}")
     query = {

@@ -7,6 +7,7 @@ from datetime import datetime
 from django.shortcuts import get_object_or_404
 from ninja import Router, Schema
 
+from webapp.api.access import visible
 from webapp.runs import realtime
 from webapp.runs.models import Run
 
@@ -32,15 +33,15 @@ class PointOut(Schema):
 
 @router.get("/", response=list[RunOut])
 def list_runs(request):
-    return Run.objects.visible_to(request.user)
+    return visible(request, Run.objects)
 
 
 @router.get("/{run_id}", response=RunOut)
 def get_run(request, run_id: int):
-    return get_object_or_404(Run.objects.visible_to(request.user), pk=run_id)
+    return get_object_or_404(visible(request, Run.objects), pk=run_id)
 
 
 @router.get("/{run_id}/metrics", response=list[PointOut])
 def run_metrics(request, run_id: int, after: int = -1):
-    run = get_object_or_404(Run.objects.visible_to(request.user), pk=run_id)
+    run = get_object_or_404(visible(request, Run.objects), pk=run_id)
     return realtime.points_after(run.pk, after)

@@ -17,7 +17,7 @@ from webapp.datasets.preview import PreviewOptions, preview_row
 from webapp.datasets.services import UploadRejected, first_rows, request_stats, search_rows, upload_dataset
 from webapp.runs.base_models import available_models
 from webapp.runs.models import TrainingConfig
-from webapp.workspaces.services import current_workspace
+from webapp.workspaces.services import current_workspace, require_writer
 
 
 @require_http_methods(["GET", "POST"])
@@ -25,6 +25,7 @@ def dataset_list(request):
     workspace = current_workspace(request)
     report, error = None, None
     if request.method == "POST":
+        require_writer(request.user, workspace)
         upload = request.FILES.get("file")
         if upload is None:
             error = "choose a JSONL file to upload"

@@ -16,7 +16,7 @@ from webapp.runs import gpus, realtime, services
 from webapp.runs.base_models import available_models
 from webapp.runs.models import Run, RunNote, TrainingConfig
 from webapp.runs.presets import PRESETS
-from webapp.workspaces.services import current_workspace
+from webapp.workspaces.services import current_workspace, require_writer
 
 STARTER_PRESET = "lora-small"
 
@@ -44,6 +44,7 @@ def _starter_yaml(workspace, preset: str = STARTER_PRESET) -> str:
 def config_edit(request, pk: int | None = None):
     workspace = current_workspace(request)
     instance = get_object_or_404(TrainingConfig.objects.visible_to(request.user), pk=pk) if pk else None
+    workspace = instance.workspace if instance else workspace
     name = instance.name if instance else ""
     yaml_text = instance.yaml if instance else _starter_yaml(workspace, request.GET.get("preset", STARTER_PRESET))
     source = (
@@ -66,6 +67,7 @@ def config_edit(request, pk: int | None = None):
                 estimate = services.memory_estimate(config, resolved)
                 messages.success(request, "The config is valid.")
             else:
+                require_writer(request.user, workspace)
                 saved = services.save_config(workspace, request.user, name, yaml_text, instance)
                 if action == "run":
                     run = services.enqueue_run(
@@ -121,6 +123,7 @@ def config_export(request, pk: int):
 @require_POST
 def config_run(request, pk: int):
     config = get_object_or_404(TrainingConfig.objects.visible_to(request.user), pk=pk)
+    require_writer(request.user, config.workspace)
     try:
         run = services.enqueue_run(config.workspace, request.user, config)
     except ConfigInvalid as exc:
@@ -194,6 +197,7 @@ def run_compare(request):
 @require_POST
 def run_merge(request, pk: int):
     run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
+    require_writer(request.user, run.workspace)
     try:
         services.request_merge(run)
     except services.CannotMerge as exc:
@@ -206,6 +210,7 @@ def run_merge(request, pk: int):
 @require_POST
 def run_playground(request, pk: int):
     run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
+    require_writer(request.user, run.workspace)
     try:
         generation = services.ask_playground(run, request.user, request.POST.get("prompt", ""))
     except services.NothingToTry as exc:
@@ -232,6 +237,7 @@ def run_generation(request, pk: int, generation_id: int):
 @require_POST
 def run_note(request, pk: int):
     run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
+    require_writer(request.user, run.workspace)
     text = request.POST.get("text", "").strip()
     if text:
         RunNote.objects.create(run=run, author=request.user, text=text[:20000])
@@ -250,6 +256,7 @@ def run_log(request, pk: int):
 @require_POST
 def run_resume(request, pk: int):
     run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
+    require_writer(request.user, run.workspace)
     try:
         new = services.resume_run(run, request.user)
     except services.CannotResume as exc:
@@ -261,6 +268,7 @@ def run_resume(request, pk: int):
 @require_POST
 def run_cancel(request, pk: int):
     run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
+    require_writer(request.user, run.workspace)
     if services.cancel_run(run):
         messages.info(request, "Cancelling the run.")
     else:

@@ -1,0 +1,172 @@
+"""Workspace privacy and roles: an isolation matrix over every route, API tokens, viewers, login limits."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.core.management import call_command
+from django.test import Client
+from django.urls import URLPattern, URLResolver, get_resolver
+
+from webapp.datasets.models import Dataset
+from webapp.runs.models import Artifact, Generation, Run, TrainingConfig
+from webapp.workspaces.models import ApiToken, Membership, Role
+from webapp.workspaces.services import create_api_token, create_user_with_workspace
+
+pytestmark = pytest.mark.django_db
+
+# Routes that need no object, or that only ever act on the caller's own things.
+OWN_ONLY = {
+    "home",
+    "login",
+    "logout",
+    "dataset-list",
+    "config-list",
+    "config-new",
+    "run-list",
+    "run-compare",
+    "workspace-switch",
+    "tokens",
+}
+
+
+def page_routes(resolver=None, prefix=""):
+    for p in (resolver or get_resolver()).url_patterns:
+        if isinstance(p, URLResolver):
+            if str(p.pattern).startswith(("admin/", "api/")):
+                continue
+            yield from page_routes(p, prefix + str(p.pattern))
+        elif isinstance(p, URLPattern):
+            yield p.name, prefix + str(p.pattern)
+
+
+@pytest.fixture
+def alices_things(alice, alice_dataset):
+    user, workspace = alice
+    config = TrainingConfig.objects.create(workspace=workspace, name="c", yaml="base_model: tiny-chat\n")
+    run = Run.objects.create(workspace=workspace, config=config, name="r", config_yaml="x", status="succeeded")
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "train.log").write_text("secret log\n")
+    (run.run_dir / "adapter.zip").write_bytes(b"zip")
+    artifact = Artifact.objects.create(run=run, kind="adapter", path="adapter.zip", size=3)
+    generation = Generation.objects.create(run=run, prompt="p", source="x")
+    return {
+        "datasets": alice_dataset.pk,
+        "configs": config.pk,
+        "runs": run.pk,
+        "artifact_id": artifact.pk,
+        "generation_id": generation.pk,
+        "dataset_id": alice_dataset.pk,
+        "run_id": run.pk,
+        "row": 0,
+    }
+
+
+def fill(route: str, ids: dict) -> str:
+    def value(match):
+        name = match.group(2)
+        if name == "pk":  # the object kind is the route's first segment
+            return str(ids[route.split("/")[0]])
+        return str(ids[name])
+
+    return "/" + re.sub(r"<(int:)?(\w+)>", value, route)
+
+
+def test_every_page_route_refuses_other_workspaces_and_anonymous_users(alices_things, bob_client):
+    anonymous = Client()
+    checked = 0
+    for name, route in page_routes():
+        if name in OWN_ONLY:
+            continue
+        assert "<" in route, f"route {name} takes no object: add it to OWN_ONLY if it only shows the caller's own"
+        url = fill(route, alices_things)
+        for method in ("get", "post"):
+            status = getattr(bob_client, method)(url).status_code
+            assert status in (403, 404, 405), f"{method.upper()} {url} gave {status} to another workspace"
+            status = getattr(anonymous, method)(url).status_code
+            assert status in (302, 403, 404, 405), f"{method.upper()} {url} gave {status} to an anonymous client"
+            if status == 302:
+                assert getattr(anonymous, method)(url)["Location"].startswith("/login/")
+        checked += 1
+    assert checked >= 15
+
+
+def test_every_api_route_refuses_other_workspaces_and_anonymous_users(alices_things, bob, bob_client, alice_client):
+    schema = alice_client.get("/api/openapi.json").json()
+    _, bob_token = create_api_token(bob[0], bob[1], "t")
+    anonymous = Client()
+    checked = 0
+    for path, operations in schema["paths"].items():
+        url = re.sub(r"\{(\w+)\}", lambda m: str(alices_things[m.group(1)]), path)
+        for method in operations:
+            for client, headers in ((bob_client, {}), (Client(), {"HTTP_AUTHORIZATION": f"Bearer {bob_token}"})):
+                response = getattr(client, method)(url, **headers)
+                if "{" in path:
+                    assert response.status_code in (403, 404, 405), f"{method} {url}: {response.status_code}"
+                elif method == "get":
+                    assert str(alices_things["runs"]) not in response.content.decode() or "datasets" in url
+            assert getattr(anonymous, method)(url).status_code == 401, f"{method} {url} anonymous"
+            checked += 1
+    assert checked >= 6
+
+
+def test_api_tokens_are_hashed_scoped_to_their_workspace_and_revocable(alice, alices_things):
+    user, workspace = alice
+    _, other_space = create_user_with_workspace("alice", "x", "Alice's side project")
+    token, raw = create_api_token(user, workspace, "cli")
+    assert raw.startswith("ty_") and raw not in str(ApiToken.objects.values_list()) and token.digest != raw
+    api = Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    assert [r["id"] for r in api.get("/api/runs/").json()] == [alices_things["runs"]]
+    side = Run.objects.create(workspace=other_space, name="side", config_yaml="x")
+    assert api.get(f"/api/runs/{side.pk}").status_code == 404  # same user, other workspace: not this token's
+    assert Client(HTTP_AUTHORIZATION="Bearer ty_wrong").get("/api/runs/").status_code == 401
+    page = Client()
+    page.force_login(user)
+    page.post("/settings/tokens/", {"revoke": token.pk})
+    assert api.get("/api/runs/").status_code == 401
+
+
+def test_tokens_page_shows_a_new_token_once(alice_client):
+    page = alice_client.post("/settings/tokens/", {"name": "laptop"}).content.decode()
+    raw = re.search(r"(ty_[\w-]+)", page).group(1)
+    assert "laptop" in page
+    assert raw not in alice_client.get("/settings/tokens/").content.decode()
+
+
+def test_create_api_token_command(alice, capsys):
+    call_command("create_api_token", "alice", "--workspace", "Alice's team")
+    raw = capsys.readouterr().out.strip()
+    assert Client(HTTP_AUTHORIZATION=f"Bearer {raw}").get("/api/runs/").status_code == 200
+
+
+def test_viewers_read_but_cannot_upload_start_cancel_or_write(alice, alices_things, chat_file):
+    viewer, _ = create_user_with_workspace("vera", "vera-password", "Vera's own")
+    Membership.objects.create(user=viewer, workspace=alice[1], role=Role.VIEWER)
+    client = Client()
+    client.force_login(viewer)
+    client.post("/workspaces/switch/", {"workspace": alice[1].pk})
+    run = alices_things["runs"]
+    assert client.get(f"/runs/{run}/").status_code == 200
+    assert client.post("/datasets/", {"file": chat_file()}).status_code == 403
+    assert client.post(f"/configs/{alices_things['configs']}/run/").status_code == 403
+    assert client.post(f"/runs/{run}/cancel/").status_code == 403
+    assert client.post(f"/runs/{run}/notes/", {"text": "hi"}).status_code == 403
+    assert client.post("/api/datasets/", {"file": chat_file()}).status_code == 403
+    assert Dataset.objects.filter(workspace=alice[1]).count() == 1
+
+
+def test_switching_to_a_workspace_you_are_not_in_is_refused(alice_client, bob):
+    assert alice_client.post("/workspaces/switch/", {"workspace": bob[1].pk}).status_code == 403
+
+
+def test_login_is_rate_limited(db):
+    import uuid
+
+    name = f"user-{uuid.uuid4().hex[:8]}"  # the limit lives in a shared cache (Redis when configured)
+    create_user_with_workspace(name, "right-password", f"{name}'s team")
+    client = Client()
+    for _ in range(10):
+        assert client.post("/login/", {"username": name, "password": "wrong"}).status_code == 200
+    blocked = client.post("/login/", {"username": name, "password": "right-password"})
+    assert blocked.status_code == 429 and "Too many failed logins" in blocked.content.decode()

@@ -1,0 +1,63 @@
+"""Workspace switching and API tokens (created and revoked in the UI, shown once)."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.views import LoginView
+from django.core.cache import cache
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
+
+from webapp.workspaces import services
+from webapp.workspaces.models import ApiToken, Workspace
+
+
+@require_POST
+def switch(request):
+    workspace = services.switch_workspace(request, int(request.POST.get("workspace", 0) or 0))
+    messages.info(request, f"Now working in “{workspace.name}”.")
+    return redirect(request.POST.get("next") or "home")
+
+
+def tokens(request):
+    workspace = services.current_workspace(request)
+    created = None
+    if request.method == "POST":
+        if request.POST.get("revoke"):
+            services.revoke_api_token(request.user, int(request.POST["revoke"]))
+            messages.info(request, "Token revoked.")
+            return redirect("tokens")
+        token, created = services.create_api_token(request.user, workspace, request.POST.get("name", ""))
+    return render(
+        request,
+        "tokens.html",
+        {
+            "tokens": ApiToken.objects.filter(user=request.user),
+            "created": created,
+            "workspace": workspace,
+            "workspaces": Workspace.objects.visible_to(request.user),
+        },
+    )
+
+
+class RateLimitedLoginView(LoginView):
+    """Django's login, refusing a user name after 10 failed tries from one address in 5 minutes."""
+
+    template_name = "login.html"
+    max_failures, window_seconds = 10, 300
+
+    def _key(self) -> str:
+        username = self.request.POST.get("username", "").strip().lower()
+        return f"login-failures:{self.request.META.get('REMOTE_ADDR', '')}:{username}"
+
+    def post(self, request, *args, **kwargs):
+        if cache.get(self._key(), 0) >= self.max_failures:
+            form = self.get_form()
+            form.add_error(None, "Too many failed logins: wait a few minutes and try again.")
+            return self.render_to_response(self.get_context_data(form=form), status=429)
+        return super().post(request, *args, **kwargs)
+
+    def form_invalid(self, form):
+        key = self._key()
+        cache.set(key, cache.get(key, 0) + 1, self.window_seconds)
+        return super().form_invalid(form)
