@@ -59,6 +59,7 @@ def alices_things(alice, alice_dataset):
         "generation_id": generation.pk,
         "dataset_id": alice_dataset.pk,
         "run_id": run.pk,
+        "config_id": config.pk,
         "row": 0,
     }
 

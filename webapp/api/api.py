@@ -4,7 +4,7 @@ from django.core.exceptions import PermissionDenied
 from ninja import NinjaAPI
 from ninja.security import HttpBearer, django_auth
 
-from webapp.api import datasets, runs
+from webapp.api import configs, datasets, runs
 from webapp.workspaces.services import token_owner
 
 
@@ -28,5 +28,6 @@ def _forbidden(request, exc):
     return api.create_response(request, {"message": str(exc) or "forbidden"}, status=403)
 
 
+api.add_router("/configs", configs.router)
 api.add_router("/datasets", datasets.router)
 api.add_router("/runs", runs.router)

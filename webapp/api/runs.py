@@ -1,15 +1,18 @@
-"""/api/runs: list, get, metrics."""
+"""/api/runs: create, list with filters, get, cancel, resume, metrics (downsampled), logs, artifacts."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from ninja import Router, Schema
 
+from training.config import ConfigInvalid
 from webapp.api.access import visible
-from webapp.runs import realtime
-from webapp.runs.models import Run
+from webapp.runs import realtime, services
+from webapp.runs.models import Run, TrainingConfig
+from webapp.workspaces.services import require_writer
 
 router = Router(tags=["runs"])
 
@@ -31,9 +34,98 @@ class PointOut(Schema):
     values: dict
 
 
+class RunIn(Schema):
+    config_id: int
+    name: str | None = None
+    gpus: int = 1
+    priority: int = 0
+
+
+class Message(Schema):
+    message: str
+    errors: list[dict] = []
+
+
+class ArtifactOut(Schema):
+    id: int
+    kind: str
+    path: str
+    size: int
+    download_url: str
+
+
+@router.post("/", response={201: RunOut, 404: Message, 422: Message})
+def create_run(request, body: RunIn):
+    config = visible(request, TrainingConfig.objects).filter(pk=body.config_id).first()
+    if config is None:
+        return 404, Message(message=f"no config {body.config_id} in this workspace")
+    require_writer(request.user, config.workspace)
+    try:
+        return 201, services.enqueue_run(
+            config.workspace, request.user, config, body.name, gpus=body.gpus, priority=body.priority
+        )
+    except ConfigInvalid as exc:
+        return 422, Message(
+            message="invalid config", errors=[{"path": e.path, "message": e.message} for e in exc.errors]
+        )
+
+
 @router.get("/", response=list[RunOut])
-def list_runs(request):
-    return visible(request, Run.objects)
+def list_runs(request, status: str | None = None, name: str | None = None):
+    runs = visible(request, Run.objects)
+    if status:
+        runs = runs.filter(status=status)
+    if name:
+        runs = runs.filter(name__icontains=name)
+    return runs
+
+
+@router.post("/{run_id}/cancel", response={200: RunOut, 409: Message})
+def cancel(request, run_id: int):
+    run = get_object_or_404(visible(request, Run.objects), pk=run_id)
+    require_writer(request.user, run.workspace)
+    if not services.cancel_run(run):
+        return 409, Message(message=f"the run has already ended ({run.status})")
+    run.refresh_from_db()
+    return 200, run
+
+
+@router.post("/{run_id}/resume", response={201: RunOut, 409: Message})
+def resume(request, run_id: int):
+    run = get_object_or_404(visible(request, Run.objects), pk=run_id)
+    require_writer(request.user, run.workspace)
+    try:
+        return 201, services.resume_run(run, request.user)
+    except services.CannotResume as exc:
+        return 409, Message(message=str(exc))
+
+
+@router.get("/{run_id}/logs", response={200: None})
+def logs(request, run_id: int, offset: int = 0):
+    run = get_object_or_404(visible(request, Run.objects), pk=run_id)
+    payload = realtime.log_after(run, max(offset, 0), max_bytes=1024 * 1024)
+    response = HttpResponse(payload["text"] if payload else "", content_type="text/plain; charset=utf-8")
+    response["X-Next-Offset"] = str(payload["offset"] if payload else offset)
+    return response
+
+
+@router.get("/{run_id}/artifacts", response=list[ArtifactOut])
+def artifacts(request, run_id: int):
+    run = get_object_or_404(visible(request, Run.objects), pk=run_id)
+    return [
+        ArtifactOut(
+            id=a.pk, kind=a.kind, path=a.path, size=a.size, download_url=f"/api/runs/{run.pk}/artifacts/{a.pk}/download"
+        )
+        for a in run.artifacts.all()
+    ]
+
+
+@router.get("/{run_id}/artifacts/{artifact_id}/download", response={200: None})
+def download(request, run_id: int, artifact_id: int):
+    from webapp.runs.views import artifact_file
+
+    run = get_object_or_404(visible(request, Run.objects), pk=run_id)
+    return artifact_file(run, get_object_or_404(run.artifacts, pk=artifact_id))
 
 
 @router.get("/{run_id}", response=RunOut)
@@ -42,6 +134,6 @@ def get_run(request, run_id: int):
 
 
 @router.get("/{run_id}/metrics", response=list[PointOut])
-def run_metrics(request, run_id: int, after: int = -1):
+def run_metrics(request, run_id: int, after: int = -1, max_points: int = realtime.HISTORY_POINTS):
     run = get_object_or_404(visible(request, Run.objects), pk=run_id)
-    return realtime.points_after(run.pk, after)
+    return realtime.history(run.pk, after, max_points=min(max(max_points, 10), 100_000))

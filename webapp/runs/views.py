@@ -278,7 +278,11 @@ def run_cancel(request, pk: int):
 
 def artifact_download(request, pk: int, artifact_id: int):
     run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
-    artifact = get_object_or_404(run.artifacts, pk=artifact_id)
+    return artifact_file(run, get_object_or_404(run.artifacts, pk=artifact_id))
+
+
+def artifact_file(run: Run, artifact) -> FileResponse:
+    """The artifact as a download (shared by the page and the API); folders are zipped once."""
     path = (run.run_dir / artifact.path).resolve()
     if not path.is_relative_to(run.run_dir.resolve()) or not path.exists():
         raise Http404("artifact file missing")
