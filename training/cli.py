@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_train)
 
+    from training.client import add_commands
+
+    add_commands(sub)  # login / datasets / runs: talk to a Trainyard server
+
     p = sub.add_parser("demo", help="build the offline tiny model and sample datasets")
     p.add_argument("out", nargs="?", default="var")
     p.set_defaults(func=cmd_demo)
