@@ -241,3 +241,10 @@ def test_a_line_over_the_size_limit_is_reported(alice_client, monkeypatch):
     data = jsonl([CHAT_ROW, {"text": "x" * 500}])
     response = alice_client.post("/datasets/", {"file": SimpleUploadedFile("x.jsonl", data)})
     assert response.status_code == 400 and "over the 200-byte limit" in response.content.decode()
+
+
+def test_a_damaged_gzip_is_refused_not_a_server_error(alice_client):
+    data = gzip.compress(jsonl([CHAT_ROW] * 50))[:-20]  # found by schemathesis: a truncated archive
+    response = alice_client.post("/datasets/", {"file": SimpleUploadedFile("x.jsonl.gz", data)})
+    assert response.status_code == 400 and "the .gz file is damaged" in response.content.decode()
+    assert Dataset.objects.count() == 0

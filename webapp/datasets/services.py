@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zlib
 from array import array
 from collections import Counter
 from collections.abc import Iterator
@@ -86,12 +87,18 @@ def _lines(raw: IO[bytes], compressed_size: int) -> Iterator[bytes]:
     if head == b"\x1f\x8b":
         stream = gzip.GzipFile(fileobj=raw)
         inflated = 0
-        for line in stream:
+        lines = iter(stream)
+        while True:
+            try:
+                line = next(lines)
+            except StopIteration:
+                return
+            except (EOFError, OSError, zlib.error) as exc:  # truncated or corrupt archive
+                raise UploadRejected(f"the .gz file is damaged: {exc}") from None
             inflated += len(line)
             if inflated > max(compressed_size, 1) * GZIP_MAX_RATIO and inflated > 64 * 1024 * 1024:
                 raise UploadRejected(f"the .gz file inflates more than {GZIP_MAX_RATIO}x: refused as an archive bomb")
             yield line
-        return
     first = raw.read(1)
     while first and first in b" \t\r\n":
         first = raw.read(1)
