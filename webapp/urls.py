@@ -5,6 +5,7 @@ from django.urls import path
 from webapp.api.api import api
 from webapp.datasets import views as datasets
 from webapp.runs import views as runs
+from webapp.workspaces import members
 from webapp.workspaces import views as workspaces
 
 urlpatterns = [
@@ -13,6 +14,7 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("workspaces/switch/", workspaces.switch, name="workspace-switch"),
     path("settings/tokens/", workspaces.tokens, name="tokens"),
+    path("settings/members/", members.members, name="members"),
     path("datasets/", datasets.dataset_list, name="dataset-list"),
     path("datasets/<int:pk>/", datasets.dataset_detail, name="dataset-detail"),
     path("datasets/<int:pk>/preview/", datasets.dataset_preview, name="dataset-preview"),

@@ -28,6 +28,7 @@ OWN_ONLY = {
     "run-compare",
     "workspace-switch",
     "tokens",
+    "members",
 }
 
 
@@ -171,3 +172,83 @@ def test_login_is_rate_limited(db):
         assert client.post("/login/", {"username": name, "password": "wrong"}).status_code == 200
     blocked = client.post("/login/", {"username": name, "password": "right-password"})
     assert blocked.status_code == 429 and "Too many failed logins" in blocked.content.decode()
+
+
+def test_owners_manage_members_and_a_workspace_keeps_an_owner(alice, alice_client, bob, bob_client):
+    alice_client.post("/settings/members/", {"action": "add", "username": "bob", "role": "viewer"})
+    membership = Membership.objects.get(user=bob[0], workspace=alice[1])
+    assert membership.role == Role.VIEWER
+    bob_client.post("/workspaces/switch/", {"workspace": alice[1].pk})
+    assert bob_client.post("/settings/members/", {"action": "remove", "membership": membership.pk}).status_code == 403
+    own = Membership.objects.get(user=alice[0], workspace=alice[1])
+    page = alice_client.post("/settings/members/", {"action": "remove", "membership": own.pk}, follow=True)
+    assert "keeps at least one owner" in page.content.decode() and Membership.objects.filter(pk=own.pk).exists()
+    alice_client.post("/settings/members/", {"action": "remove", "membership": membership.pk})
+    assert not Membership.objects.filter(pk=membership.pk).exists()
+
+
+def test_site_settings_limit_uploads_gpus_and_remote_code(alice, alice_client, chat_file, settings):
+    from webapp.runs import gpus
+    from webapp.workspaces.models import SiteSettings
+
+    site = SiteSettings.current()
+    site.max_upload_mb, site.allowed_gpus = 1, "0,3"
+    site.save()
+    settings.TRAINYARD_GPUS = "0,1,2,3"
+    assert [d.rsplit(":", 1)[1] for d in gpus.inventory()] == ["0", "3"]
+    big = chat_file([CHAT_BIG] * 800)
+    response = alice_client.post("/datasets/", {"file": big})
+    assert response.status_code == 400 and "1,048,576-byte limit" in response.content.decode()
+    yaml_text = "base_model: tiny-chat\ndatasets:\n  - path: chat\ntrust_remote_code: true\n"
+    refused = alice_client.post("/api/configs/validate", {"yaml": yaml_text}, content_type="application/json")
+    assert refused.status_code == 422 and refused.json()["errors"][0]["path"] == "trust_remote_code"
+    site.allow_trust_remote_code = True
+    site.save()
+    allowed = alice_client.post("/api/configs/validate", {"yaml": yaml_text}, content_type="application/json")
+    assert all(e["path"] != "trust_remote_code" for e in allowed.json().get("errors", []))
+
+
+CHAT_BIG = {"messages": [{"role": "user", "content": "x" * 1000}, {"role": "assistant", "content": "y" * 1000}]}
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_every_websocket_route_refuses_other_workspaces_and_anonymous(alice, bob):
+    from asgiref.sync import sync_to_async
+    from channels.testing import WebsocketCommunicator
+    from django.contrib.auth.models import AnonymousUser
+
+    from webapp.runs.routing import websocket_urlpatterns
+
+    run = await sync_to_async(Run.objects.create)(workspace=alice[1], name="r", config_yaml="x")
+    ids = {"run_id": run.pk}
+    for pattern in websocket_urlpatterns:
+        kwargs = {name: ids[name] for name in pattern.pattern.converters}
+        for user in (bob[0], AnonymousUser()):
+            comm = WebsocketCommunicator(pattern.callback, "/ws/")
+            comm.scope["user"], comm.scope["url_route"] = user, {"kwargs": kwargs}
+            connected, code = await comm.connect()
+            assert not connected and code == 4403, pattern
+
+
+def test_security_headers_and_https_cookies(alice_client):
+    import os
+    import subprocess
+    import sys
+
+    response = alice_client.get("/runs/")
+    assert response["X-Frame-Options"] == "DENY" and response["X-Content-Type-Options"] == "nosniff"
+    assert response["Referrer-Policy"] == "same-origin"
+    code = (
+        "import django, os; os.environ['DJANGO_SETTINGS_MODULE']='webapp.settings'; django.setup(); "
+        "from django.conf import settings as s; "
+        "print(s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE, s.SECURE_SSL_REDIRECT)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "TRAINYARD_HTTPS": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == ["True", "True", "True"]

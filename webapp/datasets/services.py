@@ -21,6 +21,7 @@ from training.config import DatasetSpec
 from training.formats import FORMATS, detect_format
 from training.rows import LineProblem, parse_line
 from webapp.datasets.models import Dataset, DatasetStats, dataset_dir
+from webapp.workspaces.models import SiteSettings
 
 MAX_PROBLEMS_SHOWN = 100
 GZIP_MAX_RATIO = 200  # refuse archives that inflate beyond this: a 1 MB bomb must not fill the disk
@@ -183,10 +184,10 @@ def upload_dataset(
     from django.conf import settings
 
     size = getattr(file, "size", None) or 0
-    if size > settings.TRAINYARD_MAX_UPLOAD_BYTES:
-        raise UploadRejected(
-            f"the file is {size:,} bytes, over this server's {settings.TRAINYARD_MAX_UPLOAD_BYTES:,}-byte limit"
-        )
+    site = SiteSettings.current()
+    limit = site.max_upload_mb * 1024 * 1024 if site.max_upload_mb else settings.TRAINYARD_MAX_UPLOAD_BYTES
+    if size > limit:
+        raise UploadRejected(f"the file is {size:,} bytes, over this server's {limit:,}-byte limit")
     if format and format not in FORMATS:
         raise UploadRejected(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     filename = os.path.basename(getattr(file, "name", "") or "dataset.jsonl")  # a label, never a path

@@ -24,7 +24,9 @@ def inventory() -> list[str]:
     """This host's devices: TRAINYARD_GPUS ("0,1,3" or a count), else the CUDA devices torch sees;
     without any GPU the CPU is one device, so runs still queue one at a time."""
     host = socket.gethostname()
-    spec = (settings.TRAINYARD_GPUS or "").strip()
+    from webapp.workspaces.models import SiteSettings
+
+    spec = (SiteSettings.current().allowed_gpus or settings.TRAINYARD_GPUS or "").strip()
     if spec:
         ids = (
             [str(i) for i in range(int(spec))]

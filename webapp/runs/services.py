@@ -21,13 +21,19 @@ from webapp.runs.models import ACTIVE_STATES, Artifact, MetricPoint, Run, RunSta
 log = logging.getLogger("trainyard.runs")
 
 
+def trust_remote_code_allowed() -> bool:
+    from webapp.workspaces.models import SiteSettings
+
+    return settings.TRAINYARD_ALLOW_TRUST_REMOTE_CODE or SiteSettings.current().allow_trust_remote_code
+
+
 def validate_config(workspace, yaml_text: str) -> tuple[TrainConfig, dict]:
     """Parse and check a config against this workspace and server. Returns (config, resolved dict),
     where the resolved dict names real files; raises ConfigInvalid listing every problem by key path."""
     errors: list[ConfigError] = []
     config = None
     try:
-        config = parse_config(yaml_text, allow_trust_remote_code=settings.TRAINYARD_ALLOW_TRUST_REMOTE_CODE)
+        config = parse_config(yaml_text, allow_trust_remote_code=trust_remote_code_allowed())
     except ConfigInvalid as exc:
         errors += exc.errors
     raw = yaml.safe_load(yaml_text) if not (errors and errors[0].message.startswith("invalid YAML")) else None

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-from django.conf import settings
 from django.utils import timezone
 from huey import crontab
 from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
@@ -69,7 +68,7 @@ def command(run: Run, devices: list[str]) -> list[str]:
     args = ["-m", "training", "train", str(run.run_dir / "config.yaml"), "--run-dir", str(run.run_dir)]
     if run.resume_checkpoint:
         args += ["--resume", run.resume_checkpoint]
-    if settings.TRAINYARD_ALLOW_TRUST_REMOTE_CODE:
+    if services.trust_remote_code_allowed():
         args.append("--allow-trust-remote-code")
     gpu_count = len(gpus.cuda_visible_devices(devices).split(",")) if gpus.cuda_visible_devices(devices) else 0
     if gpu_count > 1:  # one process per GPU, through accelerate (DDP)

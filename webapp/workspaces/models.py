@@ -63,3 +63,29 @@ class ApiToken(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+
+
+class SiteSettings(models.Model):
+    """Server-wide settings an admin edits in /admin/ (one row). Empty values fall back to the environment."""
+
+    allowed_gpus = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text='GPU ids runs may use on each host, e.g. "0,1"; empty: TRAINYARD_GPUS or all',
+    )
+    max_upload_mb = models.PositiveIntegerField(
+        null=True, blank=True, help_text="largest dataset upload; empty: TRAINYARD_MAX_UPLOAD_BYTES"
+    )
+    allow_trust_remote_code = models.BooleanField(
+        default=False, help_text="let configs run code shipped with a model (trust_remote_code: true)"
+    )
+
+    class Meta:
+        verbose_name = verbose_name_plural = "site settings"
+
+    def __str__(self) -> str:
+        return "Site settings"
+
+    @classmethod
+    def current(cls) -> SiteSettings:
+        return cls.objects.get_or_create(pk=1)[0]
