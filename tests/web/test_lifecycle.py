@@ -68,7 +68,7 @@ def test_killed_worker_leaves_run_interrupted_and_resume_finishes(alice, alice_d
     )
     checkpoint = run.run_dir / "checkpoints" / "checkpoint-20"
     deadline = time.time() + 120
-    while not checkpoint.exists() and time.time() < deadline and worker.poll() is None:
+    while not (checkpoint / "trainer_state.json").exists() and time.time() < deadline and worker.poll() is None:
         time.sleep(0.2)
     assert checkpoint.exists(), (run.run_dir / "train.log").read_text()[-3000:]
     os.killpg(worker.pid, signal.SIGKILL)

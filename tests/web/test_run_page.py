@@ -78,3 +78,14 @@ def test_compare_overlays_runs_and_diffs_their_configs(alice_client, alice, bob_
     assert f"run {running.pk} · r" in page and '"loss": 3.0' in page and 'id="config-diff"' in page
     assert "+lora_r: 16" in page
     assert f"run {running.pk} · r" not in bob_client.get(f"/runs/compare/?ids={running.pk}").content.decode()
+
+
+def test_resume_skips_a_checkpoint_left_half_written(running):
+    from webapp.runs.services import latest_checkpoint
+
+    for step, complete in ((10, True), (20, False)):
+        folder = running.run_dir / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert latest_checkpoint(running).name == "checkpoint-10"

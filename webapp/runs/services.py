@@ -205,8 +205,14 @@ def enqueue_run(
 
 
 def latest_checkpoint(run: Run) -> Path | None:
+    """The newest *complete* checkpoint: a process killed while saving leaves a folder without
+    trainer_state.json (written last), which can't be resumed from."""
     folder = run.run_dir / "checkpoints"
-    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if folder.is_dir() else []
+    found = [
+        p
+        for p in (folder.glob("checkpoint-*") if folder.is_dir() else [])
+        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()
+    ]
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
