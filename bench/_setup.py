@@ -40,3 +40,65 @@ def write_chat_jsonl(path: Path, size_mb: int) -> int:
                 if written >= target:
                     break
     return rows
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(env: dict, stderr=None):
+    """uvicorn serving the app on a free port; returns (process, base URL) once it accepts connections."""
+    import socket
+    import time
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "webapp.asgi:application",
+            "--port",
+            str(port),
+            "--lifespan",
+            "off",
+            "--no-access-log",
+            "--ws",
+            "websockets",
+        ],
+        cwd=ROOT,
+        env=env,
+        stderr=stderr,
+    )
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def login(base: str):
+    """Log in as the demo user; returns (opener with the session, csrf token of the dataset page, Cookie header)."""
+    import http.cookiejar
+    import re
+    import urllib.parse
+    import urllib.request
+
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    token = re.compile(r'name="csrfmiddlewaretoken" value="([^"]+)"')
+    page = opener.open(base + "/login/").read().decode()
+    opener.open(
+        base + "/login/",
+        urllib.parse.urlencode(
+            {"username": "demo", "password": "trainyard", "csrfmiddlewaretoken": token.search(page).group(1)}
+        ).encode(),
+    )
+    page = opener.open(base + "/datasets/").read().decode()
+    return opener, token.search(page).group(1), "; ".join(f"{c.name}={c.value}" for c in jar)

@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.cookiejar
 import json
 import os
-import re
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 
-from _setup import ROOT, fresh_data_dir
+from _setup import ROOT, fresh_data_dir, login, start_server
 
 FAKE_WORKER = """
 import time, django
@@ -38,24 +33,6 @@ for i in range(n):
                                       "values": {{"loss": 3.0 - i * 1e-3}}}}], i + 1)
     time.sleep(max(0.0, start + (i + 1) * interval - time.time()))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def login(base: str) -> str:
-    jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    page = opener.open(base + "/login/").read().decode()
-    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
-    opener.open(
-        base + "/login/",
-        urllib.parse.urlencode({"username": "demo", "password": "trainyard", "csrfmiddlewaretoken": token}).encode(),
-    )
-    return "; ".join(f"{c.name}={c.value}" for c in jar)
 
 
 async def client(url: str, cookie: str, origin: str, expected: int, latencies: list, seconds: float) -> bool:
@@ -91,34 +68,9 @@ async def measure(mode: str, clients: int, rate: int, seconds: float) -> dict:
         env["REDIS_URL"] = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
     env["TRAINYARD_DATA_DIR"] = str(fresh_data_dir())
     os.environ["TRAINYARD_DATA_DIR"] = env["TRAINYARD_DATA_DIR"]
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "webapp.asgi:application",
-            "--port",
-            str(port),
-            "--lifespan",
-            "off",
-            "--no-access-log",
-            "--ws",
-            "websockets",
-        ],
-        cwd=ROOT,
-        env=env,
-        stderr=open(f"/tmp/latency-{mode}.log", "w"),
-    )
+    server, base = start_server(env, stderr=open(f"/tmp/latency-{mode}.log", "w"))
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        base = f"http://127.0.0.1:{port}"
-        cookie = login(base)
+        _, _, cookie = login(base)
         worker = subprocess.Popen(
             [sys.executable, "-c", FAKE_WORKER.format(rate=rate, seconds=seconds, start_delay=8)],
             cwd=ROOT,
@@ -129,7 +81,7 @@ async def measure(mode: str, clients: int, rate: int, seconds: float) -> dict:
         run_id = int(worker.stdout.readline())
         expected = int(seconds * rate)
         latencies: list[float] = []
-        url = f"ws://127.0.0.1:{port}/ws/runs/{run_id}/"
+        url = base.replace("http://", "ws://") + f"/ws/runs/{run_id}/"
         results = await asyncio.gather(
             *[client(url, cookie, base, expected, latencies, seconds + 20) for _ in range(clients)]
         )

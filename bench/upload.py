@@ -8,17 +8,11 @@ import http.client
 import http.cookiejar
 import json
 import os
-import re
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
-from _setup import ROOT, fresh_data_dir, write_chat_jsonl
+from _setup import fresh_data_dir, login, start_server, write_chat_jsonl
 
 GOAL_MB = 300
 
@@ -30,12 +24,6 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mb", type=int, default=1024)
@@ -44,43 +32,9 @@ def main() -> None:
     data = fresh_data_dir()
     path = data / "upload.jsonl"
     rows = write_chat_jsonl(path, args.size_mb)
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "webapp.asgi:application",
-            "--port",
-            str(port),
-            "--lifespan",
-            "off",
-            "--no-access-log",
-        ],
-        cwd=ROOT,
-        env=os.environ.copy(),
-    )
+    server, base = start_server(os.environ.copy())
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        base = f"http://127.0.0.1:{port}"
-        jar = http.cookiejar.CookieJar()
-        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-        page = opener.open(base + "/login/").read().decode()
-        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
-        opener.open(
-            base + "/login/",
-            urllib.parse.urlencode(
-                {"username": "demo", "password": "trainyard", "csrfmiddlewaretoken": token, "next": "/datasets/"}
-            ).encode(),
-        )
-        page = opener.open(base + "/datasets/").read().decode()
-        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
-        cookies = "; ".join(f"{c.name}={c.value}" for c in jar)
+        _, token, cookies = login(base)
         idle = rss_mb(server.pid)
 
         boundary = "----trainyardbench"
@@ -101,7 +55,7 @@ def main() -> None:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         start = time.perf_counter()
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+        conn = http.client.HTTPConnection(base.split("//")[1], timeout=3600)
         conn.putrequest("POST", "/datasets/")
         conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
         conn.putheader("Content-Length", str(len(head) + path.stat().st_size + len(tail)))
