@@ -16,21 +16,12 @@ from django.db import connection
 from webapp.runs import services
 from webapp.runs.models import MetricPoint, RunStatus, TrainingConfig
 
+from .test_runs import GOOD
+
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 ROOT = Path(__file__).parents[2]
 
-CONFIG = """\
-base_model: tiny-chat
-datasets:
-  - path: chat
-sequence_len: 128
-adapter: lora
-lora_target_linear: true
-micro_batch_size: 2
-max_steps: 300
-save_steps: 20
-learning_rate: 0.003
-"""
+CONFIG = GOOD.format(steps=300) + "save_steps: 20\n"
 
 
 def worker_env() -> dict:

@@ -17,19 +17,11 @@ from webapp.runs import services
 from webapp.runs.models import Run, RunStatus, TrainingConfig
 
 from .test_lifecycle import ROOT, worker_env
+from .test_runs import GOOD
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
-CONFIG = """\
-base_model: tiny-chat
-datasets:
-  - path: chat
-sequence_len: 128
-adapter: lora
-lora_target_linear: true
-micro_batch_size: 2
-max_steps: 5
-"""
+CONFIG = GOOD.format(steps=5)
 
 
 def queue_client(name: str):

@@ -436,10 +436,6 @@ def config_diff(old: Run, new: Run) -> list[tuple[str, str]]:
     return out
 
 
-def delete_run_files(run: Run) -> None:
-    shutil.rmtree(run.run_dir, ignore_errors=True)
-
-
 def bump_heartbeat(run_id: int) -> None:
     Run.objects.filter(pk=run_id).update(heartbeat_at=timezone.now())
 
