@@ -140,13 +140,21 @@ def test_upload_preview_configure_train_watch_and_download(server, browser, tmp_
         "document.getElementById('chart-loss').data && document.getElementById('chart-loss').data.length > 0",
         timeout=90_000,
     )
-    counts = []
-    for _ in range(30):
-        counts.append(page.evaluate("document.getElementById('chart-loss').data[0].x.length"))
-        if len(set(counts)) > 1 or page.inner_text("#status-badge") == "succeeded":
+    # Count and badge read in one go: the final status comes after the last point, so a page that
+    # says "succeeded" has the whole chart.
+    seen = []
+    for _ in range(60):
+        seen.append(
+            page.evaluate(
+                "[document.getElementById('chart-loss').data[0].x.length,"
+                " document.getElementById('status-badge').textContent]"
+            )
+        )
+        if len({count for count, _ in seen}) > 1 or seen[-1][1] == "succeeded":
             break
         time.sleep(0.3)
-    assert len(set(counts)) > 1 or counts[-1] == 40, counts  # it grew while we watched
+    grew = len({count for count, _ in seen}) > 1
+    assert grew or seen[-1] == [40, "succeeded"], seen  # it grew while we watched, or it was already whole
 
     # Closing the page mid-run changes nothing for the run; reopening shows the whole history.
     context = page.context

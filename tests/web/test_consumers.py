@@ -69,6 +69,29 @@ async def test_history_then_live_points_then_final_status(alice):
     await comm.disconnect()
 
 
+async def test_the_final_status_comes_after_every_point(alice, monkeypatch):
+    """A run that writes its last points and ends between two polls of a slow tail: the page still
+    has the whole chart when it reads the final status."""
+    from webapp.runs import consumers
+
+    monkeypatch.setattr(consumers, "tail_seconds", lambda: 60.0)
+    run = await make_run(alice[1], points=3)
+    comm = communicator(alice[0], run.pk)
+    assert (await comm.connect())[0]
+    await receive_until(comm, "points")
+    await sync_to_async(add_points)(run, 3, 30)
+    await sync_to_async(Run.objects.filter(pk=run.pk).update)(status=RunStatus.SUCCEEDED)
+    seqs = []
+    while True:
+        msg = await comm.receive_json_from(timeout=5)
+        if msg["type"] == "points":
+            seqs += [p["seq"] for p in msg["points"]]
+        elif msg["type"] == "status" and msg["final"]:
+            break
+    assert seqs == list(range(3, 33))
+    await comm.disconnect()
+
+
 async def test_reconnect_resumes_after_the_last_seq_without_gap_or_duplicate(alice):
     run = await make_run(alice[1], points=5)
     comm = communicator(alice[0], run.pk, "?after=2")

@@ -8,6 +8,7 @@ server in between), and with Redis the worker's own publish to the run's group (
 from __future__ import annotations
 
 import asyncio
+import logging
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
@@ -18,6 +19,7 @@ from webapp.runs import realtime, services
 from webapp.runs.models import Run
 
 STATUS_SECONDS = 1.0
+log = logging.getLogger(__name__)
 
 
 def tail_seconds() -> float:
@@ -93,7 +95,10 @@ class RunTail:
 
     async def _poll(self):
         while True:
-            self._fan_out(await _points(self.run_id, self.after_seq))
+            try:
+                self._fan_out(await _points(self.run_id, self.after_seq))
+            except Exception:  # a busy database must not end the tail every page of the run shares
+                log.exception("run %s: reading new points failed; retrying", self.run_id)
             await asyncio.sleep(tail_seconds())
 
     async def _listen(self):
@@ -138,10 +143,10 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
         fresh = [p for p in points if p["seq"] > self.after_seq]
         if fresh and fresh[0]["seq"] > self.after_seq + 1 and not history:
             fresh = await _points(self.run_id, self.after_seq)  # a gap: fill it from the database
+        if fresh:
+            self.after_seq = max(self.after_seq, fresh[-1]["seq"])  # before the await: no double send
         if fresh or history:
             await self.send_json({"type": "points", "history": history, "points": fresh})
-        if fresh:
-            self.after_seq = max(self.after_seq, fresh[-1]["seq"])
 
     async def _forward_tail(self):
         while True:
@@ -155,6 +160,8 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
                 await self.send_json(log)
                 self.log_offset = log["offset"]
             if status != last_status:
+                if status["final"]:  # every point before the final status: a finished run's chart is whole
+                    await self._send_points(await _points(self.run_id, self.after_seq))
                 await self.send_json(status)
                 last_status = status
             if status["final"] and not log:
