@@ -6,7 +6,6 @@ import gc
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -19,9 +18,13 @@ IGNORE_INDEX = -100
 MIN_SAMPLE_TOKENS = 2  # axolotl's min_sample_len: a 1-token sample has no next token to learn
 
 
-def build_labels(input_ids: Sequence[int], trained: Sequence[bool]) -> list[int]:
-    """The only place labels are made: the token id where trained, IGNORE_INDEX (-100) where masked."""
-    return [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, trained)]
+def build_labels(input_ids: Sequence[int], trained: Iterable[tuple[int, int]]) -> list[int]:
+    """The only place labels are made: the token id inside a trained range [lo, hi) of token
+    positions, IGNORE_INDEX (-100) everywhere else. Ranges may overlap."""
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for lo, hi in trained:
+        labels[lo:hi] = input_ids[lo:hi]
+    return labels
 
 
 @dataclass
@@ -150,6 +153,7 @@ class Encoder:
             excess_length_strategy=excess_length_strategy,
         )
         self.notes: Counter = Counter()
+        self._render_valid = getattr(self.format, "render_valid", None)
 
     @classmethod
     def from_config(cls, tokenizer, config: TrainConfig, dataset_index: int = 0) -> Encoder:
@@ -179,23 +183,13 @@ class Encoder:
         return self._assemble(rendered, self._encode_pieces(rendered))
 
     def encode_stream(self, rows: Iterable[tuple[int, dict]], batch_size: int = 1000) -> Iterator[Encoded | Dropped]:
-        """Like encode_rows over any number of rows, pipelined: while the Rust tokenizer works on one
-        batch (it releases the GIL), Python renders the next and assembles the previous."""
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = None
-            for batch in _batched(rows, batch_size):
-                with _no_gc():
-                    rendered = self._render(batch)
-                future = pool.submit(self._encode_pieces, rendered)
-                if pending is not None:
-                    with _no_gc():
-                        done = self._assemble(pending[0], pending[1].result())
-                    yield from done
-                pending = (rendered, future)
-            if pending is not None:
-                with _no_gc():
-                    done = self._assemble(pending[0], pending[1].result())
-                yield from done
+        """Like encode_rows over any number of rows, a batch at a time. Measured (bench/preprocess.py):
+        with Python down to ~12 us a row, tokenizing in a thread beside it (the Rust encoder already
+        uses both cores) was slower in the median and much noisier than one batch after another."""
+        for batch in _batched(rows, batch_size):
+            with _no_gc():
+                done = self.encode_rows(batch)
+            yield from done
 
     def encode_file(self, path, stats: EncodeStats | None = None) -> Iterator[Encoded | Dropped]:
         """Every line of a dataset file, broken lines included (as `invalid`), row index = line - 1."""
@@ -213,7 +207,15 @@ class Encoder:
 
     def _render(self, rows: Iterable[tuple[int, dict]]) -> list[tuple[int, Rendered | Dropped]]:
         rendered: list[tuple[int, Rendered | Dropped]] = []
+        fast, spec, settings = self._render_valid, self.spec, self.settings
         for index, row in rows:
+            if fast is not None:  # the format's one-pass path for rows of the common shape
+                r = fast(row, spec, settings)
+                if r is not None:
+                    for note in r.notes:
+                        self.notes[note] += 1
+                    rendered.append((index, r))
+                    continue
             if isinstance(row, LineProblem):  # unreadable line, passed through in order
                 rendered.append(
                     (index, Dropped(index, "invalid", f"{row.field}: {row.message}" if row.field else row.message))
@@ -243,15 +245,16 @@ class Encoder:
         return rendered
 
     def _encode_pieces(self, rendered) -> list:
-        """Every piece of the batch through the Rust tokenizer: two calls (with/without added specials)."""
+        """Every piece of the batch through the Rust tokenizer: one call per add_special_tokens value."""
         pieces: list[Piece] = [p for _, r in rendered if isinstance(r, Rendered) for p in r.pieces]
+        flags = {p.add_special_tokens for p in pieces}
+        if len(flags) == 1:  # the common case: one call, in order
+            return self.backend.encode_batch([p.text for p in pieces], add_special_tokens=flags.pop())
         encodings: list = [None] * len(pieces)
-        for flag in (False, True):
+        for flag in flags:
             idx = [i for i, p in enumerate(pieces) if p.add_special_tokens == flag]
-            if idx:
-                batch = self.backend.encode_batch([pieces[i].text for i in idx], add_special_tokens=flag)
-                for i, enc in zip(idx, batch):
-                    encodings[i] = enc
+            for i, enc in zip(idx, self.backend.encode_batch([pieces[i].text for i in idx], add_special_tokens=flag)):
+                encodings[i] = enc
         return encodings
 
     def _assemble(self, rendered, encodings) -> list[Encoded | Dropped]:
@@ -263,29 +266,30 @@ class Encoder:
                 out.append(r)
                 continue
             ids: list[int] = []
-            trained: list[bool] = []
+            trained: list[tuple[int, int]] = []  # token ranges [lo, hi) that train
             parts: list[int] = []
             for piece in r.pieces:
                 enc = encodings[k]
                 k += 1
                 piece_ids = enc.ids
-                n = len(piece_ids)
+                n, at = len(piece_ids), len(ids)
                 if piece.whole is not None:
-                    trained += [piece.whole.trained] * n
+                    if piece.whole.trained:
+                        trained.append((at, at + n))
                     parts += [piece.whole.part] * n
                 else:
-                    t, p = _mark_spans(enc, piece.spans, len(piece.text))
-                    trained += t
-                    parts += p
-                if r.max_tokens and len(ids) + n > r.max_tokens:  # cut: no EOS after a cut text
-                    keep = max(r.max_tokens - len(ids), 0)
-                    ids += piece_ids[:keep]
-                    del trained[len(ids) :], parts[len(ids) :]
+                    piece_trained, piece_parts = _mark_spans(enc, piece.spans, len(piece.text), n)
+                    trained += [(at + lo, at + hi) for lo, hi in piece_trained] if at else piece_trained
+                    parts += piece_parts
+                if r.max_tokens and at + n > r.max_tokens:  # cut: no EOS after a cut text
+                    ids += piece_ids[: max(r.max_tokens - at, 0)]
+                    del parts[len(ids) :]
                     continue
                 ids += piece_ids
                 if piece.append_eos is not None and eos_id is not None and (not piece_ids or piece_ids[-1] != eos_id):
                     ids.append(eos_id)
-                    trained.append(piece.append_eos.trained)
+                    if piece.append_eos.trained:
+                        trained.append((len(ids) - 1, len(ids)))
                     parts.append(piece.append_eos.part)
             out.extend(self._finish(index, r, ids, trained, parts))
         return out
@@ -298,41 +302,40 @@ class Encoder:
     def _finish(self, index: int, r: Rendered, ids, trained, parts) -> list[Encoded | Dropped]:
         if not ids:
             return [Dropped(index, "empty", "the row produced no tokens")]
-        limit = self.settings.sequence_len
-        bounds = [(0, len(ids))]
-        if r.split_every:
-            bounds = [(s, min(s + r.split_every, len(ids))) for s in range(0, len(ids), r.split_every)]
-        out: list[Encoded | Dropped] = []
-        for chunk, (lo, hi) in enumerate(bounds):
-            if len(bounds) == 1:  # the common case: no copies
-                c_ids, c_trained, c_parts = ids, trained, parts
-            else:
-                c_ids, c_trained, c_parts = ids[lo:hi], trained[lo:hi], parts[lo:hi]
-            sample = Encoded(index, c_ids, build_labels(c_ids, c_trained), c_parts, r.parts, chunk=chunk)
-            if len(c_ids) < MIN_SAMPLE_TOKENS:
-                out.append(Dropped(index, "too_short", f"{len(c_ids)} token(s): nothing to predict", sample))
-                continue
-            if len(c_ids) > limit:
-                strategy = self.settings.excess_length_strategy
-                if strategy == "raise":
-                    raise SequenceTooLong(f"row {index}: {len(c_ids)} tokens > sequence_len {limit}")
-                if strategy == "drop":
-                    out.append(Dropped(index, "too_long", f"{len(c_ids)} tokens > sequence_len {limit}", sample))
-                    continue
-                sample = Encoded(
-                    index,
-                    c_ids[:limit],
-                    sample.labels[:limit],
-                    sample.token_parts[:limit],
-                    r.parts,
-                    truncated=True,
-                    chunk=chunk,
-                )
-            if sample.trained_tokens == 0:
-                out.append(Dropped(index, "no_trained_tokens", "every token is masked", sample))
-                continue
-            out.append(sample)
-        return out
+        labels = build_labels(ids, trained)
+        if not r.split_every:  # the common case: one sample, no copies
+            return [self._sample(Encoded(index, ids, labels, parts, r.parts))]
+        return [
+            self._sample(Encoded(index, ids[lo:hi], labels[lo:hi], parts[lo:hi], r.parts, chunk=chunk))
+            for chunk, (lo, hi) in enumerate(
+                (s, min(s + r.split_every, len(ids))) for s in range(0, len(ids), r.split_every)
+            )
+        ]
+
+    def _sample(self, sample: Encoded) -> Encoded | Dropped:
+        """Axolotl's rules on one sample: too short or all masked is dropped; too long is dropped,
+        truncated or an error, as excess_length_strategy says."""
+        length, limit = len(sample.input_ids), self.settings.sequence_len
+        if length < MIN_SAMPLE_TOKENS:
+            return Dropped(sample.row, "too_short", f"{length} token(s): nothing to predict", sample)
+        if length > limit:
+            strategy = self.settings.excess_length_strategy
+            if strategy == "raise":
+                raise SequenceTooLong(f"row {sample.row}: {length} tokens > sequence_len {limit}")
+            if strategy == "drop":
+                return Dropped(sample.row, "too_long", f"{length} tokens > sequence_len {limit}", sample)
+            sample = Encoded(
+                sample.row,
+                sample.input_ids[:limit],
+                sample.labels[:limit],
+                sample.token_parts[:limit],
+                sample.parts,
+                truncated=True,
+                chunk=sample.chunk,
+            )
+        if sample.trained_tokens == 0:
+            return Dropped(sample.row, "no_trained_tokens", "every token is masked", sample)
+        return sample
 
 
 @contextmanager
@@ -360,21 +363,26 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def _token_range(encoding, start: int, end: int, text_len: int, offsets_cache: list) -> tuple[int, int]:
+def _offsets_fallback(encoding, start: int, end: int, offsets_cache: list) -> tuple[int, int]:
+    """Tokens [lo, hi) overlapping characters [start, end), from the offsets: for characters no token
+    covers (normalized away), where char_to_token has no answer."""
+    if not offsets_cache:
+        offsets = encoding.offsets
+        offsets_cache += [[o[0] for o in offsets], [o[1] for o in offsets]]
+    starts, ends = offsets_cache
+    return bisect_right(ends, start), bisect_left(starts, end)
+
+
+def _token_range(encoding, start: int, end: int, text_len: int, n: int, offsets_cache: list) -> tuple[int, int]:
     """Tokens [lo, hi) overlapping characters [start, end)."""
-    n = len(encoding.ids)
     lo = encoding.char_to_token(start)
     # The first token of the character after the range; if it also covers characters inside the
     # range (a merge across the boundary) it overlaps, so it counts.
     hi = encoding.char_to_token(end) if end < text_len else n
     if hi is not None and hi < n and encoding.token_to_chars(hi)[0] < end:
         hi += 1
-    if lo is None or hi is None:  # a character no token covers (normalized away): use offsets
-        if not offsets_cache:
-            offsets = encoding.offsets
-            offsets_cache += [[o[0] for o in offsets], [o[1] for o in offsets]]
-        starts, ends = offsets_cache
-        lo, hi = bisect_right(ends, start), bisect_left(starts, end)
+    if lo is None or hi is None:
+        return _offsets_fallback(encoding, start, end, offsets_cache)
     return lo, hi
 
 
@@ -392,28 +400,37 @@ def snap(token_starts: list[int], length: int, begin: int, end_inclusive: int) -
     return first, last
 
 
-def _mark_spans(encoding, spans, text_len: int) -> tuple[list[bool], list[int]]:
-    """Per token: trained if it overlaps a trained span (spans only ever add training), and the
-    part of the first span it overlaps."""
-    n = len(encoding.ids)
-    trained = [False] * n
+def _mark_spans(encoding, spans, text_len: int, n: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """For a piece of n tokens: the token ranges [lo, hi) that overlap a trained span (spans only
+    ever add training), and per token the part of the first span it overlaps (-1: template text).
+    Hot: one call per row, kept lean."""
+    trained: list[tuple[int, int]] = []
     part = [-1] * n
     offsets_cache: list = []
-    for span in spans:
-        if span.end <= span.start:
+    marked_to = 0
+    char_to_token, token_to_chars = encoding.char_to_token, encoding.token_to_chars
+    for start, end, is_trained, span_part, around in spans:
+        if end <= start:
             continue
-        if span.snap is not None:
-            c_lo, c_hi = _token_range(encoding, span.snap[0], span.snap[1], text_len, offsets_cache)
-            starts = [max(encoding.token_to_chars(i)[0] - span.snap[0], 0) for i in range(c_lo, c_hi)]
-            first, last = snap(
-                starts, span.snap[1] - span.snap[0], span.start - span.snap[0], span.end - 1 - span.snap[0]
-            )
+        if around is not None:  # training_detail: snapped to the content's tokens as axolotl does
+            c_lo, c_hi = _token_range(encoding, around[0], around[1], text_len, n, offsets_cache)
+            starts = [max(token_to_chars(i)[0] - around[0], 0) for i in range(c_lo, c_hi)]
+            first, last = snap(starts, around[1] - around[0], start - around[0], end - 1 - around[0])
             lo, hi = c_lo + first, c_lo + last + 1
-        else:
-            lo, hi = _token_range(encoding, span.start, span.end, text_len, offsets_cache)
-        if hi > lo:
-            if span.trained:
-                trained[lo:hi] = [True] * (hi - lo)
-            if -1 in part[lo:hi]:
-                part[lo:hi] = [span.part if p == -1 else p for p in part[lo:hi]]
+        else:  # _token_range, inlined
+            lo = char_to_token(start)
+            hi = char_to_token(end) if end < text_len else n
+            if hi is not None and hi < n and token_to_chars(hi)[0] < end:
+                hi += 1
+            if lo is None or hi is None:
+                lo, hi = _offsets_fallback(encoding, start, end, offsets_cache)
+        width = hi - lo
+        if width > 0:
+            if is_trained:
+                trained.append((lo, hi))
+            if lo >= marked_to:  # past every token marked so far (spans in order): all free
+                part[lo:hi] = [span_part] * width
+            elif -1 in part[lo:hi]:
+                part[lo:hi] = [span_part if p == -1 else p for p in part[lo:hi]]
+            marked_to = max(marked_to, hi)
     return trained, part

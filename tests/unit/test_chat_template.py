@@ -152,6 +152,34 @@ def test_missing_end_of_turn_token_is_reported_loudly(tokenizer):
     assert warnings and "no end-of-turn token" in warnings[0] and "eot_tokens" in warnings[0]
 
 
+SYSTEM_FIRST = (  # prints the system prompt first, wherever it is in the list, with no end-of-turn token
+    "{% for m in messages %}{% if m['role'] == 'system' %}[SYS] {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% for m in messages %}{% if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|im_end|>\n{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_a_turn_never_takes_the_end_of_turn_token_of_a_turn_printed_after_it(tokenizer, one_pass):
+    """The system turn is last in the row but first in the text: the <|im_end|> after the user's
+    turn is the user's, not the system's. The first row of a shape (rendered for real) and the
+    next ones (spliced into the cached skeleton) agree."""
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Be brief."}]}
+    encoder = Encoder(
+        tokenizer,
+        DatasetSpec(path="x", roles_to_train=["system"], train_on_eos="turn"),
+        chat_template_jinja=SYSTEM_FIRST,
+    )
+    if not one_pass:
+        encoder._render_valid = None
+    first, again = encoder.encode_rows([(0, row), (1, row)])
+    (trained,) = trained_runs(tokenizer, first)
+    assert trained.startswith("Be brief.") and "<|im_end|>" not in trained  # ".\n" is one token here
+    assert trained_runs(tokenizer, again) == [trained]
+    assert first.labels == again.labels
+    assert encoder.warnings()[0].startswith("no end-of-turn token (<|im_end|>) after a system turn")
+
+
 def test_row_with_only_user_turns_is_dropped_not_trained(tokenizer):
     row = {"messages": [{"role": "user", "content": "Anyone there?"}]}
     outcome = encode(tokenizer, row)

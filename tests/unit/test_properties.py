@@ -91,3 +91,54 @@ def test_packing_keeps_every_token_in_order_with_restarting_positions(lengths, s
         assert offset == len(b.input_ids)
         seen += b.samples
     assert sorted(seen) == list(range(len(samples)))
+
+
+SPACED = (  # the end-of-turn token apart from the content, and a system turn printed first
+    "{% for m in messages %}{% if m['role'] == 'system' %}[SYS] {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% for m in messages %}{% if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}\n"
+    "{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@SETTINGS
+@given(
+    messages=st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from([*ROLES, "human", "gpt"]), "content": text | st.sampled_from(["", "  "])}
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    opts=options,
+    template=st.sampled_from(["tokenizer_default", "chatml", "llama3", SPACED]),
+    train_on_inputs=st.booleans(),
+)
+def test_the_one_pass_path_gives_what_check_then_render_gives(tokenizer, messages, opts, template, train_on_inputs):
+    """Rows of the common shape skip check() and the full render (ChatTemplate.render_valid): the
+    samples, labels, parts and warnings must be those of the general path, for every template."""
+    named = template in ("tokenizer_default", "chatml", "llama3")
+    spec = DatasetSpec(path="x", **opts)
+
+    def encode(one_pass: bool):
+        encoder = Encoder(
+            tokenizer,
+            spec,
+            train_on_inputs=train_on_inputs,
+            sequence_len=4096,
+            chat_template=template if named else "jinja",
+            chat_template_jinja=None if named else template,
+        )
+        if not one_pass:
+            encoder._render_valid = None
+        rows = [(0, {"messages": messages}), (1, {"messages": messages[::-1]}), (2, {"messages": messages})]
+        return [vars(o) for o in encoder.encode_rows(rows)], encoder.warnings()
+
+    one_pass, general = encode(True), encode(False)
+    assert one_pass == general
+
+    # The general path's first row of a shape (a real render) and its later rows (the cached
+    # skeleton) agree too: rows 0 and 2 are the same conversation.
+    def without_row(outcome: dict) -> dict:
+        return {k: without_row(vars(v)) if k == "sample" and v else v for k, v in outcome.items() if k != "row"}
+
+    assert without_row(general[0][0]) == without_row(general[0][-1])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_left
 from dataclasses import dataclass
 
 from training.formats.base import Piece, Rendered, RowProblem, Span
@@ -174,6 +175,60 @@ class ChatTemplate:
     def messages(self, row, spec, train_on_inputs: bool) -> list[Message]:
         return _plan(spec, train_on_inputs, None).messages(row)
 
+    def render_valid(self, row, spec, options) -> Rendered | None:
+        """The common row checked and rendered in one pass: a list of plain {role, content} messages
+        with known roles and non-blank text, on a template that copies contents verbatim. None for
+        anything else, which takes the general path (check, then render) to the same result."""
+        plan = _plan(spec, options.train_on_inputs, options)
+        if not plan.fast or type(row) is not dict:
+            return None
+        raw = row.get(plan.field)
+        if type(raw) is not list or not raw or row.get(plan.system_key) is not None:
+            return None
+        role_key, content_key, simple = plan.role_key, plan.content_key, plan.simple_roles
+        names, contents = [], []
+        for msg in raw:
+            if type(msg) is not dict or len(msg) != 2:
+                return None
+            name, content = msg.get(role_key), msg.get(content_key)
+            if type(name) is not str or name not in simple or type(content) is not str or not content.strip():
+                return None
+            names.append(name)
+            contents.append(content)
+        shape = tuple(names)
+        compiled = plan.shapes.get(shape)
+        if compiled is None:
+            compiled = plan.shapes[shape] = self._compile_shape(row, spec, options, plan) or False
+        return compiled.render(contents) if compiled else None
+
+    def _compile_shape(self, row, spec, options, plan) -> _RowShape | None:
+        """What every row with these roles shares: the template text around the contents, where the
+        end-of-turn tokens are, and which spans train. Built from one real render of `row`."""
+        try:
+            self.render(row, spec, options)  # renders the marked skeleton of this shape, if not cached
+        except Exception:
+            return None  # the template refuses this shape (raise_exception): the general path reports it
+        messages = plan.messages(row)
+        marked = plan.skeletons.get(tuple((m.role, False, "") for m in messages))
+        if marked is None or len(plan.shapes) > 4096:
+            return None
+        skeleton = _Skeleton(marked, options.eot_tokens)
+        if len(set(skeleton.order)) != len(skeleton.order):
+            return None  # a template that prints a content twice: the general path handles it
+        last_trained = max((i for i, m in enumerate(messages) if m.trained), default=None)
+        steps, notes = [], []
+        for k, i in enumerate(skeleton.order):
+            msg = messages[i]
+            train_eot = plan.policy == "all" or (
+                (plan.policy == "turn" and msg.trained) or (plan.policy == "last" and i == last_trained)
+            )
+            eot = skeleton.eot_offsets[k]
+            if eot is None and train_eot:
+                notes.append(_no_eot_note(msg.role, options.eot_tokens))
+            literal = skeleton.literals[k + 1]
+            steps.append((i, literal, len(literal), eot, msg.trained, train_eot))
+        return _RowShape(skeleton.literals[0], steps, [f"{m.role} #{i}" for i, m in enumerate(messages)], notes)
+
     def render(self, row, spec, options) -> Rendered:
         plan = _plan(spec, options.train_on_inputs, options)
         messages = plan.messages(row)
@@ -206,34 +261,76 @@ class ChatTemplate:
         return self._spans(messages, text, regions, _eot_positions(text, regions, options.eot_tokens), plan, options)
 
     def _spans(self, messages, text, regions, eots, plan, options) -> Rendered:
+        """Each message's content span and its end-of-turn span (one span when they touch and agree:
+        the same tokens, fewer to map). Hot: once per row."""
         spans: list[Span] = []
         notes: list[str] = []
         policy = plan.policy
-        last_trained = max((i for i, m in enumerate(messages) if m.trained), default=None)
+        last_trained = max((i for i, m in enumerate(messages) if m.trained), default=None) if policy == "last" else None
         for i, msg in enumerate(messages):
             region = regions[i]
             if region is None:
                 continue
-            if msg.detail:
-                spans += _detail_spans(msg, region[0], region[1], text, i)
+            start, end = region
+            trained = msg.trained
+            if not msg.content:  # axolotl: an empty turn trains nothing, not even its end-of-turn token
+                spans.append(Span(start, end, trained, i))
+                continue
+            if policy == "turn":
+                train_eot = trained
             else:
-                spans.append(Span(region[0], region[1], msg.trained, i))
-            if not msg.content:
-                continue  # axolotl: an empty turn trains nothing, not even its end-of-turn token
-            train_eot = (
-                policy == "all" or (policy == "turn" and msg.trained) or (policy == "last" and i == last_trained)
-            )
+                train_eot = policy == "all" or (policy == "last" and i == last_trained)
             eot = eots[i]
+            if msg.detail:
+                spans += _detail_spans(msg, start, end, text, i)
+            elif eot is not None and eot[0] == end and train_eot == trained:
+                spans.append(Span(start, eot[1], trained, i))
+                continue
+            else:
+                spans.append(Span(start, end, trained, i))
             if eot is not None:
                 spans.append(Span(eot[0], eot[1], train_eot, i))
             elif train_eot:
-                notes.append(
-                    f"no end-of-turn token ({', '.join(options.eot_tokens) or 'none set'}) after a {msg.role} "
-                    "turn in the rendered template, so none is trained and the model may not learn to stop: "
-                    "set eot_tokens to the token that ends a turn in this chat template"
-                )
+                notes.append(_no_eot_note(msg.role, options.eot_tokens))
         parts = [f"{m.role} #{i}" for i, m in enumerate(messages)]
         return Rendered(pieces=[Piece(text, spans=spans, add_special_tokens=False)], parts=parts, notes=notes)
+
+
+def _no_eot_note(role: str, eot_tokens: list[str]) -> str:
+    return (
+        f"no end-of-turn token ({', '.join(eot_tokens) or 'none set'}) after a {role} "
+        "turn in the rendered template, so none is trained and the model may not learn to stop: "
+        "set eot_tokens to the token that ends a turn in this chat template"
+    )
+
+
+class _RowShape:
+    """A compiled row shape (see ChatTemplate.render_valid): rendering a row is string joins and one
+    span per turn (two when its end-of-turn token is apart or trained differently)."""
+
+    __slots__ = ("head", "steps", "parts", "notes")
+
+    def __init__(self, head: str, steps: list, parts: list[str], notes: list[str]):
+        self.head, self.steps, self.parts, self.notes = head, steps, parts, notes
+
+    def render(self, contents: list[str]) -> Rendered:
+        out = [self.head]
+        pos = len(self.head)
+        spans = []
+        for i, literal, literal_len, eot, trained, train_eot in self.steps:
+            content = contents[i]
+            end = pos + len(content)
+            if eot is None:
+                spans.append(Span(pos, end, trained, i))
+            elif eot[0] == 0 and train_eot == trained:
+                spans.append(Span(pos, end + eot[1], trained, i))
+            else:
+                spans.append(Span(pos, end, trained, i))
+                spans.append(Span(end + eot[0], end + eot[0] + eot[1], train_eot, i))
+            out.append(content)
+            out.append(literal)
+            pos = end + literal_len
+        return Rendered(pieces=[Piece("".join(out), spans=spans)], parts=self.parts, notes=self.notes)
 
 
 class _Plan:
@@ -256,6 +353,9 @@ class _Plan:
         self.verbatim = bool(template_text) and content_is_verbatim(self.template.environment, template_text)
         self.skeletons: dict = {}
         self.parsed: dict = {}
+        self.fast = self.verbatim and not self.drop_system  # render_valid may compile row shapes
+        self.simple_roles = set(self.lookup) | set(self.lookup.values()) | STANDARD_ROLES
+        self.shapes: dict = {}
 
     def messages(self, row) -> list[Message]:
         raw = row[self.field]
@@ -400,19 +500,17 @@ def _locate_contents(marked: str, text: str, contents: list[str]) -> list[tuple[
 
 
 def _eot_positions(text: str, regions, eot_tokens: list[str]) -> list[tuple[int, int] | None]:
-    """The first end-of-turn token string after each content, before the next message's content."""
+    """The first end-of-turn token string after each content, before the next content in the text
+    (in text order: a template may print messages out of order, e.g. the system prompt first)."""
+    starts = sorted(region[0] for region in regions if region is not None)
     out: list[tuple[int, int] | None] = []
-    n = len(regions)
-    for i, region in enumerate(regions):
+    for region in regions:
         if region is None:
             out.append(None)
             continue
         end = region[1]
-        limit = len(text)
-        for later in regions[i + 1 : n]:
-            if later is not None and later[0] >= end:
-                limit = later[0]
-                break
+        following = bisect_left(starts, end)
+        limit = starts[following] if following < len(starts) else len(text)
         best = None
         for tok in eot_tokens:
             at = text.find(tok, end, limit)
