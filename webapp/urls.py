@@ -37,5 +37,7 @@ urlpatterns = [
     path("runs/<int:pk>/log.txt", runs.run_log, name="run-log"),
     path("runs/<int:pk>/artifacts/<int:artifact_id>/download/", runs.artifact_download, name="artifact-download"),
     path("api/", api.urls),
+    # The admin signs in through the rate-limited login page, never its own unlimited form.
+    path("admin/login/", workspaces.admin_login, name="admin-login"),
     path("admin/", admin.site.urls),
 ]

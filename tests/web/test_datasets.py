@@ -82,6 +82,45 @@ def test_gzip_and_json_array_uploads(alice_client):
     assert formats == {"completion": 4, "alpaca": 2}
 
 
+def test_rejected_lines_stay_in_their_workspace(alice_client, bob_client, chat_file):
+    """Same clean content in two workspaces (one stored file), different rejected lines: each
+    workspace downloads its own."""
+    alice_client.post("/datasets/", {"file": chat_file([CHAT_ROW, "{alice broken"]), "keep_valid": "on"})
+    bob_client.post("/datasets/", {"file": chat_file([CHAT_ROW, "{bob secret"]), "keep_valid": "on"})
+    mine, theirs = Dataset.objects.order_by("pk")
+    assert mine.sha256 == theirs.sha256 and mine.workspace != theirs.workspace
+    got = b"".join(alice_client.get(f"/datasets/{mine.pk}/rejected/").streaming_content)
+    assert got == b"{alice broken\n"
+    assert b"".join(bob_client.get(f"/datasets/{theirs.pk}/rejected/").streaming_content) == b"{bob secret\n"
+
+
+def test_a_bomb_without_newlines_is_refused_without_inflating_it(alice_client):
+    """256 MB of one line in a ~250 KB .gz: refused after at most a bounded read, never held whole."""
+    import tracemalloc
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip container
+    chunk = b"a" * 2**20
+    bomb = packer.compress(b'{"text": "') + b"".join(packer.compress(chunk) for _ in range(256)) + packer.flush()
+    tracemalloc.start()
+    try:
+        response = alice_client.post("/datasets/", {"file": SimpleUploadedFile("b.jsonl.gz", bomb)})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert response.status_code == 400 and "archive bomb" in response.content.decode()
+    assert peak < 160 * 2**20, f"peak {peak / 2**20:.0f} MB"
+
+
+def test_a_line_over_the_size_limit_is_refused_with_its_number(alice_client, monkeypatch):
+    from webapp.datasets import services
+
+    monkeypatch.setattr(services, "MAX_LINE_BYTES", 1000)
+    data = jsonl([CHAT_ROW]) + b'{"text": "' + b"a" * 2000 + b'"}\n'
+    response = alice_client.post("/datasets/", {"file": SimpleUploadedFile("x.jsonl", data)})
+    assert response.status_code == 400 and "line 2 is longer than" in response.content.decode()
+
+
 def test_gzip_bomb_is_refused(alice_client, settings):
     from webapp.datasets import services
 
@@ -158,9 +197,10 @@ def test_an_upload_that_breaks_off_leaves_nothing_behind(alice):
     from webapp.datasets.services import upload_dataset
 
     class BreaksOff(io.BytesIO):
-        def __iter__(self):
-            yield jsonl([CHAT_ROW])
-            raise ConnectionResetError("client went away")
+        def readline(self, size=-1):
+            if self.tell() > 0:
+                raise ConnectionResetError("client went away")
+            return super().readline(size)
 
     before = set(dataset_dir().iterdir())
     with pytest.raises(ConnectionResetError):

@@ -29,6 +29,7 @@ OWN_ONLY = {
     "workspace-switch",
     "tokens",
     "members",
+    "admin-login",
 }
 
 

@@ -1,7 +1,9 @@
 """The REST API: one NinjaAPI mounting one router per resource. Session (with CSRF) or bearer-token auth."""
 
 from django.core.exceptions import PermissionDenied
+from django.http import Http404
 from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, ValidationError
 from ninja.security import HttpBearer, django_auth
 
 from webapp.api import configs, datasets, runs
@@ -23,9 +25,33 @@ class BearerToken(HttpBearer):
 api = NinjaAPI(title="Trainyard API", version="0.1", auth=[BearerToken(), django_auth])
 
 
+# Every error is {"message": ...}; a request that doesn't match the schema also says where.
 @api.exception_handler(PermissionDenied)
 def _forbidden(request, exc):
     return api.create_response(request, {"message": str(exc) or "forbidden"}, status=403)
+
+
+@api.exception_handler(Http404)
+def _not_found(request, exc):
+    return api.create_response(request, {"message": "not found (or not in your workspace)"}, status=404)
+
+
+@api.exception_handler(AuthenticationError)
+def _unauthorized(request, exc):
+    message = "sign in, or send Authorization: Bearer <token> (create one under Settings → API tokens)"
+    return api.create_response(request, {"message": message}, status=401)
+
+
+@api.exception_handler(ValidationError)
+def _invalid(request, exc):
+    errors = []
+    for error in exc.errors:
+        loc = [str(part) for part in error.get("loc", ())]
+        if len(loc) > 1 and loc[0] == loc[1]:  # ninja repeats the parameter source ("body", "body", ...)
+            loc = loc[1:]
+        errors.append({"path": ".".join(loc), "message": error.get("msg", "invalid")})
+    summary = "; ".join(f"{e['path']}: {e['message']}" for e in errors[:3]) or "invalid request"
+    return api.create_response(request, {"message": summary, "errors": errors}, status=422)
 
 
 api.add_router("/configs", configs.router)

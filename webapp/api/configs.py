@@ -10,6 +10,7 @@ from ninja import Router, Schema
 
 from training.config import ConfigInvalid
 from webapp.api.access import visible
+from webapp.http import download_name
 from webapp.runs import services
 from webapp.runs.models import TrainingConfig
 from webapp.workspaces.services import current_workspace, require_writer
@@ -86,5 +87,5 @@ def get_config(request, config_id: int):
 def export(request, config_id: int):
     config = get_object_or_404(visible(request, TrainingConfig.objects), pk=config_id)
     response = HttpResponse(config.yaml, content_type="application/yaml")
-    response["Content-Disposition"] = f'attachment; filename="{config.name}.yaml"'
+    response["Content-Disposition"] = f'attachment; filename="{download_name(config.name)}.yaml"'
     return response

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
-from ninja import Router, Schema
+from ninja import Field, Router, Schema
 
 from training.config import ConfigInvalid
 from webapp.api.access import visible
@@ -36,9 +36,9 @@ class PointOut(Schema):
 
 class RunIn(Schema):
     config_id: int
-    name: str | None = None
-    gpus: int = 1
-    priority: int = 0
+    name: str | None = Field(None, max_length=200)
+    gpus: int = Field(1, ge=1, le=64)
+    priority: int = Field(0, ge=-1000, le=1000, description="higher runs first")
 
 
 class Message(Schema):

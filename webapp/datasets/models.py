@@ -50,7 +50,9 @@ class Dataset(models.Model):
 
     @property
     def rejected_path(self) -> Path:
-        return dataset_dir() / f"{self.sha256}.rejected.jsonl"
+        # Per dataset, never per content: two workspaces' uploads can share clean content (and its
+        # file) while their rejected lines differ.
+        return dataset_dir() / "rejected" / f"{self.pk}.jsonl"
 
 
 class DatasetStats(models.Model):

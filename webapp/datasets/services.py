@@ -21,10 +21,12 @@ from training.config import DatasetSpec
 from training.formats import FORMATS, detect_format
 from training.rows import LineProblem, parse_line
 from webapp.datasets.models import Dataset, DatasetStats, dataset_dir
+from webapp.http import MAX_NAME, download_name, name_problem
 from webapp.workspaces.models import SiteSettings
 
 MAX_PROBLEMS_SHOWN = 100
 GZIP_MAX_RATIO = 200  # refuse archives that inflate beyond this: a 1 MB bomb must not fill the disk
+MAX_LINE_BYTES = 64 * 2**20  # a longer line is refused, never held in memory whole
 
 
 @dataclass
@@ -82,24 +84,36 @@ class UploadResult:
     report: ValidationReport
 
 
+def _read_lines(readline, inflated_limit: int | None = None) -> Iterator[bytes]:
+    """Lines of at most MAX_LINE_BYTES, so memory stays bounded whatever the file holds; with a
+    limit (a .gz upload), refused once more than that many bytes came out of the archive."""
+    inflated, line_no = 0, 0
+    archive = inflated_limit is not None
+    while True:
+        try:
+            line = readline(MAX_LINE_BYTES + 1)
+        except (EOFError, OSError, zlib.error) as exc:
+            if not archive:
+                raise
+            raise UploadRejected(f"the .gz file is damaged: {exc}") from None  # truncated or corrupt
+        if not line:
+            return
+        line_no += 1
+        inflated += len(line)
+        if archive and inflated > inflated_limit:
+            raise UploadRejected(f"the .gz file inflates more than {GZIP_MAX_RATIO}x: refused as an archive bomb")
+        if len(line) > MAX_LINE_BYTES:
+            raise UploadRejected(f"line {line_no} is longer than {MAX_LINE_BYTES // 2**20} MB: not a dataset row")
+        yield line
+
+
 def _lines(raw: IO[bytes], compressed_size: int) -> Iterator[bytes]:
     head = raw.read(2)
     raw.seek(0)
     if head == b"\x1f\x8b":
-        stream = gzip.GzipFile(fileobj=raw)
-        inflated = 0
-        lines = iter(stream)
-        while True:
-            try:
-                line = next(lines)
-            except StopIteration:
-                return
-            except (EOFError, OSError, zlib.error) as exc:  # truncated or corrupt archive
-                raise UploadRejected(f"the .gz file is damaged: {exc}") from None
-            inflated += len(line)
-            if inflated > max(compressed_size, 1) * GZIP_MAX_RATIO and inflated > 64 * 1024 * 1024:
-                raise UploadRejected(f"the .gz file inflates more than {GZIP_MAX_RATIO}x: refused as an archive bomb")
-            yield line
+        limit = max(max(compressed_size, 1) * GZIP_MAX_RATIO, 64 * 2**20)
+        yield from _read_lines(gzip.GzipFile(fileobj=raw).readline, limit)
+        return
     first = raw.read(1)
     while first and first in b" \t\r\n":
         first = raw.read(1)
@@ -113,7 +127,7 @@ def _lines(raw: IO[bytes], compressed_size: int) -> Iterator[bytes]:
         for item in items:
             yield json.dumps(item, ensure_ascii=False).encode("utf-8") + b"\n"
         return
-    yield from raw
+    yield from _read_lines(raw.readline)
 
 
 def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, keep_valid: bool):
@@ -188,6 +202,8 @@ def upload_dataset(
     limit = site.max_upload_mb * 1024 * 1024 if site.max_upload_mb else settings.TRAINYARD_MAX_UPLOAD_BYTES
     if size > limit:
         raise UploadRejected(f"the file is {size:,} bytes, over this server's {limit:,}-byte limit")
+    if name and name_problem(name.strip()):
+        raise UploadRejected(f"the dataset name {name_problem(name.strip())}")
     if format and format not in FORMATS:
         raise UploadRejected(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     filename = os.path.basename(getattr(file, "name", "") or "dataset.jsonl")  # a label, never a path
@@ -206,9 +222,7 @@ def upload_dataset(
         index = dataset_dir() / f"{sha}.idx"
         with index.open("wb") as f:
             offsets.tofile(f)
-        if report.invalid:
-            os.replace(rejected, dataset_dir() / f"{sha}.rejected.jsonl")
-        base = name or filename.rsplit(".jsonl", 1)[0].rsplit(".json", 1)[0] or "dataset"
+        base = name.strip() if name else download_name(filename.split(".json")[0])[: MAX_NAME - 10] or "dataset"
         with transaction.atomic():
             dataset = _create_with_unique_name(
                 workspace=workspace,
@@ -221,6 +235,9 @@ def upload_dataset(
                 rejected_rows=report.invalid,
                 created_by=user,
             )
+        if report.invalid:
+            dataset.rejected_path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(rejected, dataset.rejected_path)
         return UploadResult(dataset, False, report)
     finally:
         clean.unlink(missing_ok=True)

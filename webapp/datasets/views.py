@@ -15,6 +15,7 @@ from training.formats import FORMATS
 from webapp.datasets.models import Dataset
 from webapp.datasets.preview import PreviewOptions, preview_row
 from webapp.datasets.services import UploadRejected, first_rows, request_stats, search_rows, upload_dataset
+from webapp.http import download_name, parse_id
 from webapp.runs.base_models import available_models
 from webapp.runs.models import TrainingConfig
 from webapp.workspaces.services import current_workspace, require_writer
@@ -116,7 +117,8 @@ def dataset_preview(request, pk: int):
     index = min(max(index, 0), dataset.rows - 1)
     options = PreviewOptions.from_query(q, models)
     configs = TrainingConfig.objects.filter(workspace=dataset.workspace)
-    chosen = configs.filter(pk=q.get("config")).first() if q.get("config", "").isdigit() else None
+    config_id = parse_id(q.get("config", ""))
+    chosen = configs.filter(pk=config_id).first() if config_id else None
     config_note = None
     if chosen:
         try:
@@ -168,4 +170,6 @@ def dataset_rejected(request, pk: int):
     dataset = get_object_or_404(Dataset.objects.visible_to(request.user), pk=pk)
     if not dataset.rejected_path.exists():
         raise Http404("no rejected lines")
-    return FileResponse(dataset.rejected_path.open("rb"), as_attachment=True, filename=f"{dataset.name}.rejected.jsonl")
+    return FileResponse(
+        dataset.rejected_path.open("rb"), as_attachment=True, filename=download_name(f"{dataset.name}.rejected.jsonl")
+    )

@@ -19,7 +19,14 @@ from webapp.runs import realtime, services
 from webapp.runs.models import Run
 
 STATUS_SECONDS = 1.0
-log = logging.getLogger(__name__)
+log_ = logging.getLogger(__name__)
+
+
+def _query_int(query: dict, key: str, default: int) -> int:
+    try:
+        return int(query.get(key, [default])[0])
+    except ValueError:
+        return default
 
 
 def tail_seconds() -> float:
@@ -60,7 +67,7 @@ class RunTail:
 
     tails: dict[int, RunTail] = {}
 
-    def __init__(self, run_id: int, after_seq: int):
+    def __init__(self, run_id: int, after_seq: int | None):
         self.run_id, self.after_seq, self.queues = run_id, after_seq, set()
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(self._poll())]
@@ -69,10 +76,12 @@ class RunTail:
 
     @classmethod
     async def subscribe(cls, run_id: int) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
         tail = cls.tails.get(run_id)
         if tail is None:
-            tail = cls.tails[run_id] = cls(run_id, await _max_seq(run_id) - 1)
-        queue: asyncio.Queue = asyncio.Queue()
+            # Registered before any await, so pages connecting at once share one tail; it starts
+            # from the newest row once it knows which that is.
+            tail = cls.tails[run_id] = cls(run_id, None)
         tail.queues.add(queue)
         return queue
 
@@ -87,7 +96,8 @@ class RunTail:
                 cls.tails.pop(run_id, None)
 
     def _fan_out(self, points) -> None:
-        points = [p for p in points if p["seq"] > self.after_seq]
+        after = -1 if self.after_seq is None else self.after_seq  # a publish before the first poll
+        points = [p for p in points if p["seq"] > after]
         if points:
             self.after_seq = points[-1]["seq"]
             for queue in self.queues:
@@ -96,9 +106,11 @@ class RunTail:
     async def _poll(self):
         while True:
             try:
+                if self.after_seq is None:
+                    self.after_seq = await _max_seq(self.run_id) - 1
                 self._fan_out(await _points(self.run_id, self.after_seq))
             except Exception:  # a busy database must not end the tail every page of the run shares
-                log.exception("run %s: reading new points failed; retrying", self.run_id)
+                log_.exception("run %s: reading new points failed; retrying", self.run_id)
             await asyncio.sleep(tail_seconds())
 
     async def _listen(self):
@@ -126,8 +138,8 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
             return
         query = parse_qs(self.scope.get("query_string", b"").decode())
         self.run_id = run_id
-        self.after_seq = int(query.get("after", ["-1"])[0])
-        self.log_offset = int(query.get("log", ["0"])[0])
+        self.after_seq = _query_int(query, "after", -1)
+        self.log_offset = max(_query_int(query, "log", 0), 0)
         await self.accept()
         self.queue = await RunTail.subscribe(run_id)
         await self._send_points(await _history(run_id, self.after_seq), history=True)
@@ -155,7 +167,12 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
     async def _status_and_log(self):
         last_status = None
         while True:
-            status, log = await _status_and_log(self.run_id, self.log_offset)
+            try:
+                status, log = await _status_and_log(self.run_id, self.log_offset)
+            except Exception:  # e.g. two pages catching up the same stale run at once: try again
+                log_.exception("run %s: reading status failed; retrying", self.run_id)
+                await asyncio.sleep(STATUS_SECONDS)
+                continue
             if log:
                 await self.send_json(log)
                 self.log_offset = log["offset"]

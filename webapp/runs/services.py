@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from training.config import ConfigError, ConfigInvalid, TrainConfig, check_environment, parse_config
 from webapp.datasets.models import Dataset
+from webapp.http import name_problem
 from webapp.runs import realtime
 from webapp.runs.base_models import resolve_base_model
 from webapp.runs.models import ACTIVE_STATES, Artifact, MetricPoint, Run, RunStatus, TrainingConfig
@@ -103,6 +104,8 @@ def run_memory_estimate(run: Run):
 
 
 # Common keys editable as a form: (key, type, help)
+MAX_GPUS_PER_RUN = 64
+
 FORM_FIELDS = [
     ("base_model", str, "hub id or model folder"),
     ("adapter", str, "lora, qlora, or empty for a full fine-tune"),
@@ -165,8 +168,9 @@ def apply_form(yaml_text: str, form) -> str:
 def save_config(workspace, user, name: str, yaml_text: str, instance: TrainingConfig | None = None) -> TrainingConfig:
     validate_config(workspace, yaml_text)
     name = name.strip()
-    if not name:
-        raise ConfigInvalid([ConfigError("name", "a config needs a name")])
+    problem = name_problem(name)
+    if problem:
+        raise ConfigInvalid([ConfigError("name", f"a config name {problem}")])
     clash = TrainingConfig.objects.filter(workspace=workspace, name=name)
     if instance:
         clash = clash.exclude(pk=instance.pk)
@@ -186,8 +190,12 @@ def enqueue_run(
     from webapp.runs.tasks import execute_run
 
     _, resolved = validate_config(workspace, config.yaml)
-    if gpus < 1:
-        raise ConfigInvalid([ConfigError("gpus", "a run needs at least one device")])
+    if not 1 <= gpus <= MAX_GPUS_PER_RUN:
+        raise ConfigInvalid([ConfigError("gpus", f"a run asks for 1 to {MAX_GPUS_PER_RUN} devices")])
+    if not -1000 <= priority <= 1000:
+        raise ConfigInvalid([ConfigError("priority", "priority goes from -1000 to 1000")])
+    if name and name_problem(name.strip()):
+        raise ConfigInvalid([ConfigError("name", f"a run name {name_problem(name.strip())}")])
     with transaction.atomic():
         run = Run.objects.create(
             workspace=workspace,

@@ -12,6 +12,7 @@ from django.views.decorators.http import require_POST
 
 from training.config import ConfigInvalid
 from webapp.datasets.models import Dataset
+from webapp.http import download_name, parse_id, parse_ids
 from webapp.runs import gpus, realtime, services
 from webapp.runs.base_models import available_models
 from webapp.runs.models import Run, RunNote, TrainingConfig
@@ -48,8 +49,8 @@ def config_edit(request, pk: int | None = None):
     name = instance.name if instance else ""
     yaml_text = instance.yaml if instance else _starter_yaml(workspace, request.GET.get("preset", STARTER_PRESET))
     source = (
-        Run.objects.visible_to(request.user).filter(pk=request.GET.get("from_run")).first()
-        if request.GET.get("from_run", "").isdigit()
+        Run.objects.visible_to(request.user).filter(pk=parse_id(request.GET.get("from_run", ""))).first()
+        if parse_id(request.GET.get("from_run", ""))
         else None
     )
     if source and not instance:  # "clone as new run": start from that run's config
@@ -116,7 +117,7 @@ def _int(data, key: str, default: int = 0) -> int:
 def config_export(request, pk: int):
     config = get_object_or_404(TrainingConfig.objects.visible_to(request.user), pk=pk)
     response = HttpResponse(config.yaml, content_type="application/yaml")
-    response["Content-Disposition"] = f'attachment; filename="{config.name}.yaml"'
+    response["Content-Disposition"] = f'attachment; filename="{download_name(config.name)}.yaml"'
     return response
 
 
@@ -142,8 +143,8 @@ def run_detail(request, pk: int):
     log = realtime.log_tail(run)
     others = Run.objects.filter(workspace=run.workspace).exclude(pk=run.pk)[:50]
     diff_with = (
-        Run.objects.filter(workspace=run.workspace, pk=request.GET.get("diff")).first()
-        if request.GET.get("diff", "").isdigit()
+        Run.objects.filter(workspace=run.workspace, pk=parse_id(request.GET.get("diff", ""))).first()
+        if parse_id(request.GET.get("diff", ""))
         else None
     )
     return render(
@@ -178,7 +179,7 @@ def run_compare(request):
     """Overlay the charts of chosen runs of the workspace and diff their configs."""
     workspace = current_workspace(request)
     runs = list(Run.objects.filter(workspace=workspace))
-    ids = [int(i) for i in request.GET.getlist("ids") if i.isdigit()]
+    ids = parse_ids(request.GET.getlist("ids"))
     chosen = sorted((r for r in runs if r.pk in ids), key=lambda r: r.pk)  # older first: diffs read forward
     series = {r.pk: {"name": f"run {r.pk} · {r.name}", "points": realtime.history(r.pk, -1)} for r in chosen}
     return render(

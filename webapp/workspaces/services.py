@@ -10,6 +10,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.utils import timezone
 
+from webapp.http import download_name
 from webapp.workspaces.models import ApiToken, Membership, Role, Workspace
 
 
@@ -68,14 +69,18 @@ def create_api_token(user, workspace, name: str) -> tuple[ApiToken, str]:
         raise PermissionDenied("not a member of that workspace")
     raw = "ty_" + secrets.token_urlsafe(32)
     token = ApiToken.objects.create(
-        workspace=workspace, user=user, name=name.strip() or "token", prefix=raw[:10], digest=_digest(raw)
+        workspace=workspace,
+        user=user,
+        name=download_name(name.strip())[:100] if name.strip() else "token",
+        prefix=raw[:10],
+        digest=_digest(raw),
     )
     return token, raw
 
 
 def token_owner(raw: str) -> ApiToken | None:
     token = ApiToken.objects.select_related("user", "workspace").filter(digest=_digest(raw), revoked_at=None).first()
-    if token is None or role_of(token.user, token.workspace) is None:
+    if token is None or not token.user.is_active or role_of(token.user, token.workspace) is None:
         return None
     ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
     return token

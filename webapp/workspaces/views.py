@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 from django.contrib import messages
 from django.contrib.auth.views import LoginView
 from django.core.cache import cache
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from webapp.http import parse_id, safe_next
 from webapp.workspaces import services
 from webapp.workspaces.models import ApiToken, Workspace
 
 
 @require_POST
 def switch(request):
-    workspace = services.switch_workspace(request, int(request.POST.get("workspace", 0) or 0))
+    workspace = services.switch_workspace(request, parse_id(request.POST.get("workspace", "")) or 0)
     messages.info(request, f"Now working in “{workspace.name}”.")
-    return redirect(request.POST.get("next") or "home")
+    return redirect(safe_next(request, request.POST.get("next"), "/"))
 
 
 def tokens(request):
@@ -24,7 +28,7 @@ def tokens(request):
     created = None
     if request.method == "POST":
         if request.POST.get("revoke"):
-            services.revoke_api_token(request.user, int(request.POST["revoke"]))
+            services.revoke_api_token(request.user, parse_id(request.POST["revoke"]) or 0)
             messages.info(request, "Token revoked.")
             return redirect("tokens")
         token, created = services.create_api_token(request.user, workspace, request.POST.get("name", ""))
@@ -38,6 +42,11 @@ def tokens(request):
             "workspaces": Workspace.objects.visible_to(request.user),
         },
     )
+
+
+def admin_login(request):
+    target = safe_next(request, request.GET.get("next"), "/admin/")
+    return redirect(f"{reverse('login')}?{urlencode({'next': target})}")
 
 
 class RateLimitedLoginView(LoginView):

@@ -1,0 +1,133 @@
+"""A user's mistake gets a message or a 404, never a 500: malformed ids, names that would break a
+header, out-of-range numbers, stale credentials. Also: no open redirect, no unlimited login form."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from django.test import Client
+
+from webapp.runs.models import Run, TrainingConfig
+from webapp.workspaces.services import create_api_token
+
+from .test_runs import GOOD
+
+pytestmark = pytest.mark.django_db
+
+ODD = ["abc", "²", "-1", "1e3", "9" * 30, "", "1;drop"]
+
+
+@pytest.fixture
+def things(alice, alice_dataset):
+    config = TrainingConfig.objects.create(workspace=alice[1], name="c", yaml=GOOD.format(steps=5))
+    run = Run.objects.create(workspace=alice[1], config=config, name="r", config_yaml="x", status="succeeded")
+    return config, run
+
+
+@pytest.mark.parametrize("odd", ODD)
+def test_odd_ids_in_queries_and_forms_never_answer_500(alice_client, things, odd):
+    config, run = things
+    for url in (
+        f"/runs/compare/?ids={odd}",
+        f"/configs/new/?from_run={odd}",
+        f"/runs/{run.pk}/?diff={odd}",
+        f"/datasets/{config.workspace.datasets.first().pk}/preview/?config={odd}",
+    ):
+        assert alice_client.get(url).status_code == 200, url
+    assert alice_client.post("/workspaces/switch/", {"workspace": odd}).status_code == 403
+    assert alice_client.post("/settings/tokens/", {"revoke": odd}).status_code == (302 if odd else 200)
+
+
+def test_switch_never_redirects_off_site(alice_client, alice):
+    response = alice_client.post("/workspaces/switch/", {"workspace": alice[1].pk, "next": "https://evil.example/"})
+    assert response.status_code == 302 and response["Location"] == "/"
+    response = alice_client.post("/workspaces/switch/", {"workspace": alice[1].pk, "next": "/runs/"})
+    assert response["Location"] == "/runs/"
+
+
+@pytest.fixture
+def api(alice):
+    _, raw = create_api_token(alice[0], alice[1], "test")
+    return Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+
+
+def test_a_name_that_would_break_a_header_is_refused_and_old_ones_still_export(api, alice_client, things):
+    bad = api.post("/api/configs/", {"name": "a\nb", "yaml": GOOD.format(steps=5)}, content_type="application/json")
+    assert bad.status_code in (400, 422) and "line breaks" in bad.json()["message"] + str(bad.json())
+    long = api.post("/api/configs/", {"name": "x" * 300, "yaml": GOOD.format(steps=5)}, content_type="application/json")
+    assert long.status_code in (400, 422)
+    config, _ = things
+    TrainingConfig.objects.filter(pk=config.pk).update(name='made\r\nbefore "checks"')
+    for response in (
+        api.get(f"/api/configs/{config.pk}/export"),
+        alice_client.get(f"/configs/{config.pk}/export.yaml"),
+    ):
+        assert response.status_code == 200
+        assert "\n" not in response["Content-Disposition"] and "\r" not in response["Content-Disposition"]
+
+
+def test_api_errors_are_json_with_a_message_and_the_field_path(api, things):
+    config, _ = things
+    out_of_range = api.post("/api/runs/", {"config_id": config.pk, "priority": 99999}, content_type="application/json")
+    assert out_of_range.status_code == 422
+    body = out_of_range.json()
+    assert "priority" in body["message"] and body["errors"][0]["path"] == "body.priority"
+    missing = api.post("/api/runs/", {}, content_type="application/json")
+    assert missing.status_code == 422 and missing.json()["errors"][0]["path"] == "body.config_id"
+    assert api.get("/api/runs/999999").json() == {"message": "not found (or not in your workspace)"}
+    anonymous = Client().get("/api/runs/")
+    assert anonymous.status_code == 401 and "Bearer" in anonymous.json()["message"]
+
+
+def test_a_deactivated_users_tokens_stop_working(alice, api):
+    assert api.get("/api/runs/").status_code == 200
+    alice[0].is_active = False
+    alice[0].save()
+    assert api.get("/api/runs/").status_code == 401
+
+
+def test_the_admin_signs_in_through_the_rate_limited_login(db):
+    response = Client().get("/admin/login/?next=/admin/runs/")
+    assert response.status_code == 302 and response["Location"].startswith("/login/?next=")
+    posted = Client().post("/admin/login/", {"username": "admin", "password": "guess"})
+    assert posted.status_code == 302  # no password is ever checked there
+
+
+@pytest.mark.django_db(transaction=True)
+def test_pages_opening_at_once_share_one_tail(alice, things):
+    from webapp.runs.consumers import RunTail
+
+    _, run = things
+
+    async def open_and_close():
+        queues = await asyncio.gather(*(RunTail.subscribe(run.pk) for _ in range(5)))
+        assert len(RunTail.tails) == 1 and len(RunTail.tails[run.pk].queues) == 5
+        tasks = list(RunTail.tails[run.pk].tasks)
+        for queue in queues:
+            RunTail.unsubscribe(run.pk, queue)
+        await asyncio.sleep(0)
+        assert not RunTail.tails and all(t.cancelled() or t.done() for t in tasks)
+
+    asyncio.run(open_and_close())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_malformed_websocket_query_still_connects(alice, things):
+    from channels.testing import WebsocketCommunicator
+
+    from webapp.runs.consumers import RunConsumer
+
+    _, run = things
+
+    async def connect():
+        comm = WebsocketCommunicator(RunConsumer.as_asgi(), f"/ws/runs/{run.pk}/?after=abc&log=xyz")
+        comm.scope["user"] = alice[0]
+        comm.scope["url_route"] = {"kwargs": {"run_id": run.pk}}
+        connected, _ = await comm.connect()
+        first = await comm.receive_json_from(timeout=5)
+        await comm.disconnect()
+        return connected, first
+
+    connected, first = asyncio.run(connect())
+    assert connected and first["type"] == "points"
