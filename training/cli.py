@@ -118,12 +118,16 @@ def cmd_preprocess(args) -> int:
 
 def cmd_train(args) -> int:
     from training.config import check_environment
-    from training.events import JsonlEventSink
+    from training.events import JsonlEventSink, NullEventSink, process_rank
     from training.train import train
 
     config = _load_config(args.config, args.allow_trust_remote_code)
     run_dir = Path(args.run_dir)
-    sink = JsonlEventSink(Path(args.events) if args.events else run_dir / "events.jsonl")
+    sink = (
+        JsonlEventSink(Path(args.events) if args.events else run_dir / "events.jsonl")
+        if process_rank() == 0
+        else NullEventSink()
+    )
     problems = check_environment(config)
     if problems:
         reason = "; ".join(str(p) for p in problems)

@@ -42,6 +42,24 @@ class JsonlEventSink:
         self._file.close()
 
 
+class NullEventSink:
+    """Drops events: the sink of every process but the first when several train together (DDP),
+    so the run's events file holds one stream."""
+
+    def emit(self, event: str, **fields) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def process_rank() -> int:
+    """This process's rank under accelerate / torchrun (0 when alone)."""
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+
+
 class ListEventSink:
     """Keeps events in memory (tests, notebooks)."""
 

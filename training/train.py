@@ -277,10 +277,12 @@ def train(
 
     # -- cleanup: artifacts --------------------------------------------------------------------
     out = run_dir / ("adapter" if config.adapter else "model")
-    trainer.model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():  # several processes (accelerate launch): one writes
+        trainer.model.save_pretrained(out)  # the unwrapped model (DDP keeps its wrapper apart)
+        tokenizer.save_pretrained(out)
     sink.emit("artifact", kind="adapter" if config.adapter else "model", path=out.name)
-    if config.adapter and config.merge_lora:
+    if config.adapter and config.merge_lora and trainer.is_world_process_zero():
         merged = trainer.model.merge_and_unload() if not config.load_in_4bit else None
         if merged is None:
             sink.emit(

@@ -11,7 +11,7 @@
     "chart-mem": {title: "peak memory (MB)", keys: [["memory_mb", "memory MB", false]]},
   };
   const series = {};  // key -> {step: [], time: [], y: []}
-  let lastSeq = -1, logOffset = run.logOffset, plotted = false, closedForGood = false, dirty = false;
+  let lastSeq = -1, logOffset = run.logOffset, plotted = false, closedForGood = false, dirty = false, failures = 0;
   let firstTime = null, latestEpoch = null;
 
   const num = (v) => (typeof v === "number" ? v : v === "nan" ? NaN : v === "inf" ? Infinity : v === "-inf" ? -Infinity : null);
@@ -136,9 +136,14 @@
       else if (msg.type === "status") showStatus(msg);
       else if (msg.type === "log") { logText += msg.text; logOffset = msg.offset; showLog(); }
     };
+    ws.onopen = () => { failures = 0; document.getElementById("connection-lost").hidden = true; };
     ws.onclose = (ev) => {
       if (ev.code === 4403 || closedForGood) return;
-      setTimeout(connect, 1000);
+      // Back off (1 s, 2 s, 4 s … 30 s); a refusal (signed out, access removed) looks like a plain
+      // failure to the browser, so after a few in a row say so instead of retrying silently.
+      failures += 1;
+      if (failures >= 4) document.getElementById("connection-lost").hidden = false;
+      setTimeout(connect, Math.min(30000, 1000 * 2 ** (failures - 1)));
     };
   }
   showStatus(initial);

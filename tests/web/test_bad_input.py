@@ -131,3 +131,25 @@ def test_a_malformed_websocket_query_still_connects(alice, things):
 
     connected, first = asyncio.run(connect())
     assert connected and first["type"] == "points"
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just words\n", "42\n"])
+def test_the_form_on_yaml_that_is_not_a_mapping_says_so(alice_client, alice_dataset, text):
+    response = alice_client.post("/configs/new/", {"name": "x", "yaml": text, "action": "apply_form"})
+    assert response.status_code in (200, 400) and "must be a mapping" in response.content.decode()
+
+
+def test_a_run_is_resumed_once(alice, things):
+    from webapp.runs import services
+
+    _, run = things
+    Run.objects.filter(pk=run.pk).update(status="interrupted")
+    run.refresh_from_db()
+    checkpoint = run.run_dir / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (run.run_dir / "config.yaml").write_text("x: 1\n")
+    services.resume_run(run, alice[0])
+    with pytest.raises(services.CannotResume, match="already resumed"):
+        services.resume_run(run, alice[0])
+    assert run.resumes.count() == 1

@@ -112,13 +112,15 @@ def test_a_bomb_without_newlines_is_refused_without_inflating_it(alice_client):
     assert peak < 160 * 2**20, f"peak {peak / 2**20:.0f} MB"
 
 
-def test_a_line_over_the_size_limit_is_refused_with_its_number(alice_client, monkeypatch):
-    from webapp.datasets import services
+def test_a_line_over_the_size_limit_is_reported_and_the_next_ones_still_read(alice_client, monkeypatch):
+    from training import rows
 
-    monkeypatch.setattr(services, "MAX_LINE_BYTES", 1000)
-    data = jsonl([CHAT_ROW]) + b'{"text": "' + b"a" * 2000 + b'"}\n'
-    response = alice_client.post("/datasets/", {"file": SimpleUploadedFile("x.jsonl", data)})
-    assert response.status_code == 400 and "line 2 is longer than" in response.content.decode()
+    monkeypatch.setattr(rows, "MAX_LINE_BYTES", 1000)
+    data = jsonl([CHAT_ROW]) + b'{"text": "' + b"a" * 5000 + b'"}\n' + jsonl([CHAT_ROW | {"id": 3}])
+    response = alice_client.post("/datasets/", {"file": SimpleUploadedFile("x.jsonl", data), "keep_valid": "on"})
+    assert response.status_code == 302
+    dataset = Dataset.objects.get()
+    assert (dataset.rows, dataset.rejected_rows) == (2, 1)
 
 
 def test_gzip_bomb_is_refused(alice_client, settings):
@@ -272,6 +274,29 @@ def test_preview_can_take_its_options_from_a_config(alice_client, alice, alice_d
     assert 'value="assistant,user"' in page and 'name="sequence_len" value="20"' in page
     assert "too_long" in page  # with sequence_len 20 the row is dropped, and the page says so
     assert f'<option value="{config.pk}" selected>users-too</option>' in page
+
+
+def test_preview_from_a_config_uses_its_template_and_every_option(alice_client, alice, alice_dataset):
+    """The preview is what the trainer will see: the config's own chat template and eot tokens too."""
+    from webapp.runs.models import TrainingConfig
+
+    jinja = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+    config = TrainingConfig.objects.create(
+        workspace=alice[1],
+        name="own-template",
+        yaml="base_model: tiny-chat\ndatasets:\n  - path: chat\nchat_template: jinja\n"
+        f"chat_template_jinja: {json.dumps(jinja)}\neot_tokens: ['</s>']\n",
+    )
+    page = alice_client.get(f"/datasets/{alice_dataset.pk}/preview/?row=1&config={config.pk}").content.decode()
+    assert "###" in page and "im_start" not in page
+    # Stats asked for from that page are keyed by the same options (the config's entry included).
+    from training.config import parse_config
+    from webapp.datasets.preview import PreviewOptions
+
+    options = PreviewOptions.from_config(parse_config(config.yaml), "chat", ["tiny-chat"])
+    carried = PreviewOptions.from_query(options.as_query(), ["tiny-chat"])
+    assert carried.key() == options.key()
+    assert carried.entry["chat_template_jinja"] == jinja and carried.entry["eot_tokens"] == ["</s>"]
 
 
 def test_a_line_over_the_size_limit_is_reported(alice_client, monkeypatch):

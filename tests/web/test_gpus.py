@@ -51,6 +51,15 @@ def test_cuda_visible_devices_and_multi_gpu_launch(alice, settings):
     multi = command(run, ["h:cuda:1", "h:cuda:3"])
     assert single[1:4] == ["-m", "training", "train"]
     assert multi[1:5] == ["-m", "accelerate.commands.launch", "--num_processes", "2"]
+    assert multi[5] == "--main_process_port" and multi[6].isdigit()  # its own port: runs side by side
+
+
+def test_a_worker_limited_to_some_gpus_maps_its_ordinals_back(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert gpus.cuda_visible_devices(["h:cuda:0", "h:cuda:1"]) == "2,3"
+    assert gpus.cuda_visible_devices(["h:cuda:1"]) == "3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa,GPU-bbbb")
+    assert gpus.cuda_visible_devices(["h:cuda:1"]) == "GPU-bbbb"
 
 
 def test_queue_position_follows_priority_then_age(alice):

@@ -23,6 +23,10 @@ class PreviewOptions:
     roles_to_train: list[str] = field(default_factory=lambda: ["assistant"])
     train_on_eos: str = "turn"
     sequence_len: int = 512
+    # Previewing "as config X trains it": the config's whole entry for this dataset and the top-level
+    # options the encoder takes (chat_template, eot_tokens, excess_length_strategy, ...). The fields
+    # above then only describe it; the encoder is built from this, exactly as the trainer builds it.
+    entry: dict | None = None
 
     @classmethod
     def from_query(cls, query, models: list[str], prefix: str = "") -> PreviewOptions:
@@ -40,6 +44,7 @@ class PreviewOptions:
             roles_to_train=[r for r in get("roles", "assistant").replace(" ", "").split(",") if r] or ["assistant"],
             train_on_eos=eos if eos in ("all", "turn", "last", "none") else "turn",
             sequence_len=sequence_len,
+            entry=_entry(get("entry")),
         )
 
     @classmethod
@@ -54,6 +59,13 @@ class PreviewOptions:
             roles_to_train=spec.roles_to_train,
             train_on_eos=spec.train_on_eos,
             sequence_len=config.sequence_len,
+            entry={
+                "spec": spec.model_dump(exclude={"path"}, exclude_defaults=True),
+                "chat_template": config.chat_template,
+                "chat_template_jinja": config.chat_template_jinja,
+                "eot_tokens": config.eot_tokens,
+                "excess_length_strategy": config.excess_length_strategy,
+            },
         )
 
     def as_query(self, prefix: str = "") -> dict:
@@ -63,6 +75,7 @@ class PreviewOptions:
             prefix + "train_on_eos": self.train_on_eos,
             prefix + "sequence_len": self.sequence_len,
             **({prefix + "train_on_inputs": "on"} if self.train_on_inputs else {}),
+            **({prefix + "entry": json.dumps(self.entry, sort_keys=True)} if self.entry else {}),
         }
 
     def key(self) -> str:
@@ -104,9 +117,36 @@ def visible(text: str) -> str:
     return text.replace(" ", "\u00b7").replace("\n", "\u21b5").replace("\t", "\u2192")
 
 
+def _entry(raw: str) -> dict | None:
+    """A config entry carried in a query (see PreviewOptions.entry), if it is a valid one."""
+    if not raw:
+        return None
+    try:
+        entry = json.loads(raw)
+        DatasetSpec(path="x", **entry["spec"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
 def make_encoder(dataset: Dataset, options: PreviewOptions) -> Encoder:
     """The trainer's encoder, for this dataset's format and the chosen options."""
     tokenizer = _tokenizer(resolve_base_model(options.model))
+    if options.entry:  # as a config trains it: the same construction as Encoder.from_config
+        entry = options.entry
+        return Encoder(
+            tokenizer,
+            DatasetSpec(path=dataset.name, **entry["spec"]),
+            sequence_len=options.sequence_len,
+            train_on_inputs=options.train_on_inputs,
+            # "raise" stops training at the first long row; the preview shows it as dropped, with why.
+            excess_length_strategy="drop"
+            if entry.get("excess_length_strategy") == "raise"
+            else entry.get("excess_length_strategy") or "drop",
+            chat_template=entry.get("chat_template") or "tokenizer_default",
+            chat_template_jinja=entry.get("chat_template_jinja"),
+            eot_tokens=entry.get("eot_tokens"),
+        )
     spec = DatasetSpec(
         path=dataset.name, type=dataset.format, roles_to_train=options.roles_to_train, train_on_eos=options.train_on_eos
     )

@@ -17,6 +17,7 @@ from typing import IO
 
 from django.db import IntegrityError, transaction
 
+from training import rows as row_format
 from training.config import DatasetSpec
 from training.formats import FORMATS, detect_format
 from training.rows import LineProblem, parse_line
@@ -26,7 +27,6 @@ from webapp.workspaces.models import SiteSettings
 
 MAX_PROBLEMS_SHOWN = 100
 GZIP_MAX_RATIO = 200  # refuse archives that inflate beyond this: a 1 MB bomb must not fill the disk
-MAX_LINE_BYTES = 64 * 2**20  # a longer line is refused, never held in memory whole
 
 
 @dataclass
@@ -85,25 +85,32 @@ class UploadResult:
 
 
 def _read_lines(readline, inflated_limit: int | None = None) -> Iterator[bytes]:
-    """Lines of at most MAX_LINE_BYTES, so memory stays bounded whatever the file holds; with a
-    limit (a .gz upload), refused once more than that many bytes came out of the archive."""
-    inflated, line_no = 0, 0
-    archive = inflated_limit is not None
-    while True:
+    """The file's lines, never holding more than the row size limit (training.rows.MAX_LINE_BYTES)
+    of one: a longer line is passed on cut (parse_line reports it, with its number) and the rest of
+    it skipped. With a limit (a .gz upload), refused once more than that came out of the archive."""
+    inflated, archive = 0, inflated_limit is not None
+
+    def read(size: int) -> bytes:
+        nonlocal inflated
         try:
-            line = readline(MAX_LINE_BYTES + 1)
+            chunk = readline(size)
         except (EOFError, OSError, zlib.error) as exc:
             if not archive:
                 raise
             raise UploadRejected(f"the .gz file is damaged: {exc}") from None  # truncated or corrupt
-        if not line:
-            return
-        line_no += 1
-        inflated += len(line)
+        inflated += len(chunk)
         if archive and inflated > inflated_limit:
             raise UploadRejected(f"the .gz file inflates more than {GZIP_MAX_RATIO}x: refused as an archive bomb")
-        if len(line) > MAX_LINE_BYTES:
-            raise UploadRejected(f"line {line_no} is longer than {MAX_LINE_BYTES // 2**20} MB: not a dataset row")
+        return chunk
+
+    while True:
+        limit = row_format.MAX_LINE_BYTES
+        line = read(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            while (rest := read(2**20)) and not rest.endswith(b"\n"):
+                pass
         yield line
 
 

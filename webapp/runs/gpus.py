@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from functools import lru_cache
 
@@ -65,8 +66,14 @@ def release_leases_of_ended_runs() -> int:
 
 
 def cuda_visible_devices(devices: list[str]) -> str:
-    """ "host:cuda:3" -> "3"; empty for the CPU, so the training process sees no GPU."""
-    return ",".join(d.rsplit(":", 1)[1] for d in devices if ":cuda:" in d)
+    """ "host:cuda:3" -> "3"; empty for the CPU, so the training process sees no GPU. Device ids
+    are CUDA ordinals as the worker sees them: a worker started with CUDA_VISIBLE_DEVICES=2,3 calls
+    its GPUs 0 and 1, and its trainers get 2 and 3."""
+    ids = [d.rsplit(":", 1)[1] for d in devices if ":cuda:" in d]
+    own = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    if own:
+        ids = [own[int(i)] if i.isdigit() and int(i) < len(own) else i for i in ids]
+    return ",".join(ids)
 
 
 def queue_position(run: Run) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -58,7 +59,10 @@ def validate_config(workspace, yaml_text: str) -> tuple[TrainConfig, dict]:
             )
         elif config:
             resolved["datasets"][i]["path"] = str(dataset.path)
-    if config:
+    if config and not settings.REDIS_URL:
+        # One machine: the web host's GPU and packages are the worker's. Scaled out (Redis), workers
+        # may run on other hosts: each checks its own machine when the run starts and fails it with
+        # the same message (training.cli.cmd_train), so a CPU-only web host refuses nothing here.
         errors += check_environment(config)
     if errors:
         raise ConfigInvalid(errors)
@@ -147,6 +151,8 @@ def apply_form(yaml_text: str, form) -> str:
         data = yaml.safe_load(yaml_text) or {}
     except yaml.YAMLError as exc:
         raise ConfigInvalid([ConfigError("", f"fix the YAML before using the form: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise ConfigInvalid([ConfigError("", "the YAML must be a mapping of keys (base_model: ..., datasets: ...)")])
     errors = []
     for key, kind, _ in FORM_FIELDS:
         if kind is bool:
@@ -239,6 +245,10 @@ def resume_run(run: Run, user) -> Run:
         raise CannotResume("this run saved no checkpoint (set save_steps in the config): start a new run instead")
     step = int(checkpoint.name.split("-")[-1])
     with transaction.atomic():
+        # One attempt per run: the row lock makes a double click (or two users) wait, then see it.
+        Run.objects.select_for_update().filter(pk=run.pk).first()
+        if run.resumes.exists():
+            raise CannotResume("this run was already resumed: open its newest attempt")
         new = Run.objects.create(
             workspace=run.workspace,
             config=run.config,
@@ -362,7 +372,7 @@ def finish_run(run_id: int, state: str, message: str) -> bool:
 
 def zip_folder(folder: Path, target: Path, arcname: str) -> Path:
     """Zip a folder next to itself (written aside, then renamed: never a half zip)."""
-    tmp = target.with_suffix(".zip.part")
+    tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.part")  # two zips at once never collide
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(folder.rglob("*")):
             if path.is_file():

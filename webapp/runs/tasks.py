@@ -8,11 +8,15 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+from django.db import connection
 from django.utils import timezone
 from huey import crontab
 from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
@@ -28,8 +32,12 @@ WAIT_FOR_DEVICES_SECONDS = 3
 
 
 def execute_run(run_id: int) -> None:
-    """Public entry: queue a run (called after the creating transaction commits)."""
-    _execute_run(run_id)
+    """Public entry: queue a run (called after the creating transaction commits). If the queue
+    can't be reached, the run stays queued and the reaper hands it to a worker later."""
+    try:
+        _execute_run(run_id)
+    except Exception:
+        log.exception("run %s: could not reach the queue; the reaper will retry", run_id)
 
 
 @db_task()
@@ -43,6 +51,8 @@ def _execute_run(run_id: int) -> None:
         services.finish_run(run_id, RunStatus.FAILED, str(exc))
         return
     if devices is None:  # not our turn or not enough free devices: look again shortly
+        # A queued run's heartbeat says a task still looks after it (see requeue_orphaned_runs).
+        Run.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(heartbeat_at=timezone.now())
         _execute_run.schedule((run_id,), delay=WAIT_FOR_DEVICES_SECONDS)
         return
     try:
@@ -55,6 +65,27 @@ def _execute_run(run_id: int) -> None:
 def _reap_stale_runs() -> None:
     services.mark_stale_runs_interrupted()
     gpus.release_leases_of_ended_runs()
+    requeue_orphaned_runs()
+
+
+ORPHAN_SECONDS = 60
+
+
+def requeue_orphaned_runs() -> int:
+    """Queued runs no task looks after (the enqueue failed, or a worker died holding the task)
+    would block the queue forever: hand them to the queue again. A task that still exists beats
+    every few seconds while it waits, so a live one is never doubled (and a doubled one is
+    harmless: only one can move the run out of `queued`)."""
+    cutoff = timezone.now() - timezone.timedelta(seconds=ORPHAN_SECONDS)
+    orphans = list(
+        Run.objects.filter(status=RunStatus.QUEUED, created_at__lt=cutoff)
+        .exclude(heartbeat_at__gte=cutoff)
+        .values_list("pk", flat=True)
+    )
+    for run_id in orphans:
+        Run.objects.filter(pk=run_id).update(heartbeat_at=timezone.now())
+        execute_run(run_id)
+    return len(orphans)
 
 
 @HUEY.on_startup()
@@ -71,9 +102,16 @@ def command(run: Run, devices: list[str]) -> list[str]:
     if services.trust_remote_code_allowed():
         args.append("--allow-trust-remote-code")
     gpu_count = len(gpus.cuda_visible_devices(devices).split(",")) if gpus.cuda_visible_devices(devices) else 0
-    if gpu_count > 1:  # one process per GPU, through accelerate (DDP)
-        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpu_count), *args]
+    if gpu_count > 1:  # one process per GPU, through accelerate (DDP); a port of its own per run
+        launch = ["-m", "accelerate.commands.launch", "--num_processes", str(gpu_count)]
+        return [sys.executable, *launch, "--main_process_port", str(_free_port()), *args]
     return [sys.executable, *args]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -111,33 +149,82 @@ def supervise(run_id: int, devices: list[str]) -> None:
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-    offset, last_beat, cancelled, final = run.events_offset, 0.0, False, None
-    events_path = run.run_dir / "events.jsonl"
+    try:
+        returncode, cancelled, final = _watch(run_id, proc, run.events_offset, run.run_dir / "events.jsonl")
+    finally:
+        if proc.poll() is None:  # we are leaving (worker stopping, database gone): never leave it orphaned
+            _kill_group(proc)
+            proc.wait()
+    with _beating(run_id):  # zipping a big model takes minutes: the run must not look abandoned
+        _finish(run_id, returncode, cancelled, final)
+
+
+DATABASE_GRACE_SECONDS = 120  # how long the supervisor rides out a database it can't write to
+
+
+def _watch(run_id: int, proc: subprocess.Popen, offset: int, events_path: Path):
+    """Tail the events into rows, beat and obey cancel until the trainer exits. A database error
+    (locked, restarting, Redis publish failing) is retried; if writes fail for longer than
+    DATABASE_GRACE_SECONDS the trainer is stopped, since nothing it does could be recorded."""
+    last_beat, cancelled, final, failing_since = 0.0, False, None, None
     while True:
         exited = proc.poll() is not None
-        events, new_offset = read_events(events_path, offset)
-        if events or new_offset != offset:
-            services.record_events(run_id, events, new_offset)
-            offset = new_offset
-            final = next(
-                (
-                    e
-                    for e in reversed(events)
-                    if e.get("event") == "status" and e.get("state") in ("succeeded", "failed", "cancelled")
-                ),
-                final,
-            )
+        try:
+            events, new_offset = read_events(events_path, offset)
+            if events or new_offset != offset:
+                services.record_events(run_id, events, new_offset)
+                offset = new_offset
+                final = next(
+                    (
+                        e
+                        for e in reversed(events)
+                        if e.get("event") == "status" and e.get("state") in ("succeeded", "failed", "cancelled")
+                    ),
+                    final,
+                )
+            now_s = time.monotonic()
+            if now_s - last_beat >= HEARTBEAT_SECONDS:
+                services.bump_heartbeat(run_id)
+                last_beat = now_s
+                if Run.objects.filter(pk=run_id, cancel_requested=True).exists():
+                    cancelled = True
+                    _kill_group(proc)
+            failing_since = None
+        except Exception:
+            log.exception("run %s: recording failed; retrying", run_id)
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since > DATABASE_GRACE_SECONDS:
+                raise
+            exited = False  # what the trainer wrote last is still to be recorded
+            if proc.poll() is None:
+                time.sleep(1)
+                continue
         if exited:
-            break
-        now_s = time.monotonic()
-        if now_s - last_beat >= HEARTBEAT_SECONDS:
-            services.bump_heartbeat(run_id)
-            last_beat = now_s
-            if Run.objects.filter(pk=run_id, cancel_requested=True).exists():
-                cancelled = True
-                _kill_group(proc)
+            return proc.returncode, cancelled, final
         time.sleep(POLL_SECONDS)
-    _finish(run_id, proc.returncode, cancelled, final)
+
+
+@contextmanager
+def _beating(run_id: int):
+    """Heartbeats from a thread while the block runs (packaging artifacts after training)."""
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(HEARTBEAT_SECONDS):
+            try:
+                services.bump_heartbeat(run_id)
+            except Exception:
+                log.exception("run %s: heartbeat failed", run_id)
+            finally:
+                connection.close()
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -1,0 +1,83 @@
+"""The worker's supervisor rides out a database hiccup, keeps beating while it packages artifacts,
+and no queued run is ever left without a task."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from django.utils import timezone
+
+from webapp.runs import services, tasks
+from webapp.runs.models import MetricPoint, Run, RunStatus
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TRAINER = """
+import json, sys, time
+with open(sys.argv[1], "a") as f:
+    for step in range(1, 6):
+        f.write(json.dumps({"event": "metric", "step": step, "time": step, "values": {"loss": 1.0 / step}}) + "\\n")
+        f.flush()
+        time.sleep(0.05)
+    f.write(json.dumps({"event": "status", "state": "succeeded", "message": "ok"}) + "\\n")
+"""
+
+
+def test_a_failing_write_is_retried_and_nothing_is_lost(alice, monkeypatch):
+    run = Run.objects.create(workspace=alice[1], name="r", config_yaml="x", status=RunStatus.RUNNING)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    events = run.run_dir / "events.jsonl"
+    real, calls = services.record_events, []
+
+    def flaky(run_id, batch, offset):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("database is locked")
+        real(run_id, batch, offset)
+
+    monkeypatch.setattr(services, "record_events", flaky)
+    proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(events)])
+    returncode, cancelled, final = tasks._watch(run.pk, proc, 0, events)
+    assert (returncode, cancelled, final["state"]) == (0, False, "succeeded")
+    assert len(calls) >= 2
+    assert list(MetricPoint.objects.filter(run=run).values_list("step", flat=True)) == [1, 2, 3, 4, 5]
+
+
+def test_packaging_keeps_the_run_alive(alice, monkeypatch):
+    run = Run.objects.create(workspace=alice[1], name="r", config_yaml="x", status=RunStatus.RUNNING)
+    old = timezone.now() - timezone.timedelta(hours=1)
+    Run.objects.filter(pk=run.pk).update(heartbeat_at=old)
+    monkeypatch.setattr(tasks, "HEARTBEAT_SECONDS", 0.05)
+    with tasks._beating(run.pk):
+        time.sleep(0.4)  # a long zip
+    run.refresh_from_db()
+    assert run.heartbeat_at > old + timezone.timedelta(minutes=59)
+    assert services.mark_stale_runs_interrupted(max_age_seconds=30) == 0
+
+
+def test_a_queued_run_without_a_task_is_handed_to_the_queue_again(alice, monkeypatch):
+    handed = []
+    monkeypatch.setattr(tasks, "execute_run", handed.append)
+    long_ago = timezone.now() - timezone.timedelta(minutes=10)
+    orphan = Run.objects.create(workspace=alice[1], name="orphan", config_yaml="x")
+    waiting = Run.objects.create(workspace=alice[1], name="waiting", config_yaml="x")
+    fresh = Run.objects.create(workspace=alice[1], name="fresh", config_yaml="x")
+    Run.objects.filter(pk__in=[orphan.pk, waiting.pk]).update(created_at=long_ago)
+    Run.objects.filter(pk=waiting.pk).update(heartbeat_at=timezone.now())  # its task beats while it waits
+    assert tasks.requeue_orphaned_runs() == 1 and handed == [orphan.pk]
+    assert tasks.requeue_orphaned_runs() == 0  # handed over once, not every minute
+    assert fresh.pk not in handed
+
+
+def test_a_queue_that_cannot_be_reached_leaves_the_run_queued(alice, monkeypatch):
+    def down(run_id):
+        raise ConnectionError("redis is down")
+
+    monkeypatch.setattr(tasks, "_execute_run", down)
+    run = Run.objects.create(workspace=alice[1], name="r", config_yaml="x")
+    tasks.execute_run(run.pk)  # no exception reaches the page that created the run
+    run.refresh_from_db()
+    assert run.status == RunStatus.QUEUED
