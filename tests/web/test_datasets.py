@@ -313,3 +313,39 @@ def test_a_damaged_gzip_is_refused_not_a_server_error(alice_client):
     response = alice_client.post("/datasets/", {"file": SimpleUploadedFile("x.jsonl.gz", data)})
     assert response.status_code == 400 and "the .gz file is damaged" in response.content.decode()
     assert Dataset.objects.count() == 0
+
+
+SHAREGPT = {
+    "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "What is 2 plus 2?"},
+        {"from": "gpt", "value": "4."},
+    ]
+}
+
+
+def test_sharegpt_files_upload_preview_and_start_configs_that_read_them(alice_client, alice, tiny_model_dir):
+    """`conversations` with from/value: detected at upload, previewed with its layout, and a config
+    entry is told which axolotl keys it needs (the starter config has them)."""
+    from webapp.runs.services import validate_config
+
+    upload = SimpleUploadedFile("share.jsonl", jsonl([SHAREGPT] * 3))
+    assert alice_client.post("/datasets/", {"file": upload}).status_code == 302
+    dataset = Dataset.objects.get()
+    assert dataset.format == "chat_template"
+    assert dataset.format_options == {
+        "field_messages": "conversations",
+        "message_property_mappings": {"role": "from", "content": "value"},
+    }
+    page = alice_client.get(f"/datasets/{dataset.pk}/preview/?row=0").content.decode()
+    assert page.count('class="tok trained') > 0
+    bare = "base_model: tiny-chat\ndatasets:\n  - path: share\n"
+    with pytest.raises(Exception) as refused:
+        validate_config(alice[1], bare)
+    assert "datasets[0].field_messages" in str(refused.value) and "conversations" in str(refused.value)
+    starter = alice_client.get("/configs/new/").content.decode()
+    assert "field_messages: conversations" in starter
+    yaml_text = re.search(r"<textarea[^>]*>(.*?)</textarea>", starter, re.S).group(1)
+    import html
+
+    validate_config(alice[1], html.unescape(yaml_text))  # the starter config reads the file as is

@@ -45,6 +45,20 @@ _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"  # private-use characters: never in
 _MARKER_RE = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
 
+def detect_layout(row: dict) -> dict:
+    """The dataset options (axolotl names) that read this row's conversation: where the messages
+    are (`messages` or ShareGPT's `conversations`) and their role/content keys (`from`/`value`).
+    Empty for the default layout."""
+    key = next((k for k in ("messages", "conversations") if isinstance(row.get(k), list)), None)
+    if key is None:
+        return {}
+    options: dict = {} if key == "messages" else {"field_messages": key}
+    first = next((m for m in row[key] if isinstance(m, dict)), None)
+    if first is not None and "role" not in first and "from" in first:
+        options["message_property_mappings"] = {"role": "from", "content": "value"}
+    return options
+
+
 def resolve_chat_template(name: str | None, jinja: str | None, tokenizer_template: str | None) -> str:
     """Axolotl's `chat_template` names -> jinja text. Raises ValueError with the fix."""
     name = name or "tokenizer_default"

@@ -23,6 +23,9 @@ class Dataset(models.Model):
     sha256 = models.CharField(max_length=64)
     size = models.BigIntegerField()
     format = models.CharField(max_length=32)
+    format_options = models.JSONField(
+        default=dict, blank=True, help_text="dataset options its rows need, e.g. ShareGPT's field_messages"
+    )
     rows = models.IntegerField()
     rejected_rows = models.IntegerField(default=0, help_text="lines dropped at upload (keep valid rows)")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL)

@@ -148,7 +148,11 @@ def make_encoder(dataset: Dataset, options: PreviewOptions) -> Encoder:
             eot_tokens=entry.get("eot_tokens"),
         )
     spec = DatasetSpec(
-        path=dataset.name, type=dataset.format, roles_to_train=options.roles_to_train, train_on_eos=options.train_on_eos
+        path=dataset.name,
+        type=dataset.format,
+        **dataset.format_options,
+        roles_to_train=options.roles_to_train,
+        train_on_eos=options.train_on_eos,
     )
     return Encoder(tokenizer, spec, sequence_len=options.sequence_len, train_on_inputs=options.train_on_inputs)
 

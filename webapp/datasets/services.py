@@ -20,6 +20,7 @@ from django.db import IntegrityError, transaction
 from training import rows as row_format
 from training.config import DatasetSpec
 from training.formats import FORMATS, detect_format
+from training.formats.chat_template import detect_layout
 from training.rows import LineProblem, parse_line
 from webapp.datasets.models import Dataset, DatasetStats, dataset_dir
 from webapp.http import MAX_NAME, download_name, name_problem
@@ -32,6 +33,7 @@ GZIP_MAX_RATIO = 200  # refuse archives that inflate beyond this: a 1 MB bomb mu
 @dataclass
 class ValidationReport:
     format: str | None = None
+    format_options: dict = field(default_factory=dict)  # e.g. ShareGPT: field_messages, role/content keys
     rows: int = 0
     problems: list[LineProblem] = field(default_factory=list)  # the first MAX_PROBLEMS_SHOWN
     counts: Counter = field(default_factory=Counter)  # by reason
@@ -141,7 +143,11 @@ def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, k
     """Stream `raw` once: validate each line, hash and index what would be stored. Returns
     (report, temp path of the clean JSONL, sha256, stored size, line-offset index, temp path of rejected lines)."""
     report = ValidationReport(format=format_override)
-    spec: DatasetSpec | None = DatasetSpec(path="upload", type=format_override) if format_override else None
+    spec: DatasetSpec | None = (
+        DatasetSpec(path="upload", type=format_override)
+        if format_override and format_override != "chat_template"
+        else None
+    )  # a chat file's layout (messages / ShareGPT) is read from its first row
     tmp_dir = dataset_dir()
     clean = tempfile.NamedTemporaryFile("wb", dir=tmp_dir, suffix=".part", delete=False)
     rejected = tempfile.NamedTemporaryFile("wb", dir=tmp_dir, suffix=".rejected.part", delete=False)
@@ -156,7 +162,7 @@ def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, k
                 problems = [parsed]
             else:
                 if spec is None:
-                    detected = detect_format(parsed)
+                    detected = format_override or detect_format(parsed)
                     if detected is None:
                         problems = [
                             LineProblem(
@@ -168,7 +174,8 @@ def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, k
                         ]
                     else:
                         report.format = detected
-                        spec = DatasetSpec(path="upload", type=detected)
+                        report.format_options = detect_layout(parsed) if detected == "chat_template" else {}
+                        spec = DatasetSpec(path="upload", type=detected, **report.format_options)
                 if spec is not None and not problems:
                     problems = [
                         LineProblem(line_no, p.field, p.message) for p in FORMATS[spec.format_name].check(parsed, spec)
@@ -238,6 +245,7 @@ def upload_dataset(
                 sha256=sha,
                 size=stored_size,
                 format=report.format,
+                format_options=report.format_options,
                 rows=report.rows,
                 rejected_rows=report.invalid,
                 created_by=user,

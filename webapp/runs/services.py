@@ -57,8 +57,10 @@ def validate_config(workspace, yaml_text: str) -> tuple[TrainConfig, dict]:
             errors.append(
                 ConfigError(f"datasets[{i}].path", f"no dataset named {entry['path']!r} in this workspace ({known})")
             )
-        elif config:
-            resolved["datasets"][i]["path"] = str(dataset.path)
+        else:
+            errors += _layout_errors(i, entry, dataset)
+            if config:
+                resolved["datasets"][i]["path"] = str(dataset.path)
     if config and not settings.REDIS_URL:
         # One machine: the web host's GPU and packages are the worker's. Scaled out (Redis), workers
         # may run on other hosts: each checks its own machine when the run starts and fails it with
@@ -67,6 +69,24 @@ def validate_config(workspace, yaml_text: str) -> tuple[TrainConfig, dict]:
     if errors:
         raise ConfigInvalid(errors)
     return config, resolved
+
+
+def _layout_errors(i: int, entry: dict, dataset: Dataset) -> list[ConfigError]:
+    """A dataset whose rows need options (ShareGPT's `conversations` with from/value) used by an
+    entry that doesn't set them: every row would fail, so say which keys to add, as axolotl names them."""
+    if entry.get("type", "chat_template") != "chat_template":
+        return []
+    errors = []
+    for key, value in dataset.format_options.items():
+        if entry.get(key) != value:
+            shown = yaml.safe_dump({key: value}, default_flow_style=True).strip()[1:-1]
+            errors.append(
+                ConfigError(
+                    f"datasets[{i}].{key}",
+                    f"dataset {dataset.name!r} is laid out differently from the default: add {shown} to this entry",
+                )
+            )
+    return errors
 
 
 def memory_estimate(config: TrainConfig, resolved: dict):

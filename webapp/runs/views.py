@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from django.contrib import messages
 from django.http import FileResponse, Http404, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -35,10 +36,12 @@ def _starter_yaml(workspace, preset: str = STARTER_PRESET) -> str:
     dataset = Dataset.objects.filter(workspace=workspace).first()
     models = available_models()
     template = PRESETS.get(preset, PRESETS[STARTER_PRESET])[1]
+    options = dataset.format_options if dataset else {}  # e.g. ShareGPT: field_messages, role/content keys
+    layout = "".join(f"\n    {line}" for line in yaml.safe_dump(options).splitlines()) if options else ""
     return template.format(
         model=models[0] if models else "owner/model-id",
         dataset=dataset.name if dataset else "my-dataset",
-        type=dataset.format if dataset else "chat_template",
+        type=(dataset.format if dataset else "chat_template") + layout,
     )
 
 
