@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -50,7 +51,29 @@ IGNORED_AXOLOTL_KEYS = {
     "plugins",
     "eval_table_size",
     "eval_max_new_tokens",
+    "loss_watchdog_threshold",
+    "loss_watchdog_patience",
+    "gradient_checkpointing_kwargs",
+    "use_wandb",
+    "wandb_run_id",
 }
+# transformers' optimizer names (OptimizerNames), checked without importing it; a name not here is
+# looked up in the installed transformers before it is refused.
+KNOWN_OPTIMIZERS = frozenset(
+    "adafactor adagrad adalomo adamw_8bit adamw_anyprecision adamw_bnb_8bit adamw_torch adamw_torch_4bit "
+    "adamw_torch_8bit adamw_torch_fused adamw_torch_npu_fused adamw_torch_xla ademamix ademamix_8bit apollo_adamw "
+    "apollo_adamw_layerwise galore_adafactor galore_adafactor_layerwise galore_adamw galore_adamw_8bit "
+    "galore_adamw_8bit_layerwise galore_adamw_layerwise grokadamw lion_32bit lion_8bit lomo paged_adamw_32bit "
+    "paged_adamw_8bit paged_ademamix_32bit paged_ademamix_8bit paged_lion_32bit paged_lion_8bit rmsprop "
+    "rmsprop_bnb rmsprop_bnb_32bit rmsprop_bnb_8bit schedule_free_adamw schedule_free_radam schedule_free_sgd sgd "
+    "stable_adamw".split()
+)
+KNOWN_SCHEDULERS = frozenset(
+    "constant constant_with_warmup cosine cosine_warmup_with_min_lr cosine_with_min_lr cosine_with_restarts greedy "
+    "inverse_sqrt linear polynomial reduce_lr_on_plateau warmup_stable_decay".split()
+)
+# Accepted when off (axolotl's examples spell them out); anything else is refused, named.
+IGNORED_WHEN_OFF = {"lora_fan_in_fan_out", "lora_model_dir", "load_best_model_at_end", "torch_compile"}
 
 
 @dataclass(frozen=True)
@@ -197,10 +220,48 @@ class TrainConfig(BaseModel):
     @classmethod
     def _drop_ignored_axolotl_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            data = {k: v for k, v in data.items() if k not in IGNORED_AXOLOTL_KEYS}
+            # As in axolotl, a key left empty (`fp16:`) is unset.
+            data = {
+                k: v
+                for k, v in data.items()
+                if k not in IGNORED_AXOLOTL_KEYS and v is not None and not (k in IGNORED_WHEN_OFF and not v)
+            }
+            if isinstance(data.get("datasets"), list):
+                data["datasets"] = [
+                    {k: v for k, v in d.items() if v is not None} if isinstance(d, dict) else d
+                    for d in data["datasets"]
+                ]
             if data.get("flash_attention") and "attn_implementation" not in data:
                 data["attn_implementation"] = "flash_attention_2"
         return data
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str | None) -> str | None:
+        if value is None or value in KNOWN_OPTIMIZERS:
+            return value
+        from transformers.training_args import OptimizerNames  # slow to import: only for other names
+
+        known = {o.value for o in OptimizerNames}
+        if value not in known:
+            close = difflib.get_close_matches(value, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"unknown optimizer {value!r}{hint}; transformers' names: adamw_torch, adamw_8bit, ...")
+        return value
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        if value in KNOWN_SCHEDULERS:
+            return value
+        from transformers.trainer_utils import SchedulerType  # slow to import: only for other names
+
+        known = {s.value for s in SchedulerType}
+        if value not in known:
+            close = difflib.get_close_matches(value, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"unknown lr_scheduler {value!r}{hint}; one of {', '.join(sorted(known))}")
+        return value
 
     @field_validator("attn_implementation")
     @classmethod
@@ -304,10 +365,12 @@ def parse_config(source: str | dict, *, allow_trust_remote_code: bool = False) -
 
 def check_environment(config: TrainConfig, *, cuda_available: bool | None = None) -> list[ConfigError]:
     """Problems that depend on this machine (GPU, optional packages), found before anything is queued."""
+    bf16_available = cuda_available  # a machine described by the caller (tests): GPUs with bf16
     if cuda_available is None:
         import torch
 
         cuda_available = torch.cuda.is_available()
+        bf16_available = _cuda_has_bf16()  # T4 / V100: CUDA without bf16
     errors = []
     backend = config.attention
     if backend.needs_package and importlib.util.find_spec(backend.needs_package) is None:
@@ -324,9 +387,15 @@ def check_environment(config: TrainConfig, *, cuda_available: bool | None = None
         errors.append(ConfigError("attn_implementation", f"{config.attn_implementation} needs a CUDA GPU; use sdpa"))
     if config.fp16 and not cuda_available:
         errors.append(ConfigError("fp16", "fp16 training needs a CUDA GPU; remove fp16 (bf16: auto picks what works)"))
-    if config.bf16 is True and not cuda_available:
+    if config.bf16 is True and not bf16_available:
         errors.append(ConfigError("bf16", "bf16: true needs a GPU with bf16 support here; use bf16: auto"))
     return errors
+
+
+def _cuda_has_bf16() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def dump_config(config: TrainConfig) -> str:

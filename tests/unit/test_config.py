@@ -69,3 +69,79 @@ def test_flash_attention_without_cuda_or_package_is_refused_up_front():
 def test_export_round_trips():
     config = parse_config(BASE + "adapter: lora\nlora_r: 16\n")
     assert parse_config(dump_config(config)) == config
+
+
+AXOLOTL_EXAMPLE = """\
+base_model: NousResearch/Meta-Llama-3.1-8B
+load_in_8bit: true
+load_in_4bit: false
+datasets:
+  - path: data.jsonl
+    type: chat_template
+    field_messages: messages
+    roles_to_train:
+dataset_prepared_path:
+val_set_size: 0.05
+output_dir: ./outputs/lora-out
+sequence_len: 4096
+sample_packing: true
+adapter: lora
+lora_model_dir:
+lora_r: 32
+lora_alpha: 16
+lora_dropout: 0.05
+lora_target_linear: true
+lora_fan_in_fan_out:
+wandb_project:
+wandb_entity:
+gradient_accumulation_steps: 4
+micro_batch_size: 2
+num_epochs: 4
+optimizer: adamw_bnb_8bit
+lr_scheduler: cosine
+learning_rate: 0.0002
+train_on_inputs: false
+bf16: auto
+fp16:
+tf32: false
+gradient_checkpointing: true
+logging_steps: 1
+loss_watchdog_threshold: 5.0
+loss_watchdog_patience: 3
+warmup_steps: 10
+evals_per_epoch: 4
+saves_per_epoch: 1
+weight_decay: 0.0
+"""
+
+
+def test_a_plain_axolotl_example_imports_with_empty_keys_unset():
+    config = parse_config(AXOLOTL_EXAMPLE)
+    assert config.fp16 is False and config.datasets[0].roles_to_train == ["assistant"]
+    assert config.optimizer == "adamw_bnb_8bit" and config.load_in_8bit
+
+
+@pytest.mark.parametrize(
+    "line, key, words",
+    [
+        ("optimizer: adamw_torh", "optimizer", "did you mean adamw_torch"),
+        ("lr_scheduler: cosin", "lr_scheduler", "did you mean cosine"),
+        ("lora_fan_in_fan_out: true", "lora_fan_in_fan_out", "unknown key"),
+        ("lora_model_dir: ./previous-adapter", "lora_model_dir", "unknown key"),
+    ],
+)
+def test_typos_and_unsupported_settings_name_the_key(line, key, words):
+    with pytest.raises(ConfigInvalid) as refused:
+        parse_config(BASE + line + "\n")
+    (error,) = refused.value.errors
+    assert error.path == key and words in error.message
+
+
+def test_the_optimizer_names_we_know_are_transformers_names():
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from training.config import KNOWN_OPTIMIZERS, KNOWN_SCHEDULERS
+
+    assert KNOWN_OPTIMIZERS <= {o.value for o in OptimizerNames}
+    assert KNOWN_SCHEDULERS <= {s.value for s in SchedulerType}

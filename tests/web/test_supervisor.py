@@ -81,3 +81,25 @@ def test_a_queue_that_cannot_be_reached_leaves_the_run_queued(alice, monkeypatch
     tasks.execute_run(run.pk)  # no exception reaches the page that created the run
     run.refresh_from_db()
     assert run.status == RunStatus.QUEUED
+
+
+def test_health_sees_streaks_across_batches_and_trends_when_the_run_ends(alice):
+    from training.health import MIN_STEPS_FOR_TRENDS
+
+    run = Run.objects.create(workspace=alice[1], name="r", config_yaml="x", status=RunStatus.RUNNING)
+    for step in range(1, 5):  # the worker records a point or two at a time
+        event = {"event": "metric", "step": step, "time": float(step), "values": {"loss": 2.0, "grad_norm": 0.0}}
+        services.record_events(run.pk, [event], step)
+    run.refresh_from_db()
+    assert "zero_grad" in {a["code"] for a in run.health}
+
+    flat = Run.objects.create(workspace=alice[1], name="flat", config_yaml="x", status=RunStatus.RUNNING)
+    steps = MIN_STEPS_FOR_TRENDS + 5  # far fewer points than a periodic trend check waits for
+    for step in range(1, steps + 1):
+        event = {"event": "metric", "step": step, "time": float(step), "values": {"loss": 2.0, "grad_norm": 1.0}}
+        services.record_events(flat.pk, [event], step)
+    flat.refresh_from_db()
+    assert "flat_loss" not in {a["code"] for a in flat.health}
+    services.record_events(flat.pk, [{"event": "status", "state": "succeeded"}], steps + 1)
+    flat.refresh_from_db()
+    assert "flat_loss" in {a["code"] for a in flat.health}

@@ -341,8 +341,9 @@ def record_events(run_id: int, events: list[dict], new_offset: int) -> None:
                 path=event["path"],
                 defaults={"size": folder_size(run.run_dir / event["path"])},
             )
-    if points:
-        fields["health"] = _updated_health(run, points, seq)
+    ending = any(e.get("event") == "status" and e.get("state") in ("succeeded", "failed") for e in events)
+    if points or ending:
+        fields["health"] = _updated_health(run, points, seq, ending)
     with transaction.atomic():
         MetricPoint.objects.bulk_create(points)
         Run.objects.filter(pk=run_id).update(
@@ -353,17 +354,22 @@ def record_events(run_id: int, events: list[dict], new_offset: int) -> None:
 
 
 TREND_EVERY = 50  # metric points between re-assessments of the loss trend
+POINT_CONTEXT = 5  # earlier points looked at with each batch (zero-grad streaks span batches)
 
 
-def _updated_health(run: Run, new_points: list[MetricPoint], seq: int) -> list[dict]:
-    """Point alerts (NaN, spikes) from the new points; trend alerts every TREND_EVERY points from a
-    strided view of the history, so a long run costs the worker a bounded read."""
+def _updated_health(run: Run, new_points: list[MetricPoint], seq: int, ending: bool = False) -> list[dict]:
+    """Point alerts (NaN, spikes, a run of zero grad norms) from the new points and the few before
+    them, so a streak split across two batches still counts; trend alerts every TREND_EVERY points
+    and when the run ends, from a strided view of the history (a bounded read, however long the run)."""
     from training.health import assess
 
     alerts = {a["code"]: a for a in run.health}
-    for alert in assess([{"step": p.step, "values": p.values} for p in new_points]):
-        alerts.setdefault(alert.code, alert.as_dict())
-    if seq // TREND_EVERY != run.next_seq // TREND_EVERY:
+    before = reversed(MetricPoint.objects.filter(run=run).order_by("-seq").values_list("step", "values")[:POINT_CONTEXT])
+    recent = [{"step": s, "values": v} for s, v in before] + [{"step": p.step, "values": p.values} for p in new_points]
+    for alert in assess(recent):
+        if alert.code not in ("flat_loss", "collapse", "overfit"):
+            alerts.setdefault(alert.code, alert.as_dict())
+    if ending or seq // TREND_EVERY != run.next_seq // TREND_EVERY:
         stride = max(1, seq // 2000)
         history = MetricPoint.objects.filter(run=run).order_by("seq").values_list("seq", "step", "values")
         series = [{"step": s, "values": v} for q, s, v in history.iterator() if q % stride == 0]
