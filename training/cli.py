@@ -22,10 +22,15 @@ def _load_config(path: str, allow_trust_remote_code: bool = False):
     except OSError as exc:
         sys.exit(f"error: can't read config {path}: {exc.strerror}")
     try:
-        return parse_config(text, allow_trust_remote_code=allow_trust_remote_code)
+        config = parse_config(text, allow_trust_remote_code=allow_trust_remote_code)
     except ConfigInvalid as exc:
         lines = "\n".join(f"  {e}" for e in exc.errors)
         sys.exit(f"error: invalid config {path}:\n{lines}")
+    # A relative base_model folder is read next to the config, as dataset paths are.
+    beside = Path(path).resolve().parent / config.base_model
+    if not Path(config.base_model).is_absolute() and not Path(config.base_model).exists() and beside.is_dir():
+        config.base_model = str(beside)
+    return config
 
 
 def _token_text(tokenizer, token_id: int) -> str:
@@ -46,7 +51,7 @@ def render_debug(tokenizer, sample, color: bool) -> str:
 
 
 def cmd_preprocess(args) -> int:
-    from training.encode import DROP_REASONS, Encoded, Encoder, EncodeStats
+    from training.encode import DROP_REASONS, Encoded, Encoder, EncodeStats, SequenceTooLong
     from training.modeling import ModelNotFound, load_tokenizer
     from training.packing import pack, packing_efficiency
     from training.rows import LineProblem
@@ -72,7 +77,12 @@ def cmd_preprocess(args) -> int:
             print(f"error: datasets[{index}]: {exc}", file=sys.stderr)
             return 2
         stats, problems, shown = EncodeStats(), [], 0
-        for outcome in encoder.encode_file(path, stats):
+        try:
+            outcomes = list(encoder.encode_file(path, stats))
+        except SequenceTooLong as exc:  # excess_length_strategy: raise
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            return 2
+        for outcome in outcomes:
             if not isinstance(outcome, Encoded):
                 if outcome.reason == "invalid":
                     problems.append(LineProblem(outcome.row + 1, "", outcome.detail))

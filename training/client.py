@@ -96,7 +96,11 @@ class Client:
                 bar.update(len(chunk))
         conn.send(tail)
         response = conn.getresponse()
-        return response.status, json.loads(response.read() or b"{}")
+        body = response.read()
+        try:
+            return response.status, json.loads(body or b"{}")
+        except ValueError:  # a proxy's HTML page (413 Request Entity Too Large, 502, ...)
+            return response.status, {"message": f"the server answered {response.status} {response.reason}"}
 
     def download(self, path: str, target: Path) -> Path:
         from tqdm import tqdm
@@ -126,8 +130,10 @@ def cmd_login(args) -> int:
         return 1
     path = credentials_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"url": args.url.rstrip("/"), "token": token.strip()}))
-    path.chmod(0o600)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, even briefly
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"url": args.url.rstrip("/"), "token": token.strip()}))
     print(f"logged in to {args.url} (token saved in {path})")
     return 0
 
@@ -224,11 +230,26 @@ def cmd_runs_download(args) -> int:
     return 0
 
 
+def _friendly(command):
+    """A server that answers an error, or can't be reached, is one line on stderr, not a traceback."""
+
+    def run(args) -> int:
+        try:
+            return command(args)
+        except ApiError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+        except OSError as exc:
+            print(f"error: can't reach the server: {exc}", file=sys.stderr)
+        return 1
+
+    return run
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("login", help="store a server URL and an API token for the commands below")
     p.add_argument("url")
     p.add_argument("--token", help="default: $TRAINYARD_TOKEN, else asked for")
-    p.set_defaults(func=cmd_login)
+    p.set_defaults(func=_friendly(cmd_login))
 
     datasets = sub.add_parser("datasets", help="datasets on the server").add_subparsers(dest="action", required=True)
     p = datasets.add_parser("upload", help="upload a JSONL file (progress bar; broken lines listed)")
@@ -236,7 +257,7 @@ def add_commands(sub) -> None:
     p.add_argument("--name")
     p.add_argument("--format", choices=["chat_template", "alpaca", "completion", "input_output"])
     p.add_argument("--keep-valid", action="store_true", help="store the valid rows even if some lines are broken")
-    p.set_defaults(func=cmd_upload)
+    p.set_defaults(func=_friendly(cmd_upload))
 
     runs = sub.add_parser("runs", help="runs on the server").add_subparsers(dest="action", required=True)
     p = runs.add_parser("create", help="create a config from YAML and queue a run of it")
@@ -245,13 +266,13 @@ def add_commands(sub) -> None:
     p.add_argument("--name")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--priority", type=int, default=0)
-    p.set_defaults(func=cmd_runs_create)
+    p.set_defaults(func=_friendly(cmd_runs_create))
     p = runs.add_parser("watch", help="live progress until the run ends")
     p.add_argument("run", type=int)
     p.add_argument("--interval", type=float, default=1.0)
-    p.set_defaults(func=cmd_runs_watch)
+    p.set_defaults(func=_friendly(cmd_runs_watch))
     p = runs.add_parser("download", help="download the run's adapter (or model) zip")
     p.add_argument("run", type=int)
     p.add_argument("--kind", default="adapter", choices=["adapter", "model", "merged"])
     p.add_argument("--out", default=".")
-    p.set_defaults(func=cmd_runs_download)
+    p.set_defaults(func=_friendly(cmd_runs_download))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from training.config import DatasetSpec, TrainConfig
 from training.formats import FORMATS, Piece, Rendered, RowProblem
-from training.formats.chat_template import resolve_chat_template
+from training.formats.chat_template import check_template, resolve_chat_template
 from training.rows import LineProblem, read_rows
 
 IGNORE_INDEX = -100
@@ -142,6 +142,7 @@ class Encoder:
                 spec.chat_template_jinja or chat_template_jinja,
                 getattr(tokenizer, "chat_template", None),
             )
+            check_template(template)  # a syntax error is one clear error, not one per row
         eos = tokenizer.eos_token
         self.settings = EncodeSettings(
             eos_token=eos,
@@ -210,7 +211,10 @@ class Encoder:
         fast, spec, settings = self._render_valid, self.spec, self.settings
         for index, row in rows:
             if fast is not None:  # the format's one-pass path for rows of the common shape
-                r = fast(row, spec, settings)
+                try:
+                    r = fast(row, spec, settings)
+                except Exception:  # the general path below reports this row's problem
+                    r = None
                 if r is not None:
                     for note in r.notes:
                         self.notes[note] += 1
@@ -321,7 +325,10 @@ class Encoder:
         if length > limit:
             strategy = self.settings.excess_length_strategy
             if strategy == "raise":
-                raise SequenceTooLong(f"row {sample.row}: {length} tokens > sequence_len {limit}")
+                raise SequenceTooLong(
+                    f"line {sample.row + 1}: {length} tokens > sequence_len {limit} "
+                    "(excess_length_strategy: raise; use drop or truncate to go on)"
+                )
             if strategy == "drop":
                 return Dropped(sample.row, "too_long", f"{length} tokens > sequence_len {limit}", sample)
             sample = Encoded(

@@ -91,3 +91,25 @@ def test_out_of_memory_failures_name_the_fix():
     reason = explain_failure(OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert "lower micro_batch_size" in reason and "gradient_checkpointing" in reason and "sequence_len" in reason
     assert explain_failure(ValueError("bad thing\nmore")) == "ValueError: bad thing"
+
+
+def test_bad_input_is_one_clear_error_not_a_traceback(project, tiny_model_dir, capsys):
+    import shutil
+
+    config = project / "config.yaml"
+    base = config.read_text()
+    # A tokenizer folder next to the config, named relatively: found there.
+    shutil.copytree(tiny_model_dir, project / "tok")
+    config.write_text(base.replace(f"base_model: {tiny_model_dir}", "base_model: tok"))
+    assert main(["preprocess", str(config)]) == 0
+    cases = {
+        "excess_length_strategy: raise\nsequence_len: 9\n": "line 1: ",
+        'chat_template: jinja\nchat_template_jinja: "{% for m in messages %}{{ m.content }"\n': "doesn't parse: line 1",
+        "chat_template: tokenizer_default_fallback_nope\n": "unknown chat_template",
+    }
+    for extra, words in cases.items():
+        config.write_text(base.replace("sequence_len: 64\n", "") + extra)
+        capsys.readouterr()
+        assert main(["preprocess", str(config)]) == 2, extra
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err

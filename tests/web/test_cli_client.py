@@ -45,3 +45,9 @@ def test_login_upload_create_watch_download(live_server, alice, tmp_path, monkey
     assert main(["runs", "download", str(run_id), "--out", str(tmp_path / "out")]) == 0
     (zipped,) = (tmp_path / "out").glob("*.zip")
     assert "adapter/adapter_config.json" in zipfile.ZipFile(zipped).namelist()
+    # Another workspace's run, or none: one line, no traceback.
+    capsys.readouterr()
+    assert main(["runs", "watch", "999999", "--interval", "0.2"]) == 1
+    assert main(["runs", "download", "999999", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("error: HTTP 404") == 2 and "Traceback" not in err

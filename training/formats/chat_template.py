@@ -75,12 +75,27 @@ def resolve_chat_template(name: str | None, jinja: str | None, tokenizer_templat
             "the tokenizer has no chat template; set chat_template: chatml (or another name) or chat_template_jinja"
         )
     if name.startswith("tokenizer_default_fallback_"):
-        return tokenizer_template or NAMED_TEMPLATES[name.removeprefix("tokenizer_default_fallback_")]
+        fallback = name.removeprefix("tokenizer_default_fallback_")
+        if fallback not in NAMED_TEMPLATES:
+            raise ValueError(
+                f"unknown chat_template {name!r}; the fallback must be one of {', '.join(NAMED_TEMPLATES)}"
+            )
+        return tokenizer_template or NAMED_TEMPLATES[fallback]
     if name not in NAMED_TEMPLATES:
         raise ValueError(
             f"unknown chat_template {name!r}; choose tokenizer_default, jinja or one of {', '.join(NAMED_TEMPLATES)}"
         )
     return NAMED_TEMPLATES[name]
+
+
+def check_template(template: str) -> None:
+    """Raises ValueError naming the line when the jinja text doesn't parse."""
+    import jinja2
+
+    try:
+        _compile(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"the chat template doesn't parse: line {exc.lineno}: {exc.message}") from None
 
 
 def _compile(template: str):

@@ -122,7 +122,10 @@ def preview(
         "sequence_len": sequence_len,
         "train_on_inputs": "on" if train_on_inputs else "",
     }
-    result = preview_row(dataset, row, PreviewOptions.from_query(query, available_models()))
+    try:
+        result = preview_row(dataset, row, PreviewOptions.from_query(query, available_models()))
+    except (ValueError, OSError) as exc:  # no model folder here, a tokenizer without a chat template, ...
+        return 400, UploadError(message=f"can't preview with these options: {exc}")
     return PreviewOut(
         row=result.row,
         tokens=[TokenOut(**t.__dict__) for t in result.tokens],

@@ -364,7 +364,9 @@ def _updated_health(run: Run, new_points: list[MetricPoint], seq: int, ending: b
     from training.health import assess
 
     alerts = {a["code"]: a for a in run.health}
-    before = reversed(MetricPoint.objects.filter(run=run).order_by("-seq").values_list("step", "values")[:POINT_CONTEXT])
+    before = reversed(
+        MetricPoint.objects.filter(run=run).order_by("-seq").values_list("step", "values")[:POINT_CONTEXT]
+    )
     recent = [{"step": s, "values": v} for s, v in before] + [{"step": p.step, "values": p.values} for p in new_points]
     for alert in assess(recent):
         if alert.code not in ("flat_loss", "collapse", "overfit"):

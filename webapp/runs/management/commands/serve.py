@@ -19,10 +19,19 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
-        parser.add_argument("--workers", type=int, default=1, help="huey worker threads (one run each)")
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=None,
+            help="huey worker threads; default: one per device (a run holds one while it trains) plus two, "
+            "so dataset statistics, the playground and merges never wait for a run to end",
+        )
         parser.add_argument("--login", default="", help="login hint to print, e.g. demo / trainyard")
 
     def handle(self, *args, host, port, workers, login, **opts):
+        from webapp.runs.gpus import inventory
+
+        workers = workers or len(inventory()) + 2
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         procs = [
             subprocess.Popen([sys.executable, "manage.py", "run_huey", "--workers", str(workers)], env=env),
