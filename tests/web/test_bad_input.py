@@ -153,3 +153,30 @@ def test_a_run_is_resumed_once(alice, things):
     with pytest.raises(services.CannotResume, match="already resumed"):
         services.resume_run(run, alice[0])
     assert run.resumes.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("path, kind", [("/api/datasets/", b"application/json"), ("/datasets/", b"text/html")])
+def test_an_oversized_upload_is_refused_before_its_body_is_read(settings, path, kind):
+    from webapp.upload_limit import UploadSizeLimit
+
+    settings.TRAINYARD_MAX_UPLOAD_BYTES = 10 * 2**20
+    reached, sent = [], []
+
+    async def django(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def receive():
+        raise AssertionError("the body was read")
+
+    async def send(message):
+        sent.append(message)
+
+    app = UploadSizeLimit(django)
+    big = {"type": "http", "method": "POST", "path": path, "headers": [(b"content-length", b"50000000000")]}
+    asyncio.run(app(big, receive, send))
+    assert not reached and sent[0]["status"] == 413 and dict(sent[0]["headers"])[b"content-type"].startswith(kind)
+    assert b"upload limit" in sent[1]["body"]
+    small = {**big, "headers": [(b"content-length", b"1000")]}
+    asyncio.run(app(small, receive, send))
+    assert reached == [path]

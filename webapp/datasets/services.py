@@ -202,6 +202,14 @@ def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, k
     return report, Path(clean.name), digest.hexdigest(), written, offsets, Path(rejected.name)
 
 
+def upload_limit() -> int:
+    """Bytes one upload may have: the site setting (MB) if an admin set one, else the environment's."""
+    from django.conf import settings
+
+    site = SiteSettings.current()
+    return site.max_upload_mb * 1024 * 1024 if site.max_upload_mb else settings.TRAINYARD_MAX_UPLOAD_BYTES
+
+
 def upload_dataset(
     workspace, user, file, *, name: str | None = None, format: str | None = None, keep_valid: bool = False
 ) -> UploadResult:
@@ -209,11 +217,8 @@ def upload_dataset(
 
     Raises UploadRejected with the report when lines are invalid and `keep_valid` is off.
     """
-    from django.conf import settings
-
     size = getattr(file, "size", None) or 0
-    site = SiteSettings.current()
-    limit = site.max_upload_mb * 1024 * 1024 if site.max_upload_mb else settings.TRAINYARD_MAX_UPLOAD_BYTES
+    limit = upload_limit()
     if size > limit:
         raise UploadRejected(f"the file is {size:,} bytes, over this server's {limit:,}-byte limit")
     if name and name_problem(name.strip()):
