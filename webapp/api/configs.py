@@ -89,3 +89,14 @@ def export(request, config_id: int):
     response = HttpResponse(config.yaml, content_type="application/yaml")
     response["Content-Disposition"] = f'attachment; filename="{download_name(config.name)}.yaml"'
     return response
+
+
+@router.delete("/{config_id}", response={204: None})
+def delete(request, config_id: int):
+    """Delete a config; runs made from it keep their own copy of the YAML."""
+    from webapp.runs.deletion import delete_config
+
+    config = get_object_or_404(visible(request, TrainingConfig.objects), pk=config_id)
+    require_writer(request.user, config.workspace)
+    delete_config(config)
+    return 204, None

@@ -133,3 +133,17 @@ def preview(
         dropped=result.dropped,
         warnings=result.warnings,
     )
+
+
+@router.delete("/{dataset_id}", response={204: None, 409: UploadError})
+def delete(request, dataset_id: int):
+    """Delete a dataset no active run trains on (its file goes with the last dataset sharing it)."""
+    from webapp.runs.deletion import CannotDelete, delete_dataset
+
+    dataset = get_object_or_404(visible(request, Dataset.objects), pk=dataset_id)
+    require_writer(request.user, dataset.workspace)
+    try:
+        delete_dataset(dataset)
+    except CannotDelete as exc:
+        return 409, UploadError(message=str(exc))
+    return 204, None

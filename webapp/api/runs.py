@@ -137,3 +137,17 @@ def get_run(request, run_id: int):
 def run_metrics(request, run_id: int, after: int = -1, max_points: int = realtime.HISTORY_POINTS):
     run = get_object_or_404(visible(request, Run.objects), pk=run_id)
     return realtime.history(run.pk, after, max_points=min(max(max_points, 10), 100_000))
+
+
+@router.delete("/{run_id}", response={204: None, 409: Message})
+def delete(request, run_id: int):
+    """Delete an ended run with its metrics, logs and artifacts."""
+    from webapp.runs.deletion import CannotDelete, delete_run
+
+    run = get_object_or_404(visible(request, Run.objects), pk=run_id)
+    require_writer(request.user, run.workspace)
+    try:
+        delete_run(run)
+    except CannotDelete as exc:
+        return 409, Message(message=str(exc))
+    return 204, None

@@ -18,7 +18,7 @@ from webapp.datasets.services import UploadRejected, first_rows, request_stats, 
 from webapp.http import download_name, parse_id
 from webapp.runs.base_models import available_models
 from webapp.runs.models import TrainingConfig
-from webapp.workspaces.services import current_workspace, require_writer
+from webapp.workspaces.services import can_write, current_workspace, require_writer
 
 
 @require_http_methods(["GET", "POST"])
@@ -76,6 +76,7 @@ def dataset_detail(request, pk: int):
         request,
         "datasets/detail.html",
         {
+            "can_write": can_write(request.user, dataset.workspace),
             "dataset": dataset,
             "rows": first_rows(dataset, 5),
             "options": options,

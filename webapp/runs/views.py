@@ -13,12 +13,12 @@ from django.views.decorators.http import require_POST
 
 from training.config import ConfigInvalid
 from webapp.datasets.models import Dataset
-from webapp.http import download_name, parse_id, parse_ids
+from webapp.http import download_name, parse_id, parse_ids, safe_next
 from webapp.runs import gpus, realtime, services
 from webapp.runs.base_models import available_models
 from webapp.runs.models import Run, RunNote, TrainingConfig
 from webapp.runs.presets import PRESETS
-from webapp.workspaces.services import current_workspace, require_writer
+from webapp.workspaces.services import can_write, current_workspace, require_writer
 
 STARTER_PRESET = "lora-small"
 
@@ -96,6 +96,7 @@ def config_edit(request, pk: int | None = None):
         request,
         "runs/config_edit.html",
         {
+            "can_write": can_write(request.user, workspace),
             "config": instance,
             "name": name,
             "yaml": yaml_text,
@@ -154,6 +155,7 @@ def run_detail(request, pk: int):
         request,
         "runs/run_detail.html",
         {
+            "can_write": can_write(request.user, run.workspace),
             "others": others,
             "diff_with": diff_with,
             "config_diff": services.config_diff(diff_with, run) if diff_with else None,
@@ -278,6 +280,27 @@ def run_cancel(request, pk: int):
     else:
         messages.warning(request, "The run has already ended.")
     return redirect("run-detail", pk=run.pk)
+
+
+@require_POST
+def delete_view(request, kind: str, pk: int):
+    """Delete a dataset, config or run of the workspace (writers), then go back to its list."""
+    from webapp.runs import deletion
+
+    model, remove, listing = {
+        "datasets": (Dataset, deletion.delete_dataset, "dataset-list"),
+        "configs": (TrainingConfig, deletion.delete_config, "config-list"),
+        "runs": (Run, deletion.delete_run, "run-list"),
+    }[kind]
+    thing = get_object_or_404(model.objects.visible_to(request.user), pk=pk)
+    require_writer(request.user, thing.workspace)
+    try:
+        remove(thing)
+    except deletion.CannotDelete as exc:
+        messages.error(request, f"“{thing.name}” was not deleted: {exc}.")
+        return redirect(safe_next(request, request.META.get("HTTP_REFERER"), reverse(listing)))
+    messages.info(request, f"Deleted “{thing.name}”.")
+    return redirect(listing)
 
 
 def artifact_download(request, pk: int, artifact_id: int):

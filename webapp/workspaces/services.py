@@ -45,6 +45,10 @@ def role_of(user, workspace) -> str | None:
     return Membership.objects.filter(user=user, workspace=workspace).values_list("role", flat=True).first()
 
 
+def can_write(user, workspace) -> bool:
+    return role_of(user, workspace) in (Role.OWNER, Role.MEMBER)
+
+
 def require_writer(user, workspace) -> None:
     """Viewers read; uploading, starting, cancelling, writing notes need member or owner."""
     if role_of(user, workspace) not in (Role.OWNER, Role.MEMBER):
