@@ -180,3 +180,25 @@ def test_an_oversized_upload_is_refused_before_its_body_is_read(settings, path, 
     small = {**big, "headers": [(b"content-length", b"1000")]}
     asyncio.run(app(small, receive, send))
     assert reached == [path]
+
+
+def test_the_api_does_what_the_pages_do(api, alice, alice_dataset, things, django_capture_on_commit_callbacks):
+    _, run = things
+    assert api.get(f"/api/datasets/{alice_dataset.pk}/rows/1").json()["messages"]
+    assert api.get(f"/api/datasets/{alice_dataset.pk}/rows/999999").status_code == 400
+    assert api.get(f"/api/datasets/{alice_dataset.pk}/rejected").status_code == 404  # nothing was refused
+    with django_capture_on_commit_callbacks(execute=True):
+        asked = api.post(f"/api/datasets/{alice_dataset.pk}/stats?sequence_len=64")
+    assert asked.status_code == 200 and asked.json()["rows"] == alice_dataset.rows
+    done = api.post(f"/api/datasets/{alice_dataset.pk}/stats?sequence_len=64").json()
+    assert done["status"] == "done" and done["result"]["tokens"] > 0 and "dropped" in done["result"]
+    note = api.post(f"/api/runs/{run.pk}/notes", {"text": "lr too high?"}, content_type="application/json")
+    assert note.status_code == 201
+    assert [n["text"] for n in api.get(f"/api/runs/{run.pk}/notes").json()] == ["lr too high?"]
+    assert api.post(f"/api/runs/{run.pk}/merge").status_code == 409  # no adapter in this run
+    assert api.post(
+        f"/api/runs/{run.pk}/playground", {"prompt": "hi"}, content_type="application/json"
+    ).status_code in (
+        202,
+        400,
+    )

@@ -147,3 +147,62 @@ def delete(request, dataset_id: int):
     except CannotDelete as exc:
         return 409, UploadError(message=str(exc))
     return 204, None
+
+
+class StatsOut(Schema):
+    status: str  # pending | running | done | failed
+    rows_done: int
+    rows: int
+    result: dict
+    error: str
+
+
+@router.post("/{dataset_id}/stats", response=StatsOut)
+def stats(
+    request,
+    dataset_id: int,
+    model: str = "",
+    roles: str = "assistant",
+    train_on_eos: str = "turn",
+    train_on_inputs: bool = False,
+    sequence_len: int = 512,
+):
+    """Token statistics under a tokenizer and options (lengths, trained ratio, drops), computed once by
+    a worker: ask, then ask again until `status` is done. The page's charts come from the same numbers."""
+    from webapp.datasets.services import request_stats
+
+    dataset = get_object_or_404(visible(request, Dataset.objects), pk=dataset_id)
+    query = {
+        "model": model,
+        "roles": roles,
+        "train_on_eos": train_on_eos,
+        "sequence_len": sequence_len,
+        "train_on_inputs": "on" if train_on_inputs else "",
+    }
+    row = request_stats(dataset, PreviewOptions.from_query(query, available_models()))
+    return StatsOut(status=row.status, rows_done=row.rows_done, rows=dataset.rows, result=row.result, error=row.error)
+
+
+@router.get("/{dataset_id}/rows/{row}", response={200: dict, 400: UploadError})
+def get_row(request, dataset_id: int, row: int):
+    """Row N (0-based) as stored, read by its byte offset."""
+    from webapp.datasets.services import read_row
+
+    dataset = get_object_or_404(visible(request, Dataset.objects), pk=dataset_id)
+    if not 0 <= row < dataset.rows:
+        return 400, UploadError(message=f"row must be between 0 and {dataset.rows - 1}")
+    return 200, read_row(dataset, row)
+
+
+@router.get("/{dataset_id}/rejected", response={200: None})
+def rejected(request, dataset_id: int):
+    """The lines refused at upload (when valid rows were kept), as JSONL."""
+    from django.http import FileResponse, Http404
+
+    from webapp.http import download_name
+
+    dataset = get_object_or_404(visible(request, Dataset.objects), pk=dataset_id)
+    if not dataset.rejected_path.exists():
+        raise Http404("no rejected lines")
+    name = download_name(f"{dataset.name}.rejected.jsonl")
+    return FileResponse(dataset.rejected_path.open("rb"), as_attachment=True, filename=name)

@@ -151,3 +151,80 @@ def delete(request, run_id: int):
     except CannotDelete as exc:
         return 409, Message(message=str(exc))
     return 204, None
+
+
+class NoteIn(Schema):
+    text: str = Field(min_length=1, max_length=20000)
+
+
+class NoteOut(Schema):
+    id: int
+    text: str
+    author: str
+    created_at: datetime
+
+
+@router.get("/{run_id}/notes", response=list[NoteOut])
+def notes(request, run_id: int):
+    run = get_object_or_404(visible(request, Run.objects), pk=run_id)
+    return [
+        NoteOut(id=n.pk, text=n.text, author=n.author.username if n.author else "", created_at=n.created_at)
+        for n in run.notes.select_related("author").order_by("created_at")
+    ]
+
+
+@router.post("/{run_id}/notes", response={201: NoteOut})
+def add_note(request, run_id: int, body: NoteIn):
+    from webapp.runs.models import RunNote
+
+    run = get_object_or_404(visible(request, Run.objects), pk=run_id)
+    require_writer(request.user, run.workspace)
+    note = RunNote.objects.create(run=run, author=request.user, text=body.text.strip())
+    return 201, NoteOut(id=note.pk, text=note.text, author=request.user.username, created_at=note.created_at)
+
+
+@router.post("/{run_id}/merge", response={202: Message, 409: Message})
+def merge(request, run_id: int):
+    """Merge the adapter into its base model in a worker; the merged model appears among the artifacts."""
+    run = get_object_or_404(visible(request, Run.objects), pk=run_id)
+    require_writer(request.user, run.workspace)
+    try:
+        services.request_merge(run)
+    except services.CannotMerge as exc:
+        return 409, Message(message=str(exc))
+    return 202, Message(message="merging in a worker: poll the artifacts")
+
+
+class PromptIn(Schema):
+    prompt: str = Field(min_length=1, max_length=8000)
+
+
+class GenerationOut(Schema):
+    id: int
+    status: str
+    prompt: str
+    base: str
+    tuned: str
+    error: str
+
+
+def _generation(g) -> GenerationOut:
+    return GenerationOut(id=g.pk, status=g.status, prompt=g.prompt, base=g.base_text, tuned=g.tuned_text, error=g.error)
+
+
+@router.post("/{run_id}/playground", response={202: GenerationOut, 400: Message})
+def playground(request, run_id: int, body: PromptIn):
+    """Answer a prompt with the base model and with the trained one, in a worker: poll the result."""
+    run = get_object_or_404(visible(request, Run.objects), pk=run_id)
+    require_writer(request.user, run.workspace)
+    try:
+        generation = services.ask_playground(run, request.user, body.prompt)
+    except services.NothingToTry as exc:
+        return 400, Message(message=str(exc))
+    return 202, _generation(generation)
+
+
+@router.get("/{run_id}/playground/{generation_id}", response=GenerationOut)
+def generation(request, run_id: int, generation_id: int):
+    run = get_object_or_404(visible(request, Run.objects), pk=run_id)
+    return _generation(get_object_or_404(run.generations, pk=generation_id))
