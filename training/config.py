@@ -116,8 +116,10 @@ class DatasetSpec(BaseModel):
     roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"])
     train_on_eos: TrainOnEos = "turn"
     train_on_eot: TrainOnEos | None = Field(None, description="defaults to train_on_eos")
-    message_field_training: str = "training"
-    message_field_training_detail: str = "training_detail"
+    message_field_training: str | None = Field(None, description="per-message key overriding the role (off unless set)")
+    message_field_training_detail: str | None = Field(
+        None, description="per-message key with character spans to train (off unless set)"
+    )
     field_system: str = Field("system", description="row-level system prompt, prepended as the first turn")
     chat_template: str | None = None
     chat_template_jinja: str | None = None

@@ -143,6 +143,7 @@ class Encoder:
                 getattr(tokenizer, "chat_template", None),
             )
             check_template(template)  # a syntax error is one clear error, not one per row
+            _check_end_token_policies(spec, template, list(eot_tokens) if eot_tokens else None, tokenizer.eos_token)
         eos = tokenizer.eos_token
         self.settings = EncodeSettings(
             eos_token=eos,
@@ -343,6 +344,19 @@ class Encoder:
         if sample.trained_tokens == 0:
             return Dropped(sample.row, "no_trained_tokens", "every token is masked", sample)
         return sample
+
+
+def _check_end_token_policies(spec, template: str, eot_tokens: list[str] | None, eos: str | None) -> None:
+    """Axolotl's rule: with eot_tokens other than just the eos token, the eos token among those the
+    template uses, and train_on_eos differing from train_on_eot, each pass would contradict the other."""
+    if not eot_tokens or eot_tokens == [eos]:
+        return
+    used = [t for t in eot_tokens if t in template]
+    if eos in used and spec.eot_policy != spec.train_on_eos:
+        raise ValueError(
+            f"train_on_eos ({spec.train_on_eos}) and train_on_eot ({spec.eot_policy}) disagree about {eos}, which "
+            "is both the eos token and one of eot_tokens: make them equal or take the eos token out of eot_tokens"
+        )
 
 
 @contextmanager

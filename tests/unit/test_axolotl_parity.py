@@ -43,12 +43,19 @@ def run_case(name: str):
     options = json.loads((case / "options.json").read_text())
     dataset = {k: v for k, v in options["dataset"].items() if k not in ("ds_type",)}
     spec = DatasetSpec(**dataset)
+    tokenizer = tokenizer_for(options["tokenizer"])
+    if options.get("special_tokens"):  # as training.modeling.load_tokenizer applies them
+        import copy
+
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_special_tokens(options["special_tokens"])
     encoder = Encoder(
-        tokenizer_for(options["tokenizer"]),
+        tokenizer,
         spec,
         sequence_len=options["sequence_len"],
         train_on_inputs=options["train_on_inputs"],
         excess_length_strategy=options.get("excess_length_strategy", "drop"),
+        eot_tokens=options.get("eot_tokens"),
     )
     outcomes = list(encoder.encode_file(case / "data.jsonl"))
     expected = [json.loads(line) for line in (case / "expected.jsonl").read_text().splitlines()]

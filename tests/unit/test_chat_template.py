@@ -92,7 +92,7 @@ def test_train_on_inputs_trains_every_message_but_never_role_headers(tokenizer):
     assert all("<|im_start|>" not in r and "assistant\n" not in r for r in runs)
 
 
-def test_message_training_flag_overrides_the_role(tokenizer):
+def test_message_training_flag_overrides_the_role_when_configured(tokenizer):
     row = {
         "messages": [
             {"role": "user", "content": "Hi"},
@@ -101,7 +101,10 @@ def test_message_training_flag_overrides_the_role(tokenizer):
             {"role": "assistant", "content": "Good answer."},
         ]
     }
-    assert trained_runs(tokenizer, encode(tokenizer, row)) == ["Good answer.<|im_end|>"]
+    configured = encode(tokenizer, row, message_field_training="training")
+    assert trained_runs(tokenizer, configured) == ["Good answer.<|im_end|>"]
+    # As in axolotl, the key means nothing unless message_field_training names it.
+    assert trained_runs(tokenizer, encode(tokenizer, row)) == ["Bad answer.<|im_end|>", "Good answer.<|im_end|>"]
 
 
 def test_training_detail_trains_only_the_given_character_span(tokenizer):
@@ -117,7 +120,7 @@ def test_training_detail_trains_only_the_given_character_span(tokenizer):
             },
         ]
     }
-    runs = trained_runs(tokenizer, encode(tokenizer, row))
+    runs = trained_runs(tokenizer, encode(tokenizer, row, message_field_training_detail="training_detail"))
     assert runs[0].strip() == "Paris"
 
 
@@ -130,9 +133,11 @@ def test_custom_fields_and_sharegpt_role_names(tokenizer):
     assert "<|im_start|>user" in tokenizer.decode(sample.input_ids)
 
 
-def test_drop_system_message(tokenizer):
+def test_drop_system_message_drops_the_leading_system_turn_only(tokenizer):
     sample = encode(tokenizer, drop_system_message=True)
     assert "Be brief." not in tokenizer.decode(sample.input_ids)
+    later = {"messages": CONVO["messages"][1:3] + [{"role": "system", "content": "Now be verbose."}]}
+    assert "Now be verbose." in tokenizer.decode(encode(tokenizer, later, drop_system_message=True).input_ids)
 
 
 def test_template_that_trims_content_still_finds_the_trained_span(tokenizer):
@@ -209,3 +214,34 @@ def test_invalid_rows_name_the_field(tokenizer, row, field, message):
     outcome = encode(tokenizer, row)
     assert isinstance(outcome, Dropped) and outcome.reason == "invalid"
     assert f"{field}: " in outcome.detail and message in outcome.detail
+
+
+def test_eos_and_eot_policies_that_contradict_each_other_are_refused(tokenizer):
+    spec = DatasetSpec(path="x", train_on_eos="all", train_on_eot="turn")
+    with pytest.raises(ValueError, match="train_on_eos .all. and train_on_eot .turn. disagree"):
+        Encoder(tokenizer, spec, eot_tokens=["<|im_end|>", "<|im_start|>"])
+    Encoder(tokenizer, spec)  # eot_tokens left to the eos token: the two passes simply add up
+    Encoder(
+        tokenizer,
+        DatasetSpec(path="x", train_on_eos="turn", train_on_eot="turn"),
+        eot_tokens=["<|im_end|>", "<|im_start|>"],
+    )
+
+
+def test_an_assistant_turn_that_only_calls_tools_trains_its_calls(tokenizer):
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] %}{{ m['content'] }}{% endif %}"
+        "{% for c in m['tool_calls'] or [] %}<tool_call>{{ c['function']['name'] }} "
+        "{{ c['function']['arguments'] | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    )
+    call = {"type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}}
+    row = {
+        "messages": [
+            {"role": "user", "content": "Add"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "2"},
+            {"role": "assistant", "content": "It is 2."},
+        ]
+    }
+    sample = encode(tokenizer, row, chat_template="jinja", chat_template_jinja=template)
+    assert trained_runs(tokenizer, sample) == ['<tool_call>add {"a": 2}</tool_call><|im_end|>', "It is 2.<|im_end|>"]

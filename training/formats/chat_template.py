@@ -116,6 +116,7 @@ class Message:
     trained: bool
     detail: list[dict] | None  # training_detail: character spans of content with their own flag
     extra: dict  # other keys the template may read (name, tool_calls, ...)
+    calls: bool = False  # has tool_calls: the turn's rendered calls train with its content
 
 
 def _role_lookup(spec) -> dict[str, str]:
@@ -150,6 +151,9 @@ class ChatTemplate:
         system = row.get(spec.field_system)
         if system is not None and not isinstance(system, str):
             problems.append(RowProblem(spec.field_system, "must be a string"))
+        tools = row.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            problems.append(RowProblem("tools", "must be a list of tool definitions"))
         for i, msg in enumerate(messages):
             where = f"{key}[{i}]"
             if not isinstance(msg, dict):
@@ -166,7 +170,12 @@ class ChatTemplate:
                         f"{', '.join(sorted(known))} (map it with the dataset's `roles` option)",
                     )
                 )
-            if content is None:
+            calls = msg.get("tool_calls")
+            if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+                problems.append(RowProblem(f"{where}.tool_calls", "must be a list of calls (objects)"))
+            if calls and content in (None, ""):
+                pass  # an assistant turn that only calls tools: the calls are what it says
+            elif content is None:
                 problems.append(RowProblem(f"{where}.{content_key}", "missing"))
             elif isinstance(content, list):
                 bad = [j for j, p in enumerate(content) if not (isinstance(p, dict) and isinstance(p.get("text"), str))]
@@ -212,7 +221,7 @@ class ChatTemplate:
         if not plan.fast or type(row) is not dict:
             return None
         raw = row.get(plan.field)
-        if type(raw) is not list or not raw or row.get(plan.system_key) is not None:
+        if type(raw) is not list or not raw or row.get(plan.system_key) is not None or row.get("tools"):
             return None
         role_key, content_key, simple = plan.role_key, plan.content_key, plan.simple_roles
         names, contents = [], []
@@ -241,21 +250,18 @@ class ChatTemplate:
         marked = plan.skeletons.get(tuple((m.role, False, "") for m in messages))
         if marked is None or len(plan.shapes) > 4096:
             return None
-        skeleton = _Skeleton(marked, options.eot_tokens)
+        skeleton = _Skeleton(marked, options.eot_tokens, options.eos_token)
         if len(set(skeleton.order)) != len(skeleton.order):
             return None  # a template that prints a content twice: the general path handles it
-        last_trained = max((i for i, m in enumerate(messages) if m.trained), default=None)
-        steps, notes = [], []
+        ends = [None] * len(messages)
         for k, i in enumerate(skeleton.order):
-            msg = messages[i]
-            train_eot = plan.policy == "all" or (
-                (plan.policy == "turn" and msg.trained) or (plan.policy == "last" and i == last_trained)
-            )
-            eot = skeleton.eot_offsets[k]
-            if eot is None and train_eot:
-                notes.append(_no_eot_note(msg.role, options.eot_tokens))
+            ends[i] = skeleton.end_offsets[k]
+        flags, notes = _end_flags(messages, ends, plan, options)
+        steps = []
+        for k, i in enumerate(skeleton.order):
             literal = skeleton.literals[k + 1]
-            steps.append((i, literal, len(literal), eot, msg.trained, train_eot))
+            marks = _end_marks(ends[i], flags[i])
+            steps.append((i, literal, len(literal), marks, messages[i].trained))
         return _RowShape(skeleton.literals[0], steps, [f"{m.role} #{i}" for i, m in enumerate(messages)], notes)
 
     def render(self, row, spec, options) -> Rendered:
@@ -265,64 +271,106 @@ class ChatTemplate:
         # The marked render depends on the roles and extra fields, rarely on contents: reuse it
         # across rows. When the template provably copies contents verbatim, splicing them into it
         # *is* the render; otherwise render for real and trust the splice only if it matches.
+        tools = row.get("tools") or None  # axolotl passes the row's tools to the template when there are any
         key = tuple(
             (m.role, not m.content, json.dumps(m.extra, sort_keys=True, default=str) if m.extra else "")
             for m in messages
-        )
+        ) + ((json.dumps(tools, sort_keys=True, default=str),) if tools else ())
+        kwargs = {**options.template_kwargs, "tools": tools} if tools else options.template_kwargs
         marked = plan.skeletons.get(key)
         if plan.verbatim and marked is not None:
-            skeleton = plan.parsed.get(key) or plan.parsed.setdefault(key, _Skeleton(marked, options.eot_tokens))
+            skeleton = plan.parsed.get(key) or plan.parsed.setdefault(
+                key, _Skeleton(marked, options.eot_tokens, options.eos_token)
+            )
             return self._spans(messages, *skeleton.splice(contents), plan, options)
         chat = [
             {"role": m.role, "content": m.content, **m.extra} if m.extra else {"role": m.role, "content": m.content}
             for m in messages
         ]
-        text = plan.template.render(messages=chat, add_generation_prompt=False, **options.template_kwargs)
+        text = plan.template.render(messages=chat, add_generation_prompt=False, **kwargs)
         regions = _splice(marked, text, contents) if marked is not None else None
         if regions is None:
             for i, c in enumerate(chat):
                 c["content"] = f"{_MARK_OPEN}{i}{_MARK_CLOSE}"
-            marked = plan.template.render(messages=chat, add_generation_prompt=False, **options.template_kwargs)
+            marked = plan.template.render(messages=chat, add_generation_prompt=False, **kwargs)
             if len(plan.skeletons) > 4096:
                 plan.skeletons.clear()
             plan.skeletons[key] = marked
             regions = _locate_contents(marked, text, contents)
-        return self._spans(messages, text, regions, _eot_positions(text, regions, options.eot_tokens), plan, options)
+        ends = _end_positions(text, regions, options.eot_tokens, options.eos_token)
+        return self._spans(messages, text, regions, ends, plan, options)
 
-    def _spans(self, messages, text, regions, eots, plan, options) -> Rendered:
-        """Each message's content span and its end-of-turn span (one span when they touch and agree:
-        the same tokens, fewer to map). Hot: once per row."""
+    def _spans(self, messages, text, regions, ends, plan, options) -> Rendered:
+        """Each message's content span, then its end-of-turn and eos tokens' spans (merged into the
+        content's span when they touch and agree: the same tokens, fewer to map). Hot: once per row."""
         spans: list[Span] = []
-        notes: list[str] = []
-        policy = plan.policy
-        last_trained = max((i for i, m in enumerate(messages) if m.trained), default=None) if policy == "last" else None
+        flags, notes = _end_flags(messages, ends, plan, options)
         for i, msg in enumerate(messages):
             region = regions[i]
             if region is None:
                 continue
             start, end = region
-            trained = msg.trained
-            if not msg.content:  # axolotl: an empty turn trains nothing, not even its end-of-turn token
-                spans.append(Span(start, end, trained, i))
-                continue
-            if policy == "turn":
-                train_eot = trained
-            else:
-                train_eot = policy == "all" or (policy == "last" and i == last_trained)
-            eot = eots[i]
+            marks = _end_marks(ends[i], flags[i]) if msg.content or msg.calls else []
+            if msg.calls and marks:  # axolotl trains the turn's whole rendered text: content and calls
+                shift = marks[0][0]
+                end += shift
+                marks = [(off - shift, length, flag) for off, length, flag in marks]
             if msg.detail:
                 spans += _detail_spans(msg, start, end, text, i)
-            elif eot is not None and eot[0] == end and train_eot == trained:
-                spans.append(Span(start, eot[1], trained, i))
+                spans += [Span(end + off, end + off + length, flag, i) for off, length, flag in marks]
                 continue
-            else:
-                spans.append(Span(start, end, trained, i))
-            if eot is not None:
-                spans.append(Span(eot[0], eot[1], train_eot, i))
-            elif train_eot:
-                notes.append(_no_eot_note(msg.role, options.eot_tokens))
+            current = Span(start, end, msg.trained, i)
+            for off, length, flag in marks:
+                if end + off == current.end and flag == current.trained:
+                    current = Span(current.start, end + off + length, flag, i)
+                else:
+                    spans.append(current)
+                    current = Span(end + off, end + off + length, flag, i)
+            spans.append(current)
         parts = [f"{m.role} #{i}" for i, m in enumerate(messages)]
         return Rendered(pieces=[Piece(text, spans=spans, add_special_tokens=False)], parts=parts, notes=notes)
+
+
+def _end_flags(messages, ends, plan, options) -> tuple[list[tuple[bool, bool]], list[str]]:
+    """Axolotl's two passes over the turns: per message, whether its end-of-turn token (eot_tokens,
+    policy train_on_eot) and its eos token (policy train_on_eos) train. Labels are only ever added,
+    so where the two are one token it trains if either pass says so. Only turns with content are
+    looked at, and untrained ones only when a policy is `all`; `last` is the last token found among
+    them. `ends[i]`: (eot offset, eos offset) after the content, each (offset, length) or None."""
+    any_all = "all" in (plan.eot_policy, plan.eos_policy)
+    processed = [
+        i for i, m in enumerate(messages) if ends[i] is not None and (m.content or m.calls) and (m.trained or any_all)
+    ]
+    flags = [[False, False] for _ in messages]
+    missing: set[int] = set()
+    for k, policy in enumerate((plan.eot_policy, plan.eos_policy)):
+        has = [i for i in processed if ends[i][k] is not None]
+        if policy == "all":
+            wanted = processed
+        elif policy == "turn":
+            wanted = [i for i in processed if messages[i].trained]
+        elif policy == "last":
+            wanted = processed[-1:]
+            has = has[-1:]
+        else:
+            continue
+        for i in has if policy == "last" else wanted:
+            flags[i][k] = True
+        if k == 0 or options.eos_token not in options.eot_tokens:
+            missing |= {i for i in wanted if ends[i][k] is None}
+    notes = [_no_eot_note(messages[i].role, options.eot_tokens) for i in sorted(missing)]
+    return [tuple(f) for f in flags], notes
+
+
+def _end_marks(end, flags) -> list[tuple[int, int, bool]]:
+    """(offset after the content, length, trained) of a turn's end tokens, in text order; one mark
+    where the eot and the eos are the same token."""
+    if end is None:
+        return []
+    (eot, eos), (f_eot, f_eos) = end, flags
+    if eot is not None and eos is not None and eot == eos:
+        return [(eot[0], eot[1], f_eot or f_eos)]
+    return sorted((pos[0], pos[1], flag) for pos, flag in ((eot, f_eot), (eos, f_eos)) if pos is not None)
 
 
 def _no_eot_note(role: str, eot_tokens: list[str]) -> str:
@@ -346,16 +394,17 @@ class _RowShape:
         out = [self.head]
         pos = len(self.head)
         spans = []
-        for i, literal, literal_len, eot, trained, train_eot in self.steps:
+        for i, literal, literal_len, marks, trained in self.steps:
             content = contents[i]
             end = pos + len(content)
-            if eot is None:
-                spans.append(Span(pos, end, trained, i))
-            elif eot[0] == 0 and train_eot == trained:
-                spans.append(Span(pos, end + eot[1], trained, i))
-            else:
-                spans.append(Span(pos, end, trained, i))
-                spans.append(Span(end + eot[0], end + eot[0] + eot[1], train_eot, i))
+            span_start, span_end, span_trained = pos, end, trained
+            for off, length, flag in marks:
+                if end + off == span_end and flag == span_trained:
+                    span_end = end + off + length
+                else:
+                    spans.append(Span(span_start, span_end, span_trained, i))
+                    span_start, span_end, span_trained = end + off, end + off + length, flag
+            spans.append(Span(span_start, span_end, span_trained, i))
             out.append(content)
             out.append(literal)
             pos = end + literal_len
@@ -377,7 +426,8 @@ class _Plan:
         self.detail_key = spec.message_field_training_detail
         self.drop_system = spec.drop_system_message
         self.reserved = {self.role_key, self.content_key, self.training_key, self.detail_key}
-        self.policy = spec.eot_policy
+        self.eot_policy = spec.eot_policy  # train_on_eot, defaulting to train_on_eos
+        self.eos_policy = spec.train_on_eos
         self.template = _compile(template_text) if template_text else None
         self.verbatim = bool(template_text) and content_is_verbatim(self.template.environment, template_text)
         self.skeletons: dict = {}
@@ -393,11 +443,11 @@ class _Plan:
         if isinstance(system, str) and not (raw and self.lookup.get(raw[0].get(self.role_key)) == "system"):
             # Axolotl: a row-level system prompt becomes the first turn, unless one is already there.
             raw = [{self.role_key: "system", self.content_key: system}] + raw
-        for msg in raw:
+        for position, msg in enumerate(raw):
             name = msg[self.role_key]
             role = self.lookup.get(name, name)
-            if self.drop_system and role == "system":
-                continue
+            if self.drop_system and role == "system" and position == 0:
+                continue  # axolotl drops the leading system turn (the row-level prompt, if any), not later ones
             content, detail = msg[self.content_key] or "", msg.get(self.detail_key)
             if isinstance(content, list):
                 content, detail = _join_parts(content, detail)
@@ -408,9 +458,23 @@ class _Plan:
                 trained = bool(detail)  # an empty detail list trains nothing of the turn
             else:
                 trained = self.train_all or role in self.roles_to_train
-            extra = {k: v for k, v in msg.items() if k not in self.reserved} if len(msg) > 2 else {}
-            out.append(Message(role, content, trained, detail if trained else None, extra))
+            extra = {k: v for k, v in msg.items() if k not in self.reserved and v is not None} if len(msg) > 2 else {}
+            calls = bool(extra.get("tool_calls"))
+            if calls:
+                extra["tool_calls"] = [_parsed_arguments(c) for c in extra["tool_calls"]]
+            out.append(Message(role, content, trained, detail if trained else None, extra, calls))
         return out
+
+
+def _parsed_arguments(call: dict) -> dict:
+    """As axolotl: a call's `arguments` given as a JSON string reaches the template as an object."""
+    function = call.get("function")
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        try:
+            return {**call, "function": {**function, "arguments": json.loads(function["arguments"])}}
+        except ValueError:
+            return call
+    return call
 
 
 def _join_parts(parts: list[dict], detail):
@@ -454,7 +518,7 @@ class _Skeleton:
     """A marked render taken apart once: the literal text around each content, and where the first
     end-of-turn token sits in the literal after it. Splicing a row's contents is then string joins."""
 
-    def __init__(self, marked: str, eot_tokens: list[str]):
+    def __init__(self, marked: str, eot_tokens: list[str], eos_token: str | None):
         self.literals, self.order = [], []
         prev = 0
         for m in _MARKER_RE.finditer(marked):
@@ -462,29 +526,38 @@ class _Skeleton:
             self.order.append(int(m.group(1)))
             prev = m.end()
         self.literals.append(marked[prev:])
-        self.eot_offsets = []  # per content (in render order): (offset after content end, length) or None
-        for literal in self.literals[1:]:
-            found = [(literal.find(t), len(t)) for t in eot_tokens if literal.find(t) >= 0]
-            self.eot_offsets.append(min(found) if found else None)
+        # Per content (in render order): where its end-of-turn and eos tokens sit in the literal
+        # after it, each (offset after the content's end, length) or None.
+        self.end_offsets = [
+            (_first(literal, eot_tokens), _first(literal, [eos_token] if eos_token else []))
+            for literal in self.literals[1:]
+        ]
 
     def splice(self, contents: list[str]):
         n = len(contents)
         regions: list[tuple[int, int] | None] = [None] * n
-        eots: list[tuple[int, int] | None] = [None] * n
+        ends: list = [None] * n
         out = [self.literals[0]]
         length = len(self.literals[0])
         for k, i in enumerate(self.order):
             content = contents[i]
             end = length + len(content)
             regions[i] = (length, end)
-            off = self.eot_offsets[k]
-            if off is not None:
-                eots[i] = (end + off[0], end + off[0] + off[1])
+            ends[i] = self.end_offsets[k]
             literal = self.literals[k + 1]
             out.append(content)
             out.append(literal)
             length = end + len(literal)
-        return "".join(out), regions, eots
+        return "".join(out), regions, ends
+
+
+def _first(text: str, tokens: list[str], start: int = 0, stop: int | None = None) -> tuple[int, int] | None:
+    """(offset from `start`, length) of the first of `tokens` in text[start:stop], or None."""
+    found = [(at, len(t)) for t in tokens if (at := text.find(t, start, len(text) if stop is None else stop)) >= 0]
+    if not found:
+        return None
+    at, length = min(found)
+    return at - start, length
 
 
 def _splice(marked: str, text: str, contents: list[str]) -> list[tuple[int, int] | None] | None:
@@ -528,24 +601,23 @@ def _locate_contents(marked: str, text: str, contents: list[str]) -> list[tuple[
     return regions
 
 
-def _eot_positions(text: str, regions, eot_tokens: list[str]) -> list[tuple[int, int] | None]:
-    """The first end-of-turn token string after each content, before the next content in the text
-    (in text order: a template may print messages out of order, e.g. the system prompt first)."""
-    starts = sorted(region[0] for region in regions if region is not None)
-    out: list[tuple[int, int] | None] = []
-    for region in regions:
+def _end_positions(text: str, regions, eot_tokens: list[str], eos_token: str | None) -> list:
+    """Per content: (its end-of-turn token, its eos token), each the first after the content and
+    before the next content in the text (a template may print messages out of order, e.g. the system
+    prompt first), as (offset after the content's end, length), or None."""
+    starts = sorted((region[0], i) for i, region in enumerate(regions) if region is not None)
+    eos = [eos_token] if eos_token else []
+    out: list = []
+    for i, region in enumerate(regions):
         if region is None:
             out.append(None)
             continue
         end = region[1]
-        following = bisect_left(starts, end)
-        limit = starts[following] if following < len(starts) else len(text)
-        best = None
-        for tok in eot_tokens:
-            at = text.find(tok, end, limit)
-            if at >= 0 and (best is None or at < best[0]):
-                best = (at, at + len(tok))
-        out.append(best)
+        following = bisect_left(starts, (end, -1))
+        if following < len(starts) and starts[following][1] == i:  # an empty content starts where it ends
+            following += 1
+        limit = starts[following][0] if following < len(starts) else len(text)
+        out.append((_first(text, eot_tokens, end, limit), _first(text, eos, end, limit)))
     return out
 
 
