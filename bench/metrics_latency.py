@@ -1,6 +1,8 @@
-"""Live metrics latency: a fake run records 20 metric events/s while 100 websocket clients watch its
-page; prints p50/p95/max latency from event written to message received, and dropped clients, for
-the embedded mode (SQLite, no server between worker and web) and the Redis mode, in one run.
+"""Live metrics latency: a fake trainer writes 20 metric events/s to its events file, the worker's
+real supervisor loop tails it into the database (and Redis), and 100 websocket clients watch the
+run's page; prints p50/p95/max latency from the event written by the trainer to the message
+received, and dropped clients, for the embedded mode (SQLite, no server between worker and web)
+and the Redis mode, in one run.
 Goals: p95 < 300 ms embedded, < 100 ms Redis, no client dropped. Ends with one line of JSON."""
 
 from __future__ import annotations
@@ -16,22 +18,33 @@ import time
 
 from _setup import ROOT, fresh_data_dir, login, start_server
 
+FAKE_TRAINER = """
+import json, sys, time
+path, delay, rate, seconds = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+time.sleep(delay)
+interval, n = 1 / rate, int(seconds * rate)
+start = time.time()
+with open(path, "a") as f:
+    for i in range(n):
+        f.write(json.dumps({"event": "metric", "step": i + 1, "time": time.time(), "values": {"loss": 3.0 - i * 1e-3}})
+                + "\\n")
+        f.flush()
+        time.sleep(max(0.0, start + (i + 1) * interval - time.time()))
+"""
+
 FAKE_WORKER = """
-import time, django
+import subprocess, sys, django
 django.setup()
-from webapp.runs import services
+from webapp.runs import tasks
 from webapp.runs.models import Run
 from webapp.workspaces.models import Workspace
 run = Run.objects.create(workspace=Workspace.objects.get(name="Demo"), name="latency", config_yaml="x",
                          status="running")
+run.run_dir.mkdir(parents=True, exist_ok=True)
 print(run.pk, flush=True)
-time.sleep(float({start_delay}))
-interval, n = 1 / {rate}, int({seconds} * {rate})
-start = time.time()
-for i in range(n):
-    services.record_events(run.pk, [{{"event": "metric", "step": i + 1, "time": time.time(),
-                                      "values": {{"loss": 3.0 - i * 1e-3}}}}], i + 1)
-    time.sleep(max(0.0, start + (i + 1) * interval - time.time()))
+events = run.run_dir / "events.jsonl"
+trainer = subprocess.Popen([sys.executable, "-c", {trainer!r}, str(events), "{start_delay}", "{rate}", "{seconds}"])
+tasks._watch(run.pk, trainer, 0, events)  # the worker's own loop: tail, record, publish
 """
 
 
@@ -72,7 +85,11 @@ async def measure(mode: str, clients: int, rate: int, seconds: float) -> dict:
     try:
         _, _, cookie = login(base)
         worker = subprocess.Popen(
-            [sys.executable, "-c", FAKE_WORKER.format(rate=rate, seconds=seconds, start_delay=8)],
+            [
+                sys.executable,
+                "-c",
+                FAKE_WORKER.format(trainer=FAKE_TRAINER, rate=rate, seconds=seconds, start_delay=8),
+            ],
             cwd=ROOT,
             env={**env, "DJANGO_SETTINGS_MODULE": "webapp.settings"},
             stdout=subprocess.PIPE,

@@ -86,6 +86,10 @@ def cmd_preprocess(args) -> int:
             if not isinstance(outcome, Encoded):
                 if outcome.reason == "invalid":
                     problems.append(LineProblem(outcome.row + 1, "", outcome.detail))
+                elif args.debug and shown < args.rows and outcome.sample is not None:
+                    shown += 1  # a dropped row is worth seeing too: why it trains nothing
+                    print(f"--- {path.name} row {outcome.row} DROPPED ({outcome.reason}: {outcome.detail})")
+                    print(render_debug(tokenizer, outcome.sample, color))
                 continue
             all_samples.append(outcome)
             if out:

@@ -73,7 +73,10 @@ class ListEventSink:
 def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
     """Complete lines from byte `offset` on, and the offset after the last complete line."""
     path = Path(path)
-    if not path.exists():
+    try:
+        if path.stat().st_size <= offset:  # nothing new: one stat, so a watcher may poll often
+            return [], offset
+    except FileNotFoundError:
         return [], offset
     with path.open("rb") as f:
         f.seek(offset)

@@ -48,6 +48,9 @@ def test_preprocess_debug_marks_trained_tokens(project, capsys):
     assert "--- chat.jsonl row 0" in out
     assert "<|im_start|>(1, -100)" in out  # masked: plain, label -100
     assert re.search(r"\[<\|im_end\|>\(2, 2\)\]", out)  # trained: bracketed, label = id
+    main(["preprocess", str(project / "config.yaml"), "--debug", "--rows", "3", "--no-color"])
+    out = capsys.readouterr().out
+    assert "--- chat.jsonl row 1 DROPPED (no_trained_tokens" in out  # the user-only row, shown with why
 
 
 def test_preprocess_bad_line_names_file_line_and_field(project, capsys):

@@ -198,6 +198,29 @@ def test_the_form_writes_common_keys_into_the_yaml(alice_client, alice_dataset):
     )
     text = response.content.decode()
     assert "lora_r: 32" in text and "max_steps: 7" in text and "gradient_checkpointing: true" in text
+    more = {
+        **form,
+        "f_lora_target_modules": "q_proj, v_proj",
+        "f_bf16": "false",
+        "f_warmup_ratio": "0.1",
+        "f_load_in_8bit": "",
+        "f_dataset": "chat",
+    }
+    text = alice_client.post(
+        "/configs/new/", {"name": "c", "yaml": GOOD.format(steps=5), "action": "apply_form", **more}
+    ).content.decode()
+    assert "- q_proj" in text and "- v_proj" in text and "bf16: false" in text and "warmup_ratio: 0.1" in text
+    assert 'name="f_lora_target_modules" value="q_proj, v_proj"' in text and 'name="f_dataset" value="chat"' in text
+    regex = alice_client.post(
+        "/configs/new/",
+        {
+            "name": "c",
+            "yaml": GOOD.format(steps=5),
+            "action": "apply_form",
+            **{**more, "f_lora_target_modules": ".*proj"},
+        },
+    ).content.decode()
+    assert "lora_target_modules: .*proj" in regex
     bad = alice_client.post(
         "/configs/new/",
         {"name": "c", "yaml": GOOD.format(steps=5), "action": "apply_form", **{**form, "f_lora_r": "many"}},

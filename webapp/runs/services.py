@@ -130,14 +130,37 @@ def run_memory_estimate(run: Run):
 # Common keys editable as a form: (key, type, help)
 MAX_GPUS_PER_RUN = 64
 
+def _names_or_regex(raw: str):
+    """lora_target_modules: `q_proj, v_proj` is a list; anything with regex characters stays one string."""
+    if any(c in raw for c in "*|()[]^$\\+?"):
+        return raw
+    return [name.strip() for name in raw.split(",") if name.strip()]
+
+
+def _names(raw: str) -> list[str]:
+    return [name.strip() for name in raw.split(",") if name.strip()]
+
+
+def _auto_or_bool(raw: str):
+    value = raw.lower()
+    if value not in ("auto", "true", "false"):
+        raise ValueError(raw)
+    return "auto" if value == "auto" else value == "true"
+
+
 FORM_FIELDS = [
     ("base_model", str, "hub id or model folder"),
+    ("dataset", "dataset", "the first dataset's name"),
     ("adapter", str, "lora, qlora, or empty for a full fine-tune"),
     ("lora_r", int, ""),
     ("lora_alpha", int, ""),
     ("lora_dropout", float, ""),
     ("lora_target_linear", bool, "LoRA on every linear layer"),
+    ("lora_target_modules", _names_or_regex, "q_proj, v_proj (or a regex)"),
+    ("lora_target_parameters", _names, "parameter names, comma-separated"),
     ("load_in_4bit", bool, ""),
+    ("load_in_8bit", bool, ""),
+    ("bf16", _auto_or_bool, "auto, true or false"),
     ("sequence_len", int, ""),
     ("sample_packing", bool, ""),
     ("micro_batch_size", int, ""),
@@ -147,6 +170,7 @@ FORM_FIELDS = [
     ("learning_rate", float, ""),
     ("lr_scheduler", str, "cosine, linear, constant..."),
     ("warmup_steps", int, ""),
+    ("warmup_ratio", float, "or a fraction of the steps"),
     ("optimizer", str, "default: fused AdamW"),
     ("gradient_checkpointing", bool, ""),
     ("val_set_size", float, ""),
@@ -162,7 +186,22 @@ def form_values(yaml_text: str) -> list[dict]:
     except yaml.YAMLError:
         data = {}
     data = data if isinstance(data, dict) else {}
-    return [{"key": k, "type": t.__name__, "help": h, "value": data.get(k)} for k, t, h in FORM_FIELDS]
+    fields = []
+    for key, kind, help_text in FORM_FIELDS:
+        value = _first_dataset(data) if kind == "dataset" else data.get(key)
+        if isinstance(value, list):
+            value = ", ".join(str(v) for v in value)
+        elif isinstance(value, bool) and kind is not bool:
+            value = str(value).lower()
+        fields.append({"key": key, "type": "bool" if kind is bool else "text", "help": help_text, "value": value})
+    return fields
+
+
+def _first_dataset(data: dict) -> str | None:
+    entries = data.get("datasets")
+    if isinstance(entries, list) and entries and isinstance(entries[0], dict):
+        return entries[0].get("path")
+    return None
 
 
 def apply_form(yaml_text: str, form) -> str:
@@ -179,13 +218,20 @@ def apply_form(yaml_text: str, form) -> str:
             data[key] = form.get(f"f_{key}") == "on"
             continue
         raw = (form.get(f"f_{key}") or "").strip()
+        if kind == "dataset":  # the first entry's path; its other options stay as they are
+            entries = data.get("datasets") if isinstance(data.get("datasets"), list) else []
+            if raw and entries and isinstance(entries[0], dict):
+                entries[0]["path"] = raw
+            elif raw:
+                data["datasets"] = [{"path": raw, "type": "chat_template"}, *entries]
+            continue
         if not raw:
             data.pop(key, None)
             continue
         try:
             data[key] = kind(raw) if kind is not str else raw
         except ValueError:
-            errors.append(ConfigError(key, f"{raw!r} is not a valid {kind.__name__}"))
+            errors.append(ConfigError(key, f"{raw!r} is not a valid {getattr(kind, '__name__', 'value').strip('_')}"))
     if errors:
         raise ConfigInvalid(errors)
     return yaml.safe_dump(data, sort_keys=False)

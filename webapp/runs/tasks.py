@@ -26,7 +26,7 @@ from webapp.runs import gpus, services
 from webapp.runs.models import Run, RunStatus
 
 log = logging.getLogger("trainyard.worker")
-POLL_SECONDS = 0.25
+POLL_SECONDS = 0.02  # how often the events file is looked at: one stat() when nothing is new
 HEARTBEAT_SECONDS = 5
 WAIT_FOR_DEVICES_SECONDS = 3
 
