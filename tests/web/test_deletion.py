@@ -40,7 +40,7 @@ def test_a_dataset_an_active_run_trains_on_stays(alice, alice_client, alice_data
 
 def test_an_ended_run_goes_with_its_folder_and_rows_an_active_one_stays(alice, alice_client):
     ended = Run.objects.create(workspace=alice[1], name="old", config_yaml="x", status=RunStatus.SUCCEEDED)
-    ended.run_dir.mkdir(parents=True)
+    ended.run_dir.mkdir(parents=True, exist_ok=True)  # ids are reused across tests: so are folders
     (ended.run_dir / "train.log").write_text("log\n")
     MetricPoint.objects.create(run=ended, seq=0, step=1, time=0.0, values={"loss": 1.0})
     alice_client.post(f"/runs/{ended.pk}/delete/")

@@ -130,6 +130,7 @@ def run_memory_estimate(run: Run):
 # Common keys editable as a form: (key, type, help)
 MAX_GPUS_PER_RUN = 64
 
+
 def _names_or_regex(raw: str):
     """lora_target_modules: `q_proj, v_proj` is a list; anything with regex characters stays one string."""
     if any(c in raw for c in "*|()[]^$\\+?"):
