@@ -139,3 +139,43 @@ async def test_with_redis_points_arrive_through_the_channel_layer(alice, setting
     live = await receive_until(comm, "points")
     assert [p["seq"] for p in live["points"]] == [2]
     await comm.disconnect()
+
+
+async def test_the_live_channel_joins_again_after_a_redis_error(alice, monkeypatch, settings):
+    """A blocking read that times out (seen with channels_redis) must not end live delivery."""
+    import asyncio
+
+    import channels.layers
+
+    from webapp.runs import consumers
+
+    class Flaky:
+        def __init__(self):
+            self.joined, self.calls = 0, 0
+
+        async def new_channel(self):
+            return f"specific.x!{self.joined}"
+
+        async def group_add(self, group, channel):
+            self.joined += 1
+
+        async def group_discard(self, group, channel):
+            pass
+
+        async def receive(self, channel):
+            self.calls += 1
+            if self.calls == 1:
+                raise TimeoutError("read timed out")
+            if self.calls == 2:
+                return {"points": [{"seq": 0, "step": 1, "time": 0.0, "values": {"loss": 1.0}}]}
+            await asyncio.sleep(3600)
+
+    layer = Flaky()
+    monkeypatch.setattr(channels.layers, "get_channel_layer", lambda alias="default": layer)
+    monkeypatch.setattr(consumers, "tail_seconds", lambda: 3600.0)
+    settings.REDIS_URL = "redis://unused"
+    run = await make_run(alice[1], points=0)
+    queue = await consumers.RunTail.subscribe(run.pk)
+    points = await asyncio.wait_for(queue.get(), timeout=5)
+    assert [p["seq"] for p in points] == [0] and layer.joined == 2
+    consumers.RunTail.unsubscribe(run.pk, queue)

@@ -114,17 +114,30 @@ class RunTail:
             await asyncio.sleep(tail_seconds())
 
     async def _listen(self):
+        """The run's group on one channel for this process. A Redis hiccup (a read timing out in a
+        blocking pop, a restart) must not end it: join again; the database tail covers the gap."""
         from channels.layers import get_channel_layer
 
-        layer = get_channel_layer()
-        channel = await layer.new_channel()
-        await layer.group_add(realtime.group_name(self.run_id), channel)
-        try:
-            while True:
-                message = await layer.receive(channel)
-                self._fan_out(message.get("points", []))
-        finally:
-            await layer.group_discard(realtime.group_name(self.run_id), channel)
+        layer, group = get_channel_layer(), realtime.group_name(self.run_id)
+        while True:
+            channel = None
+            try:
+                channel = await layer.new_channel()
+                await layer.group_add(group, channel)
+                while True:
+                    message = await layer.receive(channel)
+                    self._fan_out(message.get("points", []))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log_.warning("run %s: the live channel failed; joining again", self.run_id, exc_info=True)
+                await asyncio.sleep(0.5)
+            finally:
+                if channel is not None:
+                    try:
+                        await layer.group_discard(group, channel)
+                    except Exception:
+                        pass
 
 
 class RunConsumer(AsyncJsonWebsocketConsumer):
