@@ -242,28 +242,26 @@ class TrainConfig(BaseModel):
     def _known_optimizer(cls, value: str | None) -> str | None:
         if value is None or value in KNOWN_OPTIMIZERS:
             return value
-        from transformers.training_args import OptimizerNames  # slow to import: only for other names
 
-        known = {o.value for o in OptimizerNames}
-        if value not in known:
-            close = difflib.get_close_matches(value, known, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(f"unknown optimizer {value!r}{hint}; transformers' names: adamw_torch, adamw_8bit, ...")
-        return value
+        def installed() -> set[str]:  # slow to import: only for names we don't know
+            from transformers.training_args import OptimizerNames
+
+            return {o.value for o in OptimizerNames}
+
+        return _known_name("optimizer", value, installed, "transformers' names: adamw_torch, adamw_8bit, ...")
 
     @field_validator("lr_scheduler")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
         if value in KNOWN_SCHEDULERS:
             return value
-        from transformers.trainer_utils import SchedulerType  # slow to import: only for other names
 
-        known = {s.value for s in SchedulerType}
-        if value not in known:
-            close = difflib.get_close_matches(value, known, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(f"unknown lr_scheduler {value!r}{hint}; one of {', '.join(sorted(known))}")
-        return value
+        def installed() -> set[str]:
+            from transformers.trainer_utils import SchedulerType
+
+            return {s.value for s in SchedulerType}
+
+        return _known_name("lr_scheduler", value, installed, f"one of {', '.join(sorted(KNOWN_SCHEDULERS))}")
 
     @field_validator("attn_implementation")
     @classmethod
@@ -392,6 +390,16 @@ def check_environment(config: TrainConfig, *, cuda_available: bool | None = None
     if config.bf16 is True and not bf16_available:
         errors.append(ConfigError("bf16", "bf16: true needs a GPU with bf16 support here; use bf16: auto"))
     return errors
+
+
+def _known_name(key: str, value: str, installed, choices: str) -> str:
+    """`value` if the installed transformers knows it, else a ValueError with the closest names."""
+    known = installed()
+    if value not in known:
+        close = difflib.get_close_matches(value, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown {key} {value!r}{hint}; {choices}")
+    return value
 
 
 def _cuda_has_bf16() -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from django.shortcuts import get_object_or_404
-from ninja import File, Form, Router, Schema
+from ninja import File, Form, Query, Router, Schema
 from ninja.files import UploadedFile
 
 from webapp.api.access import visible
@@ -101,29 +101,27 @@ def get_dataset(request, dataset_id: int):
     return get_object_or_404(visible(request, Dataset.objects), pk=dataset_id)
 
 
+class EncodeQuery(Schema):
+    """The options a preview or statistics are computed under (axolotl names; model: a model folder)."""
+
+    model: str = ""
+    roles: str = "assistant"
+    train_on_eos: str = "turn"
+    train_on_inputs: bool = False
+    sequence_len: int = 512
+
+    def options(self) -> PreviewOptions:
+        query = {**self.dict(), "train_on_inputs": "on" if self.train_on_inputs else ""}
+        return PreviewOptions.from_query(query, available_models())
+
+
 @router.get("/{dataset_id}/rows/{row}/preview", response={200: PreviewOut, 400: UploadError})
-def preview(
-    request,
-    dataset_id: int,
-    row: int,
-    model: str = "",
-    roles: str = "assistant",
-    train_on_eos: str = "turn",
-    train_on_inputs: bool = False,
-    sequence_len: int = 512,
-):
+def preview(request, dataset_id: int, row: int, query: Query[EncodeQuery]):
     dataset = get_object_or_404(visible(request, Dataset.objects), pk=dataset_id)
     if not 0 <= row < dataset.rows:
         return 400, UploadError(message=f"row must be between 0 and {dataset.rows - 1}")
-    query = {
-        "model": model,
-        "roles": roles,
-        "train_on_eos": train_on_eos,
-        "sequence_len": sequence_len,
-        "train_on_inputs": "on" if train_on_inputs else "",
-    }
     try:
-        result = preview_row(dataset, row, PreviewOptions.from_query(query, available_models()))
+        result = preview_row(dataset, row, query.options())
     except (ValueError, OSError) as exc:  # no model folder here, a tokenizer without a chat template, ...
         return 400, UploadError(message=f"can't preview with these options: {exc}")
     return PreviewOut(
@@ -158,28 +156,13 @@ class StatsOut(Schema):
 
 
 @router.post("/{dataset_id}/stats", response=StatsOut)
-def stats(
-    request,
-    dataset_id: int,
-    model: str = "",
-    roles: str = "assistant",
-    train_on_eos: str = "turn",
-    train_on_inputs: bool = False,
-    sequence_len: int = 512,
-):
+def stats(request, dataset_id: int, query: Query[EncodeQuery]):
     """Token statistics under a tokenizer and options (lengths, trained ratio, drops), computed once by
     a worker: ask, then ask again until `status` is done. The page's charts come from the same numbers."""
     from webapp.datasets.services import request_stats
 
     dataset = get_object_or_404(visible(request, Dataset.objects), pk=dataset_id)
-    query = {
-        "model": model,
-        "roles": roles,
-        "train_on_eos": train_on_eos,
-        "sequence_len": sequence_len,
-        "train_on_inputs": "on" if train_on_inputs else "",
-    }
-    row = request_stats(dataset, PreviewOptions.from_query(query, available_models()))
+    row = request_stats(dataset, query.options())
     return StatsOut(status=row.status, rows_done=row.rows_done, rows=dataset.rows, result=row.result, error=row.error)
 
 
