@@ -4,6 +4,7 @@ header, out-of-range numbers, stale credentials. Also: no open redirect, no unli
 from __future__ import annotations
 
 import asyncio
+import shutil
 
 import pytest
 from django.test import Client
@@ -22,6 +23,7 @@ ODD = ["abc", "²", "-1", "1e3", "9" * 30, "", "1;drop"]
 def things(alice, alice_dataset):
     config = TrainingConfig.objects.create(workspace=alice[1], name="c", yaml=GOOD.format(steps=5))
     run = Run.objects.create(workspace=alice[1], config=config, name="r", config_yaml="x", status="succeeded")
+    shutil.rmtree(run.run_dir, ignore_errors=True)  # ids are reused across tests: so are run folders
     return config, run
 
 
@@ -196,9 +198,9 @@ def test_the_api_does_what_the_pages_do(api, alice, alice_dataset, things, djang
     assert note.status_code == 201
     assert [n["text"] for n in api.get(f"/api/runs/{run.pk}/notes").json()] == ["lr too high?"]
     assert api.post(f"/api/runs/{run.pk}/merge").status_code == 409  # no adapter in this run
-    assert api.post(
-        f"/api/runs/{run.pk}/playground", {"prompt": "hi"}, content_type="application/json"
-    ).status_code in (
-        202,
-        400,
-    )
+    nothing = api.post(f"/api/runs/{run.pk}/playground", {"prompt": "hi"}, content_type="application/json")
+    assert nothing.status_code == 400 and "nothing to try yet" in nothing.json()["message"]  # no adapter yet
+    (run.run_dir / "adapter").mkdir(parents=True, exist_ok=True)
+    asked = api.post(f"/api/runs/{run.pk}/playground", {"prompt": "hi"}, content_type="application/json")
+    assert asked.status_code == 202 and asked.json()["status"] == "pending"
+    assert api.get(f"/api/runs/{run.pk}/playground/{asked.json()['id']}").json()["prompt"] == "hi"

@@ -111,7 +111,7 @@ class EncodeQuery(Schema):
     sequence_len: int = 512
 
     def options(self) -> PreviewOptions:
-        query = {**self.dict(), "train_on_inputs": "on" if self.train_on_inputs else ""}
+        query = {**self.model_dump(), "train_on_inputs": "on" if self.train_on_inputs else ""}
         return PreviewOptions.from_query(query, available_models())
 
 
