@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "huey.contrib.djhuey",
+    "ninja",  # serves Swagger UI's assets from this server (/api/docs works offline), not a CDN
     "webapp.workspaces",
     "webapp.datasets",
     "webapp.runs",

@@ -59,3 +59,17 @@ def test_create_a_run_and_fetch_its_metrics_logs_and_adapter(api, alice_dataset)
     )
     assert api.post(f"/api/runs/{run_id}/cancel").status_code == 409
     assert "only an interrupted" in api.post(f"/api/runs/{run_id}/resume").json()["message"]
+
+
+def test_an_unparseable_body_gets_the_api_error_shape(api, alice_dataset):
+    response = api.post("/api/configs/validate", "{not json", content_type="application/json")
+    assert response.status_code == 400
+    assert response.json() == {"message": "Cannot parse request body"}
+
+
+def test_api_docs_are_served_from_this_server(api):
+    """Swagger UI's assets come from the app's static files (no CDN: the page works offline)."""
+    page = api.get("/api/docs").content.decode()
+    assert "cdn." not in page and "/static/ninja/swagger-ui-bundle.js" in page
+    asset = Client().get("/static/ninja/swagger-ui-bundle.js")
+    assert asset.status_code == 200

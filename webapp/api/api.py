@@ -3,7 +3,7 @@
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
 from ninja import NinjaAPI
-from ninja.errors import AuthenticationError, ValidationError
+from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer, django_auth
 
 from webapp.api import configs, datasets, runs
@@ -40,6 +40,12 @@ def _not_found(request, exc):
 def _unauthorized(request, exc):
     message = "sign in, or send Authorization: Bearer <token> (create one under Settings → API tokens)"
     return api.create_response(request, {"message": message}, status=401)
+
+
+@api.exception_handler(HttpError)
+def _http_error(request, exc):
+    # ninja's own refusals (e.g. "Cannot parse request body") in our shape, not {"detail": ...}
+    return api.create_response(request, {"message": exc.message}, status=exc.status_code)
 
 
 @api.exception_handler(ValidationError)
