@@ -259,3 +259,19 @@ def test_security_headers_and_https_cookies(alice_client):
         check=True,
     ).stdout.split()
     assert out == ["True", "True", "True"]
+
+
+def test_admin_login_does_not_loop(alice):
+    """/admin/ → login → /admin/ for an admin; a signed-in non-admin is told, not shown the login form again."""
+    from django.contrib.auth.models import User
+
+    User.objects.create_superuser("root", "root@example.com", "root-password")
+    admin = Client()
+    login = admin.get("/admin/", follow=True)
+    assert login.request["PATH_INFO"] == "/login/"
+    signed_in = admin.post(login.redirect_chain[-1][0], {"username": "root", "password": "root-password"}, follow=True)
+    assert signed_in.request["PATH_INFO"] == "/admin/" and signed_in.status_code == 200
+    member = Client()
+    member.force_login(alice[0])
+    refused = member.get("/admin/", follow=True)
+    assert refused.status_code == 403 and "for administrators" in refused.content.decode()

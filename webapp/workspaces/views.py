@@ -5,7 +5,9 @@ from __future__ import annotations
 from urllib.parse import urlencode
 
 from django.contrib import messages
+from django.contrib.auth.decorators import login_not_required
 from django.contrib.auth.views import LoginView
+from django.core.exceptions import PermissionDenied
 from django.core.cache import cache
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -44,8 +46,14 @@ def tokens(request):
     )
 
 
+@login_not_required  # the login page itself: the middleware would send it back to /login/ with itself as next
 def admin_login(request):
     target = safe_next(request, request.GET.get("next"), "/admin/")
+    if request.user.is_authenticated:
+        if request.user.is_staff:
+            return redirect(target)
+        # Signed in but not an admin: sending them to the login form again would loop.
+        raise PermissionDenied("The admin site is for administrators; your account isn't one.")
     return redirect(f"{reverse('login')}?{urlencode({'next': target})}")
 
 
