@@ -10,6 +10,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from training import sharding
+from training.sharding import FsdpConfig
+
 # Axolotl keys that are accepted so a plain axolotl YAML imports, but that Trainyard does not use
 # (the web app decides where outputs go and how runs are tracked).
 IGNORED_AXOLOTL_KEYS = {
@@ -30,9 +33,6 @@ IGNORED_AXOLOTL_KEYS = {
     "tokenizer_type",
     "is_llama_derived_model",
     "debug",
-    "deepspeed",
-    "fsdp",
-    "fsdp_config",
     "early_stopping_patience",
     "local_rank",
     "logging_steps",
@@ -122,8 +122,12 @@ class DatasetSpec(BaseModel):
     )
     field_system: str = Field("system", description="row-level system prompt, prepended as the first turn")
     chat_template: str | None = None
-    chat_template_jinja: str | None = None
+    chat_template_jinja: str | None = Field(None, description="template text, or the path of a .jinja file")
     drop_system_message: bool = False
+    # reasoning traces (axolotl's names)
+    field_thinking: str = Field("reasoning_content", description="per-message key holding the reasoning trace")
+    template_thinking_key: str = Field("reasoning_content", description="the key the chat template reads it from")
+    split_thinking: bool = Field(False, description="move inline <think>...</think> of assistant turns to the trace")
     # completion
     field: str = "text"
     # alpaca
@@ -140,6 +144,13 @@ class DatasetSpec(BaseModel):
         if self.message_field_content:
             self.message_property_mappings = {**self.message_property_mappings, "content": self.message_field_content}
         return self
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, value: str | None) -> str | None:
+        from training.formats.chat_template import check_template_name
+
+        return check_template_name(value)
 
     @field_validator("type")
     @classmethod
@@ -217,6 +228,21 @@ class TrainConfig(BaseModel):
     eval_steps: int | None = Field(None, gt=0)
     save_steps: int | None = Field(None, gt=0)
     seed: int = 42
+    # -- sharding over several devices (FSDP2, DeepSpeed ZeRO): parsed and checked in training/sharding.py
+    fsdp: list[str] | str | bool | None = Field(
+        None, description="legacy axolotl switch ([full_shard, auto_wrap]); fsdp_config alone is enough"
+    )
+    fsdp_version: int | None = Field(None, description="axolotl's top-level spelling of fsdp_config.fsdp_version")
+    fsdp_config: FsdpConfig | None = None
+    deepspeed: str | None = Field(
+        None, description="a preset name (zero1, zero2, zero3, zero3_bf16, ...) or a DeepSpeed JSON file"
+    )
+
+    @model_validator(mode="after")
+    def _sharding_is_consistent(self) -> TrainConfig:
+        sharding.check_keys(self)
+        return self
+    # -- end of sharding
 
     @model_validator(mode="before")
     @classmethod
@@ -236,6 +262,13 @@ class TrainConfig(BaseModel):
             if data.get("flash_attention") and "attn_implementation" not in data:
                 data["attn_implementation"] = "flash_attention_2"
         return data
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, value: str) -> str:
+        from training.formats.chat_template import check_template_name
+
+        return check_template_name(value)
 
     @field_validator("optimizer")
     @classmethod
@@ -363,8 +396,11 @@ def parse_config(source: str | dict, *, allow_trust_remote_code: bool = False) -
     return config
 
 
-def check_environment(config: TrainConfig, *, cuda_available: bool | None = None) -> list[ConfigError]:
-    """Problems that depend on this machine (GPU, optional packages), found before anything is queued."""
+def check_environment(
+    config: TrainConfig, *, cuda_available: bool | None = None, devices: int | None = None
+) -> list[ConfigError]:
+    """Problems that depend on this machine (GPU, optional packages), found before anything is queued.
+    `devices`: how many the run gets (processes), when known."""
     bf16_available = cuda_available  # a machine described by the caller (tests): GPUs with bf16
     if cuda_available is None:
         import torch
@@ -389,6 +425,10 @@ def check_environment(config: TrainConfig, *, cuda_available: bool | None = None
         errors.append(ConfigError("fp16", "fp16 training needs a CUDA GPU; remove fp16 (bf16: auto picks what works)"))
     if config.bf16 is True and not bf16_available:
         errors.append(ConfigError("bf16", "bf16: true needs a GPU with bf16 support here; use bf16: auto"))
+    errors += [
+        ConfigError(key, reason)
+        for key, reason in sharding.environment_problems(config, devices=devices, cuda_available=cuda_available)
+    ]
     return errors
 
 

@@ -13,11 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from training import sharding
 from training.config import TrainConfig
 from training.encode import IGNORE_INDEX, Encoded, Encoder, EncodeStats
 from training.events import EventSink
 from training.packing import pack, packing_efficiency
 from training.rows import LineProblem
+from training.sources import SourceError, open_source
 
 
 class DataInvalid(ValueError):
@@ -44,20 +46,25 @@ def resolve_path(path: str, base_dir: Path | None) -> Path:
 def encode_dataset(config: TrainConfig, tokenizer, index: int, base_dir: Path | None = None):
     """(samples, stats, warnings) for one `datasets:` entry; invalid lines raise DataInvalid with line numbers."""
     spec = config.datasets[index]
-    path = resolve_path(spec.path, base_dir)
-    if not path.exists():
-        raise DataInvalid(f"datasets[{index}].path: file {spec.path!r} not found")
+    try:  # local files, folders, save_to_disk, Hub ids (training/sources.py)
+        source = open_source(spec, base_dir)
+    except SourceError as exc:
+        raise DataInvalid(f"datasets[{index}].path: {exc}") from None
+    path, unit = source.label, source.unit
     encoder = Encoder.from_config(tokenizer, config, index)
     stats, samples, problems = EncodeStats(), [], []
-    for outcome in encoder.encode_file(path, stats):
-        if isinstance(outcome, Encoded):
-            samples.append(outcome)
-        elif outcome.reason == "invalid":
-            problems.append(LineProblem(outcome.row + 1, "", outcome.detail))
+    try:
+        for outcome in encoder.encode_numbered(source.rows(), stats):
+            if isinstance(outcome, Encoded):
+                samples.append(outcome)
+            elif outcome.reason == "invalid":
+                problems.append(LineProblem(outcome.row + 1, "", outcome.detail, unit))
+    except SourceError as exc:
+        raise DataInvalid(f"datasets[{index}].path: {exc}") from None
     if problems:
         shown = "\n".join(f"  {path}:{p}" for p in sorted(problems, key=lambda p: p.line)[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise DataInvalid(f"{len(problems)} invalid line(s) in {path}:\n{shown}{more}")
+        raise DataInvalid(f"{len(problems)} invalid {unit}(s) in {path}:\n{shown}{more}")
     return samples, stats, encoder.warnings()
 
 
@@ -176,6 +183,25 @@ def _make_callback(sink: EventSink, collator: Collator, should_stop: Callable[[]
     return EventCallback()
 
 
+def _emit_rank_shares(sink: EventSink, trainer, step: int) -> None:
+    """With several processes: what each rank holds (its share of the parameters, its peak memory),
+    as a `ranks` event, a log line and per-rank metrics the run page can chart."""
+    shares = sharding.gather_rank_shares(trainer.model)  # a collective: every rank calls it
+    if len(shares) < 2:
+        return
+    for share in shares:
+        share["param_share"] = round(share["local_params"] / max(share["total_params"], 1), 4)
+    sink.emit("ranks", ranks=shares)
+    sink.emit(
+        "log",
+        message="ranks: "
+        + "; ".join(f"rank {s['rank']} holds {s['param_share']:.1%} of the parameters, peak {s['memory_mb']:.0f} MB" for s in shares),
+    )
+    values = {f"memory_mb_rank{s['rank']}": s["memory_mb"] for s in shares}
+    values.update({f"param_share_rank{s['rank']}": s["param_share"] for s in shares})
+    sink.emit("metric", step=step, values=values)
+
+
 def train(
     config: TrainConfig,
     run_dir: Path,
@@ -261,6 +287,7 @@ def train(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        **sharding.trainer_kwargs(config, base_dir),  # FSDP2 / DeepSpeed: training/sharding.py
     )
     trainer = Trainer(
         model=model,
@@ -274,12 +301,20 @@ def train(
     # -- train ---------------------------------------------------------------------------------
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    _emit_rank_shares(sink, trainer, result.global_step)
 
     # -- cleanup: artifacts --------------------------------------------------------------------
     out = run_dir / ("adapter" if config.adapter else "model")
     trainer.accelerator.wait_for_everyone()
+    # Sharded (FSDP2): every rank takes part in gathering the full weights; rank 0 writes them as
+    # one ordinary folder that loads on one device.
+    state_dict = None
+    if trainer.is_fsdp_enabled:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    elif trainer.is_deepspeed_enabled:  # ZeRO-3 consolidates from the engine (the wrapped model)
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if trainer.is_world_process_zero():  # several processes (accelerate launch): one writes
-        trainer.model.save_pretrained(out)  # the unwrapped model (DDP keeps its wrapper apart)
+        trainer.model.save_pretrained(out, state_dict=state_dict)  # the unwrapped model (DDP keeps its wrapper apart)
         tokenizer.save_pretrained(out)
     sink.emit("artifact", kind="adapter" if config.adapter else "model", path=out.name)
     if config.adapter and config.merge_lora and trainer.is_world_process_zero():
