@@ -8,6 +8,9 @@ from training.config import DatasetSpec
 from training.encode import Dropped, Encoded, Encoder
 from training.formats.chat_template import LLAMA3
 
+# The demo tokenizer (ChatML) has no BOS token, which axolotl's llama3 template prints first.
+LLAMA3_WITHOUT_BOS = LLAMA3.replace("bos_token + content", "content")
+
 CONVO = {
     "messages": [
         {"role": "system", "content": "Be brief."},
@@ -142,14 +145,16 @@ def test_drop_system_message_drops_the_leading_system_turn_only(tokenizer):
 
 def test_template_that_trims_content_still_finds_the_trained_span(tokenizer):
     row = {"messages": [{"role": "user", "content": "  Hi  "}, {"role": "assistant", "content": "\n Hello there. \n"}]}
-    sample = encode(tokenizer, row, chat_template="llama3", eot_tokens=["<|eot_id|>"])
+    sample = encode(
+        tokenizer, row, chat_template="jinja", chat_template_jinja=LLAMA3_WITHOUT_BOS, eot_tokens=["<|eot_id|>"]
+    )
     text = tokenizer.decode(sample.input_ids)
     assert "Hello there.<|eot_id|>" in text  # llama3 template trims content
     assert trained_runs(tokenizer, sample) == ["Hello there.<|eot_id|>"]
 
 
 def test_missing_end_of_turn_token_is_reported_loudly(tokenizer):
-    encoder = Encoder(tokenizer, DatasetSpec(path="x"), chat_template_jinja=LLAMA3)
+    encoder = Encoder(tokenizer, DatasetSpec(path="x"), chat_template_jinja=LLAMA3_WITHOUT_BOS)
     (sample,) = encoder.encode_row(CONVO)
     assert isinstance(sample, Encoded)
     assert not any("<|im_end|>" in r for r in trained_runs(tokenizer, sample))

@@ -9,27 +9,95 @@ end-of-turn token of a message is the first eot token string after its content.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from bisect import bisect_left
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 from training.formats.base import Piece, Rendered, RowProblem, Span
 from training.formats.template_analysis import content_is_verbatim
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-LLAMA3 = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-NAMED_TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3}
+TEMPLATES_DIR = Path(__file__).with_name("templates")
+# Axolotl's named templates: the vendors' jinja files beside this module (see templates/README.md),
+# read when a name is first used. The names are the file names, listed once.
+TEMPLATE_NAMES = frozenset(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
+SPECIAL_CHOICES = ("tokenizer_default", "jinja")
+FALLBACK_PREFIX = "tokenizer_default_fallback_"
+
+
+@lru_cache(maxsize=None)
+def named_template(name: str) -> str:
+    """The jinja text of a named template (KeyError for an unknown name)."""
+    if name not in TEMPLATE_NAMES:
+        raise KeyError(name)
+    return (TEMPLATES_DIR / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+class _NamedTemplates(Mapping):
+    """name -> jinja text, each file read on first use."""
+
+    def __getitem__(self, name: str) -> str:
+        return named_template(name)
+
+    def __iter__(self):
+        return iter(sorted(TEMPLATE_NAMES))
+
+    def __len__(self) -> int:
+        return len(TEMPLATE_NAMES)
+
+
+NAMED_TEMPLATES: Mapping[str, str] = _NamedTemplates()
+
+
+def __getattr__(name: str) -> str:  # CHATML, LLAMA3, ...: the named templates as constants
+    if name.isupper() and name.lower() in TEMPLATE_NAMES:
+        return named_template(name.lower())
+    raise AttributeError(name)
+
+
+def check_template_name(value: str | None) -> str | None:
+    """A `chat_template` value as config validation accepts it: None, tokenizer_default, jinja, a
+    named template, or tokenizer_default_fallback_<named template>. Raises ValueError with the
+    closest names otherwise."""
+    if value is None or value in SPECIAL_CHOICES or value in TEMPLATE_NAMES:
+        return value
+    if value.startswith(FALLBACK_PREFIX):
+        fallback = value.removeprefix(FALLBACK_PREFIX)
+        if fallback in TEMPLATE_NAMES:
+            return value
+        close = difflib.get_close_matches(fallback, TEMPLATE_NAMES, n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(FALLBACK_PREFIX + c for c in close)}?)" if close else ""
+        raise ValueError(
+            f"unknown chat_template {value!r}{hint}; the fallback must be a named template: "
+            f"{', '.join(sorted(TEMPLATE_NAMES))}"
+        )
+    close = difflib.get_close_matches(value, [*SPECIAL_CHOICES, *TEMPLATE_NAMES], n=3, cutoff=0.5)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ValueError(
+        f"unknown chat_template {value!r}{hint}; choose tokenizer_default, jinja (with chat_template_jinja), "
+        f"tokenizer_default_fallback_<name> or a named template: {', '.join(sorted(TEMPLATE_NAMES))}"
+    )
+
+
+def read_template_jinja(value: str, base_dir: Path | None = None) -> str:
+    """`chat_template_jinja` is the template text, or (as in axolotl) the path of a file holding it:
+    a value naming an existing file, or ending in .jinja/.j2, is read; a relative path is looked up
+    as given, then beside the config (`base_dir`)."""
+    if "\n" in value or "{" in value:
+        return value  # template text: a path has neither
+    candidates = [Path(value).expanduser()]
+    if base_dir is not None and not candidates[0].is_absolute():
+        candidates.append(Path(base_dir) / candidates[0])
+    for path in candidates:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    if value.strip().endswith((".jinja", ".j2")):
+        raise ValueError(f"chat_template_jinja: template file {value!r} not found")
+    return value
 
 # Axolotl's default role names: the template's role -> names a dataset may use for it.
 DEFAULT_ROLES = {
@@ -59,33 +127,25 @@ def detect_layout(row: dict) -> dict:
     return options
 
 
-def resolve_chat_template(name: str | None, jinja: str | None, tokenizer_template: str | None) -> str:
+def resolve_chat_template(
+    name: str | None, jinja: str | None, tokenizer_template: str | None, base_dir: Path | None = None
+) -> str:
     """Axolotl's `chat_template` names -> jinja text. Raises ValueError with the fix."""
     name = name or "tokenizer_default"
     if jinja and name in ("jinja", "tokenizer_default"):
-        return jinja
+        return read_template_jinja(jinja, base_dir)
     if name == "jinja":
         raise ValueError("chat_template: jinja needs chat_template_jinja")
-    if name in ("tokenizer_default", "tokenizer_default_fallback_chatml"):
+    check_template_name(name)
+    if name == "tokenizer_default":
         if tokenizer_template:
             return tokenizer_template
-        if name == "tokenizer_default_fallback_chatml":
-            return CHATML
         raise ValueError(
             "the tokenizer has no chat template; set chat_template: chatml (or another name) or chat_template_jinja"
         )
-    if name.startswith("tokenizer_default_fallback_"):
-        fallback = name.removeprefix("tokenizer_default_fallback_")
-        if fallback not in NAMED_TEMPLATES:
-            raise ValueError(
-                f"unknown chat_template {name!r}; the fallback must be one of {', '.join(NAMED_TEMPLATES)}"
-            )
-        return tokenizer_template or NAMED_TEMPLATES[fallback]
-    if name not in NAMED_TEMPLATES:
-        raise ValueError(
-            f"unknown chat_template {name!r}; choose tokenizer_default, jinja or one of {', '.join(NAMED_TEMPLATES)}"
-        )
-    return NAMED_TEMPLATES[name]
+    if name.startswith(FALLBACK_PREFIX):
+        return tokenizer_template or named_template(name.removeprefix(FALLBACK_PREFIX))
+    return named_template(name)
 
 
 def check_template(template: str) -> None:
