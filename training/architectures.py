@@ -1,0 +1,406 @@
+"""What Trainyard knows about the seed model architectures: tiny offline builds of them, checks of a
+config against a model's own config.json, and the model-side fixes (packed-sample boundaries for
+Gated DeltaNet layers, language-model-only LoRA targets, 4-bit experts).
+
+Framework-free and import-light: torch/transformers are imported inside the functions that need them,
+so validation (which only reads config.json) stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.config import ConfigError, TrainConfig
+
+_TEMPLATES = Path(__file__).parent / "tiny_templates"
+
+# FA2 kernels (flash-attn 2) support head dims up to 256; Gemma 4's global layers use 512.
+FLASH_ATTENTION_2_MAX_HEAD_DIM = 256
+
+# model_type -> the attribute under which its text model lives, for the multimodal ones
+MULTIMODAL_TYPES = {"gemma4", "mistral3", "qwen3_5", "qwen3_5_moe", "llava", "gemma3"}
+# model_types with Gated DeltaNet (linear attention) layers
+LINEAR_ATTENTION_TYPES = {"qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next"}
+
+
+# --------------------------------------------------------------------------------------------- #
+# Tiny random-weight models of the seed architectures
+# --------------------------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family's tokenizer side: its special tokens, eos and real chat template."""
+
+    special_tokens: tuple[str, ...]
+    eos: str
+    pad: str
+    template: str  # file in tiny_templates/
+    bos: str | None = None
+
+
+FAMILIES = {
+    "mistral": Family(("<s>", "</s>", "<unk>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                       "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[IMG]", "<pad>"),
+                      eos="</s>", pad="<pad>", bos="<s>", template="mistral_v3_tekken.jinja"),
+    "gemma4": Family(("<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel>", "<channel|>",
+                      "<|think|>", "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                      "<tool_response|>", '<|"|>', "<|image|>", "<|audio|>", "<|video|>", "<|image>", "<image|>"),
+                     eos="<turn|>", pad="<pad>", bos="<bos>", template="gemma4.jinja"),
+    "glm4": Family(("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                    "<|assistant|>", "<|observation|>", "<think>", "</think>", "<tool_call>", "</tool_call>"),
+                   eos="<|endoftext|>", pad="<|endoftext|>", template="glm4_7.jinja"),
+    "qwen3_5": Family(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>", "<think>", "</think>", "<tool_call>", "</tool_call>",
+                       "<tool_response>", "</tool_response>"),
+                      eos="<|im_end|>", pad="<|endoftext|>", template="qwen3_5.jinja"),
+}
+
+# arch name -> (family, transformers class name of the saved model)
+ARCHITECTURES = {
+    "ministral": ("mistral", "MistralForCausalLM"),  # Ministral-8B-Instruct-2410 is a plain Mistral
+    "mistral3": ("mistral", "Mistral3ForConditionalGeneration"),  # Ministral 3 / Mistral Small 3.x (vision)
+    "gemma4": ("gemma4", "Gemma4ForConditionalGeneration"),  # gemma-4-31B
+    "gemma4_moe": ("gemma4", "Gemma4ForConditionalGeneration"),  # gemma-4-26B-A4B
+    "glm4_moe_lite": ("glm4", "Glm4MoeLiteForCausalLM"),  # GLM-4.7-Flash
+    "qwen3_5": ("qwen3_5", "Qwen3_5ForConditionalGeneration"),  # Qwen3.5-9B / 27B
+    "qwen3_5_moe": ("qwen3_5", "Qwen3_5MoeForConditionalGeneration"),  # Qwen3.5-35B-A3B / 122B-A10B
+}
+
+# Seed hub ids -> the tiny architecture that stands in for them
+SEED_MODELS = {
+    "mistralai/Ministral-8B-Instruct-2410": "ministral",
+    "google/gemma-4-31B": "gemma4",
+    "google/gemma-4-26B-A4B": "gemma4_moe",
+    "zai-org/GLM-4.7-Flash": "glm4_moe_lite",
+    "Qwen/Qwen3.5-9B": "qwen3_5",
+    "Qwen/Qwen3.5-27B": "qwen3_5",
+    "Qwen/Qwen3.5-35B-A3B": "qwen3_5_moe",
+    "Qwen/Qwen3.5-35B-A3B-Base": "qwen3_5_moe",
+    "Qwen/Qwen3.5-122B-A10B": "qwen3_5_moe",
+}
+
+_H = 64  # hidden size of every tiny model
+
+
+def _tiny_vision_pixtral():
+    return {"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "head_dim": 16, "image_size": 64, "patch_size": 16}
+
+
+def _model_config(arch: str, tokenizer):
+    """A transformers config object of `arch`, tiny, with the real model's structure."""
+    import transformers as tf
+
+    vocab = len(tokenizer)
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "bos_token_id": tokenizer.bos_token_id}
+    if arch == "ministral":
+        return tf.MistralConfig(vocab_size=vocab, hidden_size=_H, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                max_position_embeddings=4096, initializer_range=0.1, **ids)
+    if arch == "mistral3":
+        text = {"model_type": "mistral", "vocab_size": vocab, "hidden_size": _H, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                "initializer_range": 0.1, **ids}
+        return tf.Mistral3Config(text_config=text, vision_config=_tiny_vision_pixtral(),
+                                 image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))
+    if arch in ("gemma4", "gemma4_moe"):
+        text = {
+            "vocab_size": vocab, "hidden_size": _H, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+            # The real values that matter for attention checks: global layers use head_dim 512.
+            "global_head_dim": 512, "num_global_key_value_heads": 1, "attention_k_eq_v": True,
+            "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16,
+            "final_logit_softcapping": 30.0, "hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": vocab,
+            "initializer_range": 0.1, "max_position_embeddings": 4096, **ids,
+        }
+        if arch == "gemma4_moe":
+            text.update(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
+        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "num_key_value_heads": 2, "head_dim": 16, "patch_size": 8, "position_embedding_size": 64}
+        return tf.Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
+                               image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
+                               boi_token_id=tokenizer.convert_tokens_to_ids("<|image>"),
+                               eoi_token_id=tokenizer.convert_tokens_to_ids("<image|>"),
+                               audio_token_id=tokenizer.convert_tokens_to_ids("<|audio|>"),
+                               video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"))
+    if arch == "glm4_moe_lite":
+        return tf.Glm4MoeLiteConfig(
+            vocab_size=vocab, hidden_size=_H, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4,
+            num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=16,
+            qk_nope_head_dim=16, mlp_layer_types=["dense", "sparse"], max_position_embeddings=4096,
+            initializer_range=0.1, **ids)
+    if arch in ("qwen3_5", "qwen3_5_moe"):
+        text = {
+            "vocab_size": vocab, "hidden_size": _H, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+            # one Gated DeltaNet layer, one full-attention layer (the real models: 3 linear, then 1 full)
+            "layer_types": ["linear_attention", "full_attention"], "initializer_range": 0.1,
+            "max_position_embeddings": 4096, **ids,
+        }
+        vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 8,
+                  "out_hidden_size": _H, "num_position_embeddings": 64}
+        special = {k: tokenizer.convert_tokens_to_ids(t) for k, t in (
+            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+        if arch == "qwen3_5":
+            text["intermediate_size"] = 128
+            return tf.Qwen3_5Config(text_config=text, vision_config=vision, **special)
+        text.update(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                    num_experts_per_tok=2)
+        return tf.Qwen3_5MoeConfig(text_config=text, vision_config=vision, **special)
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+_BASE_TOKENIZER = None
+
+
+def _base_tokenizer():
+    """One byte-level BPE (demo.py's recipe, smaller vocab) shared by every family: built once per process."""
+    global _BASE_TOKENIZER
+    if _BASE_TOKENIZER is None:
+        from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+        from training.demo import _QWEN2_SPLIT, _corpus
+
+        tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=1024, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        )
+        tok.train_from_iterator(_corpus(), trainer)
+        _BASE_TOKENIZER = tok.to_str()
+    return _BASE_TOKENIZER
+
+
+def build_tokenizer(family_name: str):
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    family = FAMILIES[family_name]
+    tok = Tokenizer.from_str(_base_tokenizer())
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in family.special_tokens])
+    others = [t for t in family.special_tokens if t not in (family.eos, family.pad, family.bos)]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=family.eos,
+        pad_token=family.pad,
+        bos_token=family.bos,
+        additional_special_tokens=others,
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+    )
+    fast.chat_template = (_TEMPLATES / family.template).read_text()
+    return fast
+
+
+def build_tiny(arch: str, out_dir: Path | str, seed: int = 0) -> Path:
+    """Write a loadable folder (config.json, weights, tokenizer with the family's chat template) of a tiny
+    random-weight model of `arch` (see ARCHITECTURES). Idempotent; built beside the target and renamed."""
+    import torch
+    import transformers
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists() and (out_dir / "tokenizer.json").exists():
+        return out_dir
+    family, class_name = ARCHITECTURES[arch]
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = build_tokenizer(family)
+    config = _model_config(arch, tokenizer)
+    torch.manual_seed(seed)
+    model = getattr(transformers, class_name)(config)
+    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------- #
+# Checks of a config against the model's own config.json (cheap: no weights, no torch)
+# --------------------------------------------------------------------------------------------- #
+
+# Architectures whose transformers classes have no flex_attention path (measured with 5.23: loading
+# Qwen3_5ForCausalLM with attn_implementation="flex_attention" raises). A test keeps this in step with
+# the installed transformers' `_supports_flex_attn`.
+NO_FLEX_ATTENTION_TYPES = {"qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"}
+
+
+def read_model_config(model_dir_or_id: str | Path) -> dict | None:
+    """The model's config.json as a dict: from a local folder, or from the local hub cache; None if neither."""
+    path = Path(str(model_dir_or_id)).expanduser()
+    if (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text())
+    if path.exists() or str(model_dir_or_id).startswith(("/", ".", "~")):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(model_dir_or_id), "config.json")
+    except Exception:  # not a valid repo id, no cache: nothing to check against
+        return None
+    return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+
+
+def text_config(model_config: dict) -> dict:
+    return model_config.get("text_config") or model_config
+
+
+def max_head_dim(model_config: dict) -> int:
+    """The largest attention head dimension of any layer (Gemma 4: global layers' global_head_dim)."""
+    c = text_config(model_config)
+    dims = [c.get("head_dim") or 0, c.get("global_head_dim") or 0]
+    if c.get("hidden_size") and c.get("num_attention_heads") and not c.get("head_dim"):
+        dims.append(c["hidden_size"] // c["num_attention_heads"])
+    for override in (c.get("per_layer_config") or {}).values():
+        dims.append((override or {}).get("head_dim") or 0)
+    if c.get("qk_nope_head_dim") is not None:  # multi-head latent attention (GLM-4.7-Flash, DeepSeek)
+        dims += [c["qk_nope_head_dim"] + c.get("qk_rope_head_dim", 0), c.get("v_head_dim") or 0]
+    return max(dims)
+
+
+def has_linear_attention(model_config: dict) -> bool:
+    c = text_config(model_config)
+    return model_config.get("model_type") in LINEAR_ATTENTION_TYPES or "linear_attention" in (c.get("layer_types") or [])
+
+
+def num_experts(model_config: dict) -> int:
+    c = text_config(model_config)
+    return int(c.get("num_experts") or c.get("n_routed_experts") or c.get("num_local_experts") or 0)
+
+
+def is_multimodal(model_config: dict) -> bool:
+    return bool(model_config.get("vision_config")) or model_config.get("model_type") in MULTIMODAL_TYPES
+
+
+def check_against_model(config: TrainConfig, model_dir_or_id: str | Path | None = None) -> list[ConfigError]:
+    """What the config asks that this model can't do, found from its config.json before anything loads.
+    A model whose config.json isn't available here (hub id not cached) is not checked."""
+    from training.config import ConfigError
+
+    model_config = read_model_config(model_dir_or_id or config.base_model)
+    if model_config is None:
+        return []
+    model_type = model_config.get("model_type", "")
+    errors = []
+    attn = config.attn_implementation
+    head_dim = max_head_dim(model_config)
+    if attn == "flash_attention_2" and head_dim > FLASH_ATTENTION_2_MAX_HEAD_DIM:
+        errors.append(
+            ConfigError(
+                "attn_implementation",
+                f"flash_attention_2 supports head dimensions up to {FLASH_ATTENTION_2_MAX_HEAD_DIM}; this model "
+                f"({model_type}) has attention layers with head_dim {head_dim}; use sdpa or flex_attention",
+            )
+        )
+    if attn == "flex_attention" and (model_type in NO_FLEX_ATTENTION_TYPES or text_config(model_config).get(
+            "model_type") in NO_FLEX_ATTENTION_TYPES):
+        errors.append(
+            ConfigError(
+                "attn_implementation",
+                f"transformers has no flex_attention path for {model_type} (Gated DeltaNet hybrid); use sdpa",
+            )
+        )
+    quantize_experts = getattr(config, "quantize_moe_experts", False)
+    if quantize_experts and not num_experts(model_config):
+        errors.append(ConfigError("quantize_moe_experts", f"this model ({model_type}) has no MoE experts to quantize"))
+    if quantize_experts and not (config.load_in_4bit or config.load_in_8bit):
+        errors.append(
+            ConfigError("quantize_moe_experts", "quantizes experts like the rest of the model: set load_in_4bit "
+                        "(adapter: qlora) or load_in_8bit")
+        )
+    if config.lora_target_parameters and not num_experts(model_config):
+        errors.append(
+            ConfigError(
+                "lora_target_parameters",
+                f"this model ({model_type}) has no MoE expert parameters; use lora_target_modules",
+            )
+        )
+    return errors
+
+
+# --------------------------------------------------------------------------------------------- #
+# Model-side fixes, applied after loading
+# --------------------------------------------------------------------------------------------- #
+
+
+def _segments(position_ids) -> list[list[tuple[int, int]]] | None:
+    """Per batch row, the (start, end) of each packed sample (positions restart); None when no row is packed."""
+    if position_ids is None:
+        return None
+    if position_ids.dim() == 3:  # multimodal rope: (sections, batch, seq); text positions lead
+        position_ids = position_ids[0]
+    pos = position_ids.tolist()
+    rows, packed = [], False
+    for row in pos:
+        starts = [0] + [i for i in range(1, len(row)) if row[i] != row[i - 1] + 1]
+        packed |= len(starts) > 1
+        rows.append(list(zip(starts, starts[1:] + [len(row)], strict=True)))
+    return rows if packed else None
+
+
+def isolate_packed_linear_attention(model) -> int:
+    """Make Gated DeltaNet (linear attention) layers restart their state at each packed sample.
+
+    transformers 5.23 runs these layers over the whole packed row: its kernels accept `cu_seqlens` only
+    in the flash-linear-attention path (CUDA), and the torch fallback used on this machine ignores it,
+    so a sample's state leaks into the next one. Here each layer is run once per sample (the boundaries
+    come from position_ids restarts, which the packing collator writes), so packed = separate exactly.
+    Returns the number of layers patched."""
+    import torch
+
+    layers = [m for m in model.modules() if type(m).__name__.endswith("GatedDeltaNet")]
+    if not layers:
+        return 0
+    # The text models that own these layers see position_ids; remember the segments for this forward.
+    owners = [m for m in model.modules() if hasattr(m, "layers") and any(
+        getattr(layer, "linear_attn", None) is not None for layer in m.layers)]
+    state: dict = {"segments": None}
+
+    def remember(_module, args, kwargs):
+        state["segments"] = _segments(kwargs.get("position_ids"))
+
+    for owner in owners:
+        owner.register_forward_pre_hook(remember, with_kwargs=True)
+
+    for layer in layers:
+        original = layer.forward
+
+        def forward(hidden_states, cache_params=None, attention_mask=None, _original=original, **kwargs):
+            segments = state["segments"]
+            if segments is None or cache_params is not None or hidden_states.shape[1] != segments[0][-1][1]:
+                return _original(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+            kwargs.pop("cu_seq_lens_q", None)
+            rows = []
+            for b, row in enumerate(segments):
+                parts = [
+                    _original(hidden_states[b : b + 1, s:e], cache_params=None, attention_mask=None, **kwargs)
+                    for s, e in row
+                ]
+                rows.append(torch.cat(parts, dim=1))
+            return torch.cat(rows, dim=0)
+
+        layer.forward = forward
+    return len(layers)
