@@ -1,0 +1,261 @@
+"""Sharded training: axolotl's FSDP/DeepSpeed keys, refusals that name the machine, and the CPU
+proof that FSDP2 over two gloo processes shards the model and trains as the unsharded run does."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training import sharding
+from training.config import ConfigInvalid, check_environment, parse_config
+from training.demo import write_datasets
+from training.events import ListEventSink
+
+SEED_CONFIGS = Path(__file__).resolve().parents[3] / "shared" / "seed-configs"
+
+FSDP2 = {
+    "fsdp_version": 2,
+    "offload_params": False,
+    "cpu_ram_efficient_loading": False,
+    "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+    "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+    "state_dict_type": "FULL_STATE_DICT",
+    "sharding_strategy": "FULL_SHARD",
+    "reshard_after_forward": True,
+    "activation_checkpointing": False,
+}
+
+
+def config(**extra):
+    base = {"base_model": "m", "datasets": [{"path": "d.jsonl", "type": "chat_template"}], "adapter": "lora"}
+    return parse_config({**base, **extra})
+
+
+# -- keys -----------------------------------------------------------------------------------------
+
+
+def test_axolotl_fsdp_config_becomes_trainer_fsdp2_arguments():
+    kwargs = sharding.trainer_kwargs(config(fsdp_config=FSDP2))
+    assert kwargs["fsdp"] is True
+    options = kwargs["fsdp_config"]
+    assert options["version"] == 2
+    assert options["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+    assert options["reshard_after_forward"] is True and options["cpu_offload"] is False
+    assert options["state_dict_type"] == "FULL_STATE_DICT"
+
+
+def test_legacy_prefixed_names_mean_the_same():
+    legacy = {
+        "fsdp_version": 2,
+        "fsdp_offload_params": True,
+        "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+        "fsdp_sharding_strategy": "SHARD_GRAD_OP",
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+        "fsdp_use_orig_params": False,  # FSDP1 only: accepted, ignored
+    }
+    options = sharding.trainer_kwargs(config(fsdp_config=legacy))["fsdp_config"]
+    assert options["cpu_offload"] is True
+    assert options["reshard_after_forward"] is False  # SHARD_GRAD_OP keeps parameters after forward
+    assert options["state_dict_type"] == "SHARDED_STATE_DICT"
+
+
+def test_top_level_fsdp_switches_and_version():
+    c = config(fsdp=["full_shard", "auto_wrap", "offload"], fsdp_version=2)
+    assert sharding.kind_of(c) == "fsdp"
+    assert sharding.trainer_kwargs(c)["fsdp_config"]["cpu_offload"] is True
+    assert sharding.kind_of(config()) is None and sharding.trainer_kwargs(config()) == {}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"fsdp_config": {**FSDP2, "fsdp_version": 1}}, "FSDP1 is deprecated"),
+        ({"fsdp_version": 1}, "fsdp_version 1 is not supported"),
+        ({"fsdp_config": FSDP2, "deepspeed": "zero2"}, "deepspeed and fsdp both set"),
+        ({"deepspeed": "zero9"}, "presets: zero1, zero2, zero3"),
+        ({"fsdp_config": {**FSDP2, "sharding_strategy": "SHARD_GRAD_OP"}}, "disagree"),
+        ({"fsdp": ["full_shard", "turbo"]}, "unknown option"),
+        ({"fsdp_config": {**FSDP2, "fsdp_wrap_everything": True}}, "wrap_everything"),
+    ],
+)
+def test_inconsistent_sharding_keys_are_refused_with_the_key(extra, message):
+    with pytest.raises(ConfigInvalid, match=message):
+        config(**extra)
+
+
+def test_deepspeed_presets_by_name_or_axolotl_path():
+    names = sharding.deepspeed_presets()
+    for name in ("zero1", "zero2", "zero3", "zero3_bf16", "zero3_bf16_cpuoffload_all", "zero3_bf16_cpuoffload_params"):
+        assert name in names
+        data = json.loads(sharding.deepspeed_file(name).read_text())
+        assert data["zero_optimization"]["stage"] == int(name[4])
+        assert data["train_micro_batch_size_per_gpu"] == "auto"  # the Trainer fills it in
+    assert sharding.deepspeed_file("deepspeed_configs/zero3_bf16.json").name == "zero3_bf16.json"
+    offload = json.loads(sharding.deepspeed_file("zero3_bf16_cpuoffload_all").read_text())["zero_optimization"]
+    assert offload["offload_param"]["device"] == "cpu" and offload["offload_optimizer"]["device"] == "cpu"
+    assert sharding.trainer_kwargs(config(deepspeed="zero2")) == {"deepspeed": str(sharding.deepspeed_file("zero2"))}
+
+
+def test_accelerate_config_for_fsdp2_and_deepspeed():
+    fsdp = sharding.accelerate_config(config(fsdp_config=FSDP2), 4, cpu=False)
+    assert fsdp["distributed_type"] == "FSDP" and fsdp["num_processes"] == 4
+    assert fsdp["fsdp_config"]["fsdp_version"] == 2
+    assert fsdp["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    ds = sharding.accelerate_config(config(deepspeed="zero3"), 2, cpu=False)
+    assert ds["distributed_type"] == "DEEPSPEED"
+    assert ds["deepspeed_config"]["deepspeed_config_file"].endswith("zero3.json")
+    assert sharding.accelerate_config(config(), 2, cpu=False)["distributed_type"] == "MULTI_GPU"
+
+
+@pytest.mark.skipif(not SEED_CONFIGS.is_dir(), reason="the shared seed configs are not beside this checkout")
+def test_seed_fsdp_configs_parse_their_sharding_block():
+    for path in sorted(SEED_CONFIGS.glob("*fsdp*.yaml")):
+        block = yaml.safe_load(path.read_text())["fsdp_config"]
+        fsdp = sharding.FsdpConfig.model_validate(block)
+        assert fsdp.fsdp_version == 2 and fsdp.layer_classes, path.name
+
+
+# -- the machine ----------------------------------------------------------------------------------
+
+
+def messages(errors):
+    return [f"{e.key}: {e.message}" if hasattr(e, "key") else str(e) for e in errors]
+
+
+def test_sharding_on_one_device_is_refused_with_the_device_count():
+    errors = [str(e) for e in check_environment(config(fsdp_config=FSDP2), cuda_available=True, devices=1)]
+    assert any("fsdp_config" in e and "this run gets 1" in e for e in errors), errors
+    assert check_environment(config(fsdp_config=FSDP2), cuda_available=True, devices=2) == []
+    assert check_environment(config(fsdp_config=FSDP2), cuda_available=True) == []  # count not known here
+
+
+def test_deepspeed_without_package_or_cuda_is_refused(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    errors = [str(e) for e in check_environment(config(deepspeed="zero3_bf16"), cuda_available=False, devices=2)]
+    assert any("DeepSpeed is not installed" in e and "trainyard[deepspeed]" in e for e in errors), errors
+    assert any("DeepSpeed needs CUDA" in e for e in errors), errors
+
+
+def test_qlora_with_fsdp2_needs_cuda():
+    qlora = config(adapter="qlora", load_in_4bit=True, fsdp_config=FSDP2)
+    errors = [str(e) for e in check_environment(qlora, cuda_available=False, devices=2)]
+    assert any("QLoRA with FSDP2" in e and "CUDA" in e for e in errors), errors
+    assert not [e for e in check_environment(qlora, cuda_available=True, devices=2) if "fsdp" in str(e)]
+
+
+# -- the CPU proof: two gloo processes ------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(events):
+    return [e["values"]["loss"] for e in events if e["event"] == "metric" and "loss" in e["values"]]
+
+
+@pytest.fixture(scope="module")
+def shard_data(tmp_path_factory):
+    return write_datasets(tmp_path_factory.mktemp("shard-data"), rows_per_file=48)[0].parent
+
+
+def proof_config(model_dir, data_dir, **extra) -> dict:
+    return {
+        "base_model": str(model_dir),
+        "datasets": [{"path": str(data_dir / "chat.jsonl"), "type": "chat_template"}],
+        "sequence_len": 128,
+        "max_steps": 6,
+        "learning_rate": 3e-3,
+        "lr_scheduler": "constant",
+        "adapter": "lora",
+        "lora_target_linear": True,
+        "seed": 3,
+        **extra,
+    }
+
+
+def run_sharded(raw: dict, run_dir: Path, processes: int = 2) -> list[dict]:
+    """`accelerate launch` with the generated config, as the worker runs a sharded run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))
+    acc = sharding.write_accelerate_config(parse_config(raw), run_dir / "accelerate.yaml", processes, cpu=False)
+    cmd = [sys.executable, *sharding.launch_prefix(acc, processes, _free_port(), cpu=False)]
+    cmd += ["-m", "training", "train", str(run_dir / "config.yaml"), "--run-dir", str(run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAINYARD_CPU_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def answer(model, tokenizer, prompt: str) -> tuple[list[int], object]:
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    return out[0, ids.shape[1] :].tolist(), logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", ["lora", None])
+def test_fsdp2_on_two_cpu_processes_shards_and_trains_as_one(tiny_model_dir, shard_data, tmp_path, adapter):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.train import train
+
+    # Same global batch: 2 samples a step, as 2 ranks x 1 or 1 process x 2.
+    sharded_raw = proof_config(tiny_model_dir, shard_data, adapter=adapter, micro_batch_size=1, fsdp_config=FSDP2)
+    single_raw = proof_config(tiny_model_dir, shard_data, adapter=adapter, micro_batch_size=2)
+    events = run_sharded(sharded_raw, tmp_path / "sharded")
+    single = ListEventSink()
+    train(parse_config(single_raw), tmp_path / "single", single)
+
+    ranks = next(e for e in events if e["event"] == "ranks")["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    shares = [r["local_params"] / r["total_params"] for r in ranks]
+    assert all(0.4 <= s <= 0.6 for s in shares), shares  # each rank holds about half
+    assert sum(r["local_params"] for r in ranks) == ranks[0]["total_params"]
+
+    sharded_curve, single_curve = _losses(events), _losses(single.events)
+    assert len(sharded_curve) == len(single_curve) == 6
+    worst = max(abs(a - b) for a, b in zip(sharded_curve, single_curve))
+    print(f"\nFSDP2 x2 ({adapter or 'full'}): rank shares {shares}, max loss difference {worst:.2e}")
+    print(f"  sharded {sharded_curve}\n  single  {single_curve}")
+    assert worst < 1e-3 * max(single_curve), (sharded_curve, single_curve)
+    assert sharded_curve[-1] < sharded_curve[0]  # it learned something, so equal curves mean something
+
+    # The gathered artifact is an ordinary folder that loads on one process, and answers the same.
+    folder = "adapter" if adapter else "model"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = "<|im_start|>user\nWhat is the capital of Peru?<|im_end|>\n<|im_start|>assistant\n"
+    loaded = []
+    for side in ("sharded", "single"):
+        path = tmp_path / side / folder
+        if adapter:
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+            model = PeftModel.from_pretrained(base, path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        loaded.append(answer(model.eval(), tokenizer, prompt))
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    _, base_logits = answer(base_model, tokenizer, prompt)
+    (tokens_a, logits_a), (tokens_b, logits_b) = loaded
+    assert not torch.allclose(logits_a, base_logits, atol=1e-4)  # the trained weights were saved, not the base
+    assert torch.allclose(logits_a, logits_b, atol=2e-3), (logits_a - logits_b).abs().max()
+    assert tokens_a == tokens_b
