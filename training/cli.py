@@ -55,22 +55,26 @@ def cmd_preprocess(args) -> int:
     from training.modeling import ModelNotFound, load_tokenizer
     from training.packing import pack, packing_efficiency
     from training.rows import LineProblem
-    from training.train import resolve_path
+    from training.sources import SourceError, open_source
 
     config = _load_config(args.config, args.allow_trust_remote_code)
+    base_dir = Path(args.config).resolve().parent
+    sources = []
+    for index, spec in enumerate(config.datasets):  # a missing dataset is said before the tokenizer loads
+        try:
+            sources.append(open_source(spec, base_dir))
+        except SourceError as exc:
+            print(f"error: datasets[{index}].path: {exc}", file=sys.stderr)
+            return 2
     try:
         tokenizer = load_tokenizer(config)
     except ModelNotFound as exc:
         sys.exit(f"error: {exc}")
-    base_dir = Path(args.config).resolve().parent
     color = args.color or (args.color is None and sys.stdout.isatty())
     out = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else None
     all_samples, failed = [], False
-    for index, spec in enumerate(config.datasets):
-        path = resolve_path(spec.path, base_dir)
-        if not path.exists():
-            print(f"error: datasets[{index}].path: file {spec.path!r} not found", file=sys.stderr)
-            return 2
+    for index, source in enumerate(sources):
+        path = Path(source.label)
         try:
             encoder = Encoder.from_config(tokenizer, config, index)
         except ValueError as exc:
@@ -78,31 +82,34 @@ def cmd_preprocess(args) -> int:
             return 2
         stats, problems, shown = EncodeStats(), [], 0
         try:
-            outcomes = list(encoder.encode_file(path, stats))
+            outcomes = encoder.encode_numbered(source.rows(), stats)  # streamed: memory bounded by what is kept
+            for outcome in outcomes:
+                if not isinstance(outcome, Encoded):
+                    if outcome.reason == "invalid":
+                        problems.append(LineProblem(outcome.row + 1, "", outcome.detail, source.unit))
+                    elif args.debug and shown < args.rows and outcome.sample is not None:
+                        shown += 1  # a dropped row is worth seeing too: why it trains nothing
+                        print(f"--- {path.name} row {outcome.row} DROPPED ({outcome.reason}: {outcome.detail})")
+                        print(render_debug(tokenizer, outcome.sample, color))
+                    continue
+                all_samples.append(outcome)
+                if out:
+                    out.write(
+                        json.dumps({"row": outcome.row, "input_ids": outcome.input_ids, "labels": outcome.labels}) + "\n"
+                    )
+                if args.debug and shown < args.rows:
+                    shown += 1
+                    print(
+                        f"--- {path.name} row {outcome.row} ({len(outcome.input_ids)} tokens, "
+                        f"{outcome.trained_tokens} trained)"
+                    )
+                    print(render_debug(tokenizer, outcome, color))
         except SequenceTooLong as exc:  # excess_length_strategy: raise
             print(f"error: {path}: {exc}", file=sys.stderr)
             return 2
-        for outcome in outcomes:
-            if not isinstance(outcome, Encoded):
-                if outcome.reason == "invalid":
-                    problems.append(LineProblem(outcome.row + 1, "", outcome.detail))
-                elif args.debug and shown < args.rows and outcome.sample is not None:
-                    shown += 1  # a dropped row is worth seeing too: why it trains nothing
-                    print(f"--- {path.name} row {outcome.row} DROPPED ({outcome.reason}: {outcome.detail})")
-                    print(render_debug(tokenizer, outcome.sample, color))
-                continue
-            all_samples.append(outcome)
-            if out:
-                out.write(
-                    json.dumps({"row": outcome.row, "input_ids": outcome.input_ids, "labels": outcome.labels}) + "\n"
-                )
-            if args.debug and shown < args.rows:
-                shown += 1
-                print(
-                    f"--- {path.name} row {outcome.row} ({len(outcome.input_ids)} tokens, "
-                    f"{outcome.trained_tokens} trained)"
-                )
-                print(render_debug(tokenizer, outcome, color))
+        except SourceError as exc:
+            print(f"error: datasets[{index}].path: {exc}", file=sys.stderr)
+            return 2
         print(
             f"{path}: {stats.rows} rows read, {stats.samples} samples kept, "
             f"{stats.tokens} tokens, {stats.trained_tokens} trained"
@@ -118,7 +125,7 @@ def cmd_preprocess(args) -> int:
             for p in sorted(problems, key=lambda p: p.line)[:20]:
                 print(f"error: {path}:{p}", file=sys.stderr)
             if len(problems) > 20:
-                print(f"error: ... and {len(problems) - 20} more invalid lines in {path}", file=sys.stderr)
+                print(f"error: ... and {len(problems) - 20} more invalid {source.unit}s in {path}", file=sys.stderr)
     if out:
         out.close()
     if config.sample_packing and all_samples:

@@ -194,13 +194,20 @@ class Encoder:
             yield from done
 
     def encode_file(self, path, stats: EncodeStats | None = None) -> Iterator[Encoded | Dropped]:
-        """Every line of a dataset file, broken lines included (as `invalid`), row index = line - 1."""
+        """Every line of a JSONL file, broken lines included (as `invalid`), row index = line - 1."""
+        return self.encode_numbered(read_rows(path), stats)
+
+    def encode_numbered(
+        self, items: Iterable[tuple[int, dict | LineProblem]], stats: EncodeStats | None = None
+    ) -> Iterator[Encoded | Dropped]:
+        """(1-based line/row number, row or problem) pairs, as training.sources yields them; row
+        index = number - 1. Unreadable rows come out as `invalid`."""
 
         def rows():
-            for line, row in read_rows(path):
+            for number, row in items:
                 if stats is not None:
                     stats.rows += 1
-                yield line - 1, row
+                yield number - 1, row
 
         for outcome in self.encode_stream(rows()):
             if stats is not None:
