@@ -104,9 +104,9 @@ class DatasetSpec(BaseModel):
 
     path: str = Field(description="JSONL file (CLI) or dataset name in the workspace (web)")
     type: str = Field("chat_template", description="chat_template | alpaca[:style] | completion | input_output")
-    split: str | None = None
+    split: str | None = Field(None, description="train, train[:10%], train[100:200] (datasets' slicing)")
     data_files: str | list[str] | None = None
-    ds_type: str | None = None
+    ds_type: str | None = Field(None, description="json | jsonl | parquet | csv | arrow (default: by extension)")
     # chat_template
     field_messages: str = "messages"
     message_property_mappings: dict[str, str] = Field(default_factory=lambda: {"role": "role", "content": "content"})
@@ -151,6 +151,20 @@ class DatasetSpec(BaseModel):
         from training.formats.chat_template import check_template_name
 
         return check_template_name(value)
+
+    @field_validator("split")
+    @classmethod
+    def _split_syntax(cls, value: str | None) -> str | None:
+        from training.sources import validate_split
+
+        return validate_split(value)
+
+    @field_validator("ds_type")
+    @classmethod
+    def _known_ds_type(cls, value: str | None) -> str | None:
+        from training.sources import validate_ds_type
+
+        return validate_ds_type(value)
 
     @field_validator("type")
     @classmethod
