@@ -116,3 +116,47 @@ def test_bad_input_is_one_clear_error_not_a_traceback(project, tiny_model_dir, c
         assert main(["preprocess", str(config)]) == 2, extra
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
+
+
+def test_preprocess_reads_a_parquet_standin_of_a_hub_dataset_with_a_split(tmp_path, tiny_model_dir, capsys):
+    from tests.helpers_data import write_hub_standins
+
+    folder = write_hub_standins(tmp_path, rows=40)["mlabonne/FineTome-100k"]
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"base_model: {tiny_model_dir}\nsequence_len: 256\ndatasets:\n"
+        f"  - path: {folder.name}\n    type: chat_template\n    split: train[:10%]\n"
+        "    field_messages: conversations\n    message_property_mappings:\n      role: from\n      content: value\n"
+    )
+    assert main(["preprocess", str(config)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "4 rows read, 4 samples kept" in out  # 10% of 40, every row trained
+    config.write_text(config.read_text().replace(f"path: {folder.name}", f"path: {folder.name}/data/train-00000-of-00001.parquet"))
+    assert main(["preprocess", str(config)]) == 0
+    assert "4 rows read, 4 samples kept" in capsys.readouterr().out
+
+
+def test_preprocess_reads_a_file_with_a_bom_and_csv(project, capsys):
+    chat = project / "chat.jsonl"
+    chat.write_bytes(b"\xef\xbb\xbf" + chat.read_bytes())
+    assert main(["preprocess", str(project / "config.yaml")]) == 0, capsys.readouterr().err
+    assert "3 rows read, 2 samples kept" in capsys.readouterr().out
+    (project / "alpaca.csv").write_text('instruction,input,output\n"Say hi","","Hi!"\n"Add","1 and 2","3"\n', encoding="utf-8-sig")
+    config = project / "config.yaml"
+    config.write_text(config.read_text().replace("path: chat.jsonl\n    type: chat_template", "path: alpaca.csv\n    type: alpaca"))
+    assert main(["preprocess", str(config)]) == 0, capsys.readouterr().err
+    assert "2 rows read, 2 samples kept" in capsys.readouterr().out
+
+
+def test_preprocess_says_a_hub_dataset_is_not_cached_offline_before_loading_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("TRAINYARD_DATA_DIR", str(tmp_path))
+    config = tmp_path / "config.yaml"
+    config.write_text(  # the model does not exist either: the dataset is checked first
+        "base_model: nobody/no-model\ndatasets:\n  - path: mlabonne/FineTome-100k\n    type: chat_template\n"
+        "    split: train[:20%]\n"
+    )
+    assert main(["preprocess", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "dataset 'mlabonne/FineTome-100k' is not in the local cache (offline" in err and "Traceback" not in err

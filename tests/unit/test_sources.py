@@ -303,3 +303,27 @@ def test_seed_dataset_standins_have_the_hub_columns_and_read_with_a_split(tmp_pa
     assert fine[0][1]["conversations"][1] == finetome_rows(1)[0]["conversations"][1]
     alpaca = read(folders["fozziethebeat/alpaca_messages_2k_test"] / "data" / "train-00000-of-00001.parquet", ds_type="parquet")
     assert [row for _, row in alpaca] == alpaca_messages_rows(50)
+
+
+# -- the trainer ------------------------------------------------------------------------------
+
+
+def test_the_trainer_reads_a_parquet_slice_and_numbers_a_bad_row(tmp_path, tiny_model_dir):
+    from training.config import parse_config
+    from training.modeling import load_tokenizer
+    from training.train import DataInvalid, encode_dataset
+
+    chat = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]} for i in range(20)]
+    write_parquet(tmp_path / "chat.parquet", chat)
+    config = parse_config(
+        f"base_model: {tiny_model_dir}\nsequence_len: 64\ndatasets:\n  - path: chat.parquet\n    split: train[25%:50%]\n"
+    )
+    tokenizer = load_tokenizer(config)
+    samples, stats, _ = encode_dataset(config, tokenizer, 0, tmp_path)
+    assert stats.rows == 5 and [s.row for s in samples] == [5, 6, 7, 8, 9]  # 0-based source rows
+    chat[2]["messages"] = []
+    write_parquet(tmp_path / "chat.parquet", chat)
+    with pytest.raises(DataInvalid) as err:
+        whole = parse_config(f"base_model: {tiny_model_dir}\ndatasets:\n  - path: chat.parquet\n")
+        encode_dataset(whole, tokenizer, 0, tmp_path)
+    assert "1 invalid row(s)" in str(err.value) and "chat.parquet:row 3:" in str(err.value)
