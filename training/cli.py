@@ -138,6 +138,7 @@ def cmd_preprocess(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from training import sharding
     from training.config import check_environment
     from training.events import JsonlEventSink, NullEventSink, process_rank
     from training.train import train
@@ -149,12 +150,16 @@ def cmd_train(args) -> int:
         if process_rank() == 0
         else NullEventSink()
     )
-    problems = check_environment(config)
+    sharding.die_with_launcher()  # a rank of several: never outlive the launcher
+    launching = args.processes > 1 and sharding.world_size() == 1  # we start the processes ourselves
+    problems = check_environment(config, devices=args.processes if launching else sharding.world_size())
     if problems:
         reason = "; ".join(str(p) for p in problems)
         sink.emit("status", state="failed", message=f"invalid config: {reason}")
         print(f"error: {reason}", file=sys.stderr)
         return 2
+    if launching:
+        return _launch_processes(args, config, run_dir)
     stop_file = run_dir / "STOP"
     try:
         summary = train(
@@ -179,6 +184,33 @@ def cmd_train(args) -> int:
     sink.emit("status", state="succeeded", message=f"train loss {summary['train_loss']:.4f}", summary=summary)
     print(json.dumps(summary))
     return 0
+
+
+def _launch_processes(args, config, run_dir: Path) -> int:
+    """`trainyard train --processes N`: the same command once per device through accelerate launch,
+    with the accelerate config generated from the run's (as the web app's worker launches it)."""
+    import socket
+    import subprocess
+
+    from training import sharding
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, *sharding.multi_process_launch(config, run_dir, args.processes, port), *_train_args(args)]
+    return subprocess.call(command)
+
+
+def _train_args(args) -> list[str]:
+    out = ["-m", "training", "train", str(Path(args.config).resolve()), "--run-dir", str(Path(args.run_dir).resolve())]
+    if args.events:
+        out += ["--events", str(Path(args.events).resolve())]
+    if args.resume:
+        out += ["--resume", args.resume]
+    if args.allow_trust_remote_code:
+        out.append("--allow-trust-remote-code")
+    return out
 
 
 TROUBLESHOOTING = {
@@ -233,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", help="events file (default RUN_DIR/events.jsonl)")
     p.add_argument("--resume", help="checkpoint folder to resume from")
     p.add_argument("--allow-trust-remote-code", action="store_true")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="train on this many devices (one process each, through accelerate launch); fsdp/deepspeed need 2+",
+    )
     p.set_defaults(func=cmd_train)
 
     from training.client import add_commands

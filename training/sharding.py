@@ -157,22 +157,37 @@ def deepspeed_file(name_or_path: str, base_dir: Path | None = None) -> Path:
 # -- the machine ----------------------------------------------------------------------------------
 
 
+def device_count_problems(config, devices: int) -> list[tuple[str, str]]:
+    """A sharded run needs 2 or more devices (processes): on one there is nothing to shard over."""
+    kind = kind_of(config)
+    if kind is None or devices >= 2:
+        return []
+    key = "deepspeed" if kind == "deepspeed" else "fsdp_config"
+    return [
+        (
+            key,
+            f"{kind} shards the model over several devices, but this run gets {devices}: ask for 2 or more "
+            "GPUs for the run (gpus; trainyard train --processes), or remove the key to train on one device",
+        )
+    ]
+
+
+def refuse_too_few_devices(config, devices: int) -> None:
+    """The web app's check when a run is queued with its device count (ConfigInvalid, key paths)."""
+    from training.config import ConfigError, ConfigInvalid
+
+    problems = device_count_problems(config, devices)
+    if problems:
+        raise ConfigInvalid([ConfigError(key, reason) for key, reason in problems])
+
+
 def environment_problems(config, *, devices: int | None, cuda_available: bool) -> list[tuple[str, str]]:
     """(key, reason) for what this machine and this run's device count can't do. `devices` is how
     many processes the run gets (None: not known here, e.g. a web host that is not the worker)."""
     kind = kind_of(config)
     if kind is None:
         return []
-    key = "deepspeed" if kind == "deepspeed" else "fsdp_config"
-    problems = []
-    if devices is not None and devices < 2:
-        problems.append(
-            (
-                key,
-                f"{kind} shards the model over several devices, but this run gets {devices}: ask for 2 or more "
-                "GPUs for the run (gpus), or remove the key to train on one device",
-            )
-        )
+    problems = device_count_problems(config, devices) if devices is not None else []
     if kind == "deepspeed":
         if importlib.util.find_spec("deepspeed") is None:
             problems.append(
@@ -290,11 +305,50 @@ def write_accelerate_config(config, path: Path, num_processes: int, *, cpu: bool
     return path
 
 
-def launch_prefix(accelerate_config_file: Path, num_processes: int, port: int, *, cpu: bool) -> list[str]:
-    """`python -m accelerate.commands.launch ...` arguments that precede `-m training train ...`."""
+def launch_prefix(accelerate_config_file: Path, num_processes: int, port: int, *, cpu: bool = False) -> list[str]:
+    """`python -m accelerate.commands.launch ...` arguments that precede `-m training train ...`.
+    `cpu` stays False for the CPU proof too: accelerate's --cpu starts a single process (it expects
+    MPI to start the others); without it torchrun starts them and the trainer picks gloo."""
     args = ["-m", "accelerate.commands.launch", "--config_file", str(accelerate_config_file)]
     args += ["--num_processes", str(num_processes), "--main_process_port", str(port)]
     return args + (["--cpu"] if cpu else [])
+
+
+def multi_process_launch(config, run_dir: Path, num_processes: int, port: int) -> list[str]:
+    """The launcher arguments for a run on `num_processes` devices of this machine: the accelerate
+    config is written into the run folder (kept with the run, so what ran can be read later).
+    `config` None (unreadable here): plain data parallel; the trainer reports the config's problem."""
+    if config is None:
+        return ["-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--main_process_port", str(port)]
+    path = write_accelerate_config(config, Path(run_dir) / "accelerate.yaml", num_processes, cpu=False)
+    return launch_prefix(path, num_processes, port)
+
+
+def die_with_launcher() -> None:
+    """In a rank started by torchrun (accelerate launch): get SIGKILL when the launcher dies. torch's
+    elastic agent starts every rank in a session of its own, so the worker's kill of the launcher's
+    process group (cancel) reaches the ranks only through the agent, and a launcher killed outright
+    (worker gone: PR_SET_PDEATHSIG) would leave the ranks running on their devices. Linux only."""
+    import ctypes
+    import os
+    import signal
+
+    if world_size() < 2:
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() != parent:  # the launcher died before we asked
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def world_size() -> int:
+    """How many processes this training run has (accelerate / torchrun set WORLD_SIZE)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 # -- what each rank holds -------------------------------------------------------------------------

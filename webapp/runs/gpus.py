@@ -39,8 +39,23 @@ def inventory() -> list[str]:
     return [f"{host}:cuda:{i}" for i in ids] or [f"{host}:cpu"]
 
 
+def claim_devices(run: Run) -> list[str] | None:
+    """The run's devices, all of them at once, if it is first in line and they are free now; else
+    None and it holds nothing. A sharded run is one gang: its ranks start together or not at all, so
+    two runs never each hold part of what the other waits for (no deadlock). Only the first in line
+    (priority, then age) may take devices, so a big run that is first is never overtaken by smaller
+    later runs onto devices freed one by one (no starvation); it waits until its count is free.
+    ValueError when the host can never give the run its count."""
+    if queue_position(run) != 1:
+        if run.gpus > len(inventory()):
+            raise ValueError(f"the run asks for {run.gpus} GPUs; this host has {len(inventory())}")
+        return None
+    return allocate_gpus(run, run.gpus)
+
+
 def allocate_gpus(run: Run, count: int) -> list[str] | None:
-    """Take `count` free devices of this host for the run, or None if not enough are free now."""
+    """Take `count` free devices of this host for the run in one transaction, or None (holding
+    none) if not enough are free now or another worker took one of them first."""
     devices = inventory()
     if count > len(devices):
         raise ValueError(f"the run asks for {count} GPUs; this host has {len(devices)}")

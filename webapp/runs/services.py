@@ -13,6 +13,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from training import sharding
 from training.config import ConfigError, ConfigInvalid, TrainConfig, check_environment, parse_config
 from webapp.datasets.models import Dataset
 from webapp.http import name_problem
@@ -262,9 +263,10 @@ def enqueue_run(
     """Validate again (datasets may have gone), freeze the config into the run folder, queue after commit."""
     from webapp.runs.tasks import execute_run
 
-    _, resolved = validate_config(workspace, config.yaml)
+    parsed, resolved = validate_config(workspace, config.yaml)
     if not 1 <= gpus <= MAX_GPUS_PER_RUN:
         raise ConfigInvalid([ConfigError("gpus", f"a run asks for 1 to {MAX_GPUS_PER_RUN} devices")])
+    sharding.refuse_too_few_devices(parsed, gpus)  # fsdp / deepspeed on one device: nothing to shard over
     if not -1000 <= priority <= 1000:
         raise ConfigInvalid([ConfigError("priority", "priority goes from -1000 to 1000")])
     if name and name_problem(name.strip()):

@@ -21,6 +21,7 @@ from django.utils import timezone
 from huey import crontab
 from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 
+from training import sharding
 from training.events import read_events
 from webapp.runs import gpus, services
 from webapp.runs.models import Run, RunStatus
@@ -46,7 +47,7 @@ def _execute_run(run_id: int) -> None:
     if run is None:
         return  # deleted, cancelled, or another worker has it
     try:
-        devices = gpus.allocate_gpus(run, run.gpus) if gpus.queue_position(run) == 1 else None
+        devices = gpus.claim_devices(run)  # all of a sharded run's devices at once, or none
     except ValueError as exc:
         services.finish_run(run_id, RunStatus.FAILED, str(exc))
         return
@@ -102,10 +103,22 @@ def command(run: Run, devices: list[str]) -> list[str]:
     if services.trust_remote_code_allowed():
         args.append("--allow-trust-remote-code")
     gpu_count = len(gpus.cuda_visible_devices(devices).split(",")) if gpus.cuda_visible_devices(devices) else 0
-    if gpu_count > 1:  # one process per GPU, through accelerate (DDP); a port of its own per run
-        launch = ["-m", "accelerate.commands.launch", "--num_processes", str(gpu_count)]
-        return [sys.executable, *launch, "--main_process_port", str(_free_port()), *args]
+    if gpu_count > 1:
+        # One process per GPU through accelerate, with a config generated from the run's (DDP, FSDP2
+        # or DeepSpeed: training/sharding.py) and a port of its own, so runs go side by side.
+        launch = sharding.multi_process_launch(_run_config(run), run.run_dir, gpu_count, _free_port())
+        return [sys.executable, *launch, *args]
     return [sys.executable, *args]
+
+
+def _run_config(run: Run):
+    """The run's frozen config, or None when it can't be read here (the trainer says why)."""
+    from training.config import parse_config
+
+    try:
+        return parse_config((run.run_dir / "config.yaml").read_text(), allow_trust_remote_code=True)
+    except Exception:
+        return None
 
 
 def _free_port() -> int:
