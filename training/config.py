@@ -8,55 +8,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from training import sharding
+from training import contract, sharding
 from training.sharding import FsdpConfig
 
-# Axolotl keys that are accepted so a plain axolotl YAML imports, but that Trainyard does not use
-# (the web app decides where outputs go and how runs are tracked).
-IGNORED_AXOLOTL_KEYS = {
-    "output_dir",
-    "dataset_prepared_path",
-    "strict",
-    "wandb_project",
-    "wandb_entity",
-    "wandb_watch",
-    "wandb_name",
-    "wandb_log_model",
-    "wandb_mode",
-    "hub_model_id",
-    "push_dataset_to_hub",
-    "hf_use_auth_token",
-    "base_model_config",
-    "model_type",
-    "tokenizer_type",
-    "is_llama_derived_model",
-    "debug",
-    "early_stopping_patience",
-    "local_rank",
-    "logging_steps",
-    "pad_to_sequence_len",
-    "eval_sample_packing",
-    "resume_from_checkpoint",
-    "auto_resume_from_checkpoints",
-    "save_total_limit",
-    "group_by_length",
-    "xformers_attention",
-    "sdp_attention",
-    "s2_attention",
-    "evals_per_epoch",
-    "saves_per_epoch",
-    "special_tokens_check",
-    "plugins",
-    "eval_table_size",
-    "eval_max_new_tokens",
-    "loss_watchdog_threshold",
-    "loss_watchdog_patience",
-    "gradient_checkpointing_kwargs",
-    "use_wandb",
-    "wandb_run_id",
-}
 # transformers' optimizer names (OptimizerNames), checked without importing it; a name not here is
 # looked up in the installed transformers before it is refused.
 KNOWN_OPTIMIZERS = frozenset(
@@ -72,8 +28,17 @@ KNOWN_SCHEDULERS = frozenset(
     "constant constant_with_warmup cosine cosine_warmup_with_min_lr cosine_with_min_lr cosine_with_restarts greedy "
     "inverse_sqrt linear polynomial reduce_lr_on_plateau warmup_stable_decay".split()
 )
-# Accepted when off (axolotl's examples spell them out); anything else is refused, named.
-IGNORED_WHEN_OFF = {"lora_fan_in_fan_out", "lora_model_dir", "load_best_model_at_end", "torch_compile"}
+# Which axolotl keys are honoured, refused (and why) or harmless is decided in training/contract.py.
+# BitsAndBytesConfig's options (bnb_config_kwargs), torch.utils.checkpoint's (gradient_checkpointing_kwargs).
+BNB_OPTIONS = frozenset(
+    "bnb_4bit_quant_type bnb_4bit_use_double_quant bnb_4bit_compute_dtype bnb_4bit_quant_storage llm_int8_threshold "
+    "llm_int8_skip_modules llm_int8_enable_fp32_cpu_offload llm_int8_has_fp16_weight".split()
+)
+CHECKPOINT_OPTIONS = frozenset("use_reentrant preserve_rng_state determinism_check debug".split())
+# transformers' built-in MoE expert implementations that run without CUDA kernels (measured on the CPU).
+EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+# Low-bit AdamW from torchao (a dependency): measured to step on the CPU (tests/unit/test_honoured_keys.py).
+TORCHAO_OPTIMIZERS = frozenset({"adamw_torch_8bit", "adamw_torch_4bit"})
 
 
 @dataclass(frozen=True)
@@ -88,7 +53,9 @@ class AttentionBackend:
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "sdpa": AttentionBackend(isolates_packed_samples=True, needs_cuda=False, needs_package=None),
     "eager": AttentionBackend(isolates_packed_samples=True, needs_cuda=False, needs_package=None),
-    "flex_attention": AttentionBackend(isolates_packed_samples=False, needs_cuda=False, needs_package=None),
+    # Measured (tests/unit/test_architectures.py): packed logits equal separate ones on every seed architecture
+    # that has a flex path (transformers builds a block mask from position_ids restarts).
+    "flex_attention": AttentionBackend(isolates_packed_samples=True, needs_cuda=False, needs_package=None),
     "flash_attention_2": AttentionBackend(isolates_packed_samples=True, needs_cuda=True, needs_package="flash_attn"),
 }
 
@@ -216,6 +183,9 @@ class TrainConfig(BaseModel):
     lora_target_modules: list[str] | str | None = None
     lora_target_linear: bool = False
     lora_target_parameters: list[str] | None = None
+    quantize_moe_experts: bool = Field(
+        False, description="store routed MoE experts in 4-bit (load_in_4bit) or 8-bit (load_in_8bit) too"
+    )
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     merge_lora: bool = Field(False, description="also save the base model with the adapter merged in")
@@ -242,6 +212,48 @@ class TrainConfig(BaseModel):
     eval_steps: int | None = Field(None, gt=0)
     save_steps: int | None = Field(None, gt=0)
     seed: int = 42
+    # -- the contract's honoured keys (training/contract.py; each proven in tests/unit/test_honoured_keys.py)
+    evals_per_epoch: int | None = Field(None, gt=0, description="evaluations per epoch (needs val_set_size)")
+    saves_per_epoch: int | None = Field(None, gt=0, description="checkpoints per epoch, written to the run")
+    eval_strategy: Literal["no", "steps", "epoch"] | None = None
+    save_strategy: Literal["no", "steps", "epoch"] | None = None
+    save_total_limit: int | None = Field(None, gt=0, description="checkpoints kept (the oldest are deleted)")
+    save_only_model: bool = Field(False, description="checkpoints without optimizer state (can't resume)")
+    early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without improvement")
+    loss_watchdog_threshold: float | None = Field(None, gt=0, description="stop when the loss stays above this")
+    loss_watchdog_patience: int = Field(3, gt=0, description="steps above loss_watchdog_threshold before stopping")
+    lr_scheduler_kwargs: dict[str, Any] | None = Field(None, description="passed to transformers' scheduler")
+    cosine_min_lr_ratio: float | None = Field(None, ge=0, le=1, description="cosine ends at this share of the lr")
+    adam_beta1: float | None = Field(None, ge=0, lt=1)
+    adam_beta2: float | None = Field(None, ge=0, lt=1)
+    adam_epsilon: float | None = Field(None, gt=0)
+    eval_batch_size: int | None = Field(None, gt=0, description="default: micro_batch_size")
+    group_by_length: bool = False
+    dataloader_drop_last: bool = False
+    neftune_noise_alpha: float | None = Field(None, gt=0)
+    full_determinism: bool = False
+    pad_to_sequence_len: bool = Field(False, description="pad every batch to sequence_len")
+    gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
+        None, description="passed to gradient_checkpointing_enable (default: use_reentrant false)"
+    )
+    activation_offloading: bool = Field(False, description="keep saved activations in CPU memory")
+    torch_compile: bool = False
+    unfrozen_parameters: list[str] | None = Field(
+        None, description="full fine-tune: only parameters matching one of these regexes train"
+    )
+    lora_modules_to_save: list[str] | None = Field(None, description="modules trained in full beside the adapter")
+    peft_use_dora: bool = False
+    peft_use_rslora: bool = False
+    bnb_config_kwargs: dict[str, Any] | None = Field(None, description="merged into BitsAndBytesConfig")
+    experts_implementation: str | None = Field(None, description="MoE experts: eager | batched_mm | grouped_mm")
+    profiler_steps: int | None = Field(None, gt=0, description="steps traced by the torch profiler")
+    profiler_steps_start: int = Field(0, ge=0, description="first step traced")
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Valid settings that do nothing in this config, or unknown keys under `strict: false`."""
+        return self._warnings
     # -- sharding over several devices (FSDP2, DeepSpeed ZeRO): parsed and checked in training/sharding.py
     fsdp: list[str] | str | bool | None = Field(
         None, description="legacy axolotl switch ([full_shard, auto_wrap]); fsdp_config alone is enough"
@@ -260,14 +272,10 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _drop_ignored_axolotl_keys(cls, data: Any) -> Any:
+    def _empty_keys_are_unset(cls, data: Any) -> Any:
+        # As in axolotl, a key left empty (`fp16:`) is unset. (parse_config applies the contract first.)
         if isinstance(data, dict):
-            # As in axolotl, a key left empty (`fp16:`) is unset.
-            data = {
-                k: v
-                for k, v in data.items()
-                if k not in IGNORED_AXOLOTL_KEYS and v is not None and not (k in IGNORED_WHEN_OFF and not v)
-            }
+            data = {k: v for k, v in data.items() if v is not None}
             if isinstance(data.get("datasets"), list):
                 data["datasets"] = [
                     {k: v for k, v in d.items() if v is not None} if isinstance(d, dict) else d
@@ -344,6 +352,85 @@ class TrainConfig(BaseModel):
             raise ValueError("set warmup_steps or warmup_ratio, not both")
         return self
 
+    @model_validator(mode="after")
+    def _checkpoint_and_eval_schedule(self) -> TrainConfig:
+        if self.evals_per_epoch and self.eval_steps:
+            raise ValueError("set evals_per_epoch or eval_steps, not both")
+        if self.saves_per_epoch and self.save_steps:
+            raise ValueError("set saves_per_epoch or save_steps, not both")
+        if self.early_stopping_patience and not self.val_set_size:
+            raise ValueError("early_stopping_patience needs an evaluation set: set val_set_size (e.g. 0.05)")
+        return self
+
+    @model_validator(mode="after")
+    def _scheduler_options(self) -> TrainConfig:
+        if self.cosine_min_lr_ratio is not None and self.lr_scheduler != "cosine":
+            raise ValueError(
+                f"cosine_min_lr_ratio applies to lr_scheduler: cosine (not {self.lr_scheduler}); "
+                "use lr_scheduler_kwargs for other schedulers"
+            )
+        kwargs = self.lr_scheduler_kwargs or {}
+        if self.lr_scheduler == "cosine_with_min_lr" and not {"min_lr", "min_lr_rate"} & set(kwargs):
+            raise ValueError(
+                "lr_scheduler cosine_with_min_lr needs lr_scheduler_kwargs min_lr or min_lr_rate "
+                "(or write lr_scheduler: cosine with cosine_min_lr_ratio)"
+            )
+        if self.lr_scheduler == "warmup_stable_decay" and "num_decay_steps" not in kwargs:
+            raise ValueError("lr_scheduler warmup_stable_decay needs lr_scheduler_kwargs num_decay_steps")
+        if kwargs:
+            allowed = scheduler_options(self.lr_scheduler)
+            unknown = sorted(set(kwargs) - allowed)
+            if unknown:
+                raise ValueError(
+                    f"lr_scheduler_kwargs {', '.join(unknown)} not taken by the {self.lr_scheduler} scheduler; "
+                    f"it takes {', '.join(sorted(allowed)) or 'no options'}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _what_is_trained(self) -> TrainConfig:
+        import re
+
+        if self.unfrozen_parameters:
+            if self.adapter:
+                raise ValueError("unfrozen_parameters selects weights for a full fine-tune; remove adapter or it")
+            for pattern in self.unfrozen_parameters:
+                if re.match(r"^(.+)\[([0-9]*)(?::([0-9]*))?\]$", pattern):
+                    raise ValueError(
+                        f"unfrozen_parameters: {pattern!r} selects rows by index range, which Trainyard does not "
+                        "support; unfreeze the whole parameter"
+                    )
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"unfrozen_parameters: {pattern!r} is not a regex: {exc}") from None
+        adapter_only = {
+            "lora_modules_to_save": self.lora_modules_to_save,
+            "peft_use_dora": self.peft_use_dora,
+            "peft_use_rslora": self.peft_use_rslora,
+        }
+        for key, value in adapter_only.items():
+            if value and not self.adapter:
+                raise ValueError(f"{key} applies to an adapter: set adapter: lora (or qlora), or remove {key}")
+        if self.bnb_config_kwargs:
+            if not (self.load_in_4bit or self.load_in_8bit):
+                raise ValueError("bnb_config_kwargs applies to quantized loading: set load_in_4bit/load_in_8bit or remove it")
+            unknown = sorted(set(self.bnb_config_kwargs) - BNB_OPTIONS)
+            if unknown:
+                raise ValueError(f"bnb_config_kwargs {', '.join(unknown)} unknown; BitsAndBytesConfig takes "
+                                 f"{', '.join(sorted(BNB_OPTIONS))}")
+        if self.gradient_checkpointing_kwargs:
+            unknown = sorted(set(self.gradient_checkpointing_kwargs) - CHECKPOINT_OPTIONS)
+            if unknown:
+                raise ValueError(f"gradient_checkpointing_kwargs {', '.join(unknown)} unknown; torch's checkpoint "
+                                 f"takes {', '.join(sorted(CHECKPOINT_OPTIONS))}")
+        if self.experts_implementation is not None and self.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
+            raise ValueError(
+                f"experts_implementation {self.experts_implementation!r} is not available in Trainyard "
+                f"(scattermoe/sonicmoe are axolotl's CUDA kernels); choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}"
+            )
+        return self
+
     @property
     def attention(self) -> AttentionBackend:
         return ATTENTION_BACKENDS[self.attn_implementation]
@@ -387,10 +474,12 @@ def parse_config(source: str | dict, *, allow_trust_remote_code: bool = False) -
         data = source
     if not isinstance(data, dict):
         raise ConfigInvalid([ConfigError("", "the config must be a YAML mapping of keys to values")])
+    # The contract (training/contract.py) first: refused keys are errors at their path, harmless ones go.
+    sorted_keys = contract.apply_contract(data, set(TrainConfig.model_fields), set(DatasetSpec.model_fields))
+    errors = [ConfigError(path, message) for path, message in sorted_keys.errors]
     try:
-        config = TrainConfig.model_validate(data)
+        config = TrainConfig.model_validate(sorted_keys.data)
     except ValidationError as exc:
-        errors = []
         for err in exc.errors():
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
             message = err["msg"].removeprefix("Value error, ")
@@ -398,6 +487,9 @@ def parse_config(source: str | dict, *, allow_trust_remote_code: bool = False) -
                 message = "unknown key (not an axolotl option Trainyard supports)"
             errors.append(ConfigError(_key_path(loc), message))
         raise ConfigInvalid(errors) from None
+    if errors:
+        raise ConfigInvalid(errors)
+    config._warnings = sorted_keys.warnings + _config_warnings(config)
     if config.trust_remote_code and not allow_trust_remote_code:
         raise ConfigInvalid(
             [
@@ -437,13 +529,44 @@ def check_environment(
         errors.append(ConfigError("attn_implementation", f"{config.attn_implementation} needs a CUDA GPU; use sdpa"))
     if config.fp16 and not cuda_available:
         errors.append(ConfigError("fp16", "fp16 training needs a CUDA GPU; remove fp16 (bf16: auto picks what works)"))
-    if config.bf16 is True and not bf16_available:
+    # The CPU trains in bf16 (torch's CPU kernels); only a CUDA GPU without bf16 (T4, V100) can't.
+    if config.bf16 is True and cuda_available and not bf16_available:
         errors.append(ConfigError("bf16", "bf16: true needs a GPU with bf16 support here; use bf16: auto"))
+    if config.optimizer in TORCHAO_OPTIMIZERS and importlib.util.find_spec("torchao") is None:
+        errors.append(ConfigError("optimizer", f"{config.optimizer} needs the torchao package (pip install torchao)"))
     errors += [
         ConfigError(key, reason)
         for key, reason in sharding.environment_problems(config, devices=devices, cuda_available=cuda_available)
     ]
+    from training.architectures import check_against_model  # reads the model's config.json only
+
+    errors += check_against_model(config)
     return errors
+
+
+def _config_warnings(config: TrainConfig) -> list[str]:
+    """Settings that are valid but do nothing in this config, said once at validation (never silently)."""
+    warnings = []
+    if config.evals_per_epoch and not config.val_set_size:
+        warnings.append("evals_per_epoch: no evaluation set (val_set_size is 0), so no evaluation runs")
+    if config.gradient_checkpointing_kwargs and not config.gradient_checkpointing:
+        warnings.append("gradient_checkpointing_kwargs: gradient_checkpointing is off, so they are not used")
+    if config.profiler_steps_start and not config.profiler_steps:
+        warnings.append("profiler_steps_start: profiler_steps is not set, so nothing is traced")
+    return warnings
+
+
+def scheduler_options(name: str) -> set[str]:
+    """The keyword options transformers' `name` scheduler takes (lr_scheduler_kwargs)."""
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+    from transformers.trainer_utils import SchedulerType
+
+    function = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+    # Set by the Trainer itself from the run's length and warmup.
+    given = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
+    return {p for p in inspect.signature(function).parameters if p not in given}
 
 
 def _known_name(key: str, value: str, installed, choices: str) -> str:

@@ -46,14 +46,15 @@ def pick_dtype(config: TrainConfig):
     if config.fp16:
         return torch.float16
     cuda = torch.cuda.is_available()
+    # bf16: true trains in bf16 on the CPU too (torch's CPU kernels). bf16: auto picks it only on a GPU
+    # that has it: on the CPU, fp32 is exact and bf16 is only faster with AMX/AVX512-BF16 units.
     if config.bf16 is True or (config.bf16 == "auto" and cuda and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float32
 
 
 def load_model(config: TrainConfig, tokenizer):
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     dtype = pick_dtype(config)
     kwargs: dict = {
@@ -61,15 +62,10 @@ def load_model(config: TrainConfig, tokenizer):
         "attn_implementation": config.attn_implementation,
         "trust_remote_code": config.trust_remote_code,
     }
-    if config.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32,
-        )
-    elif config.load_in_8bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if config.experts_implementation:
+        kwargs["experts_implementation"] = config.experts_implementation
+    if config.load_in_4bit or config.load_in_8bit:
+        kwargs["quantization_config"] = quantization_config(config, dtype)
     source = _source(config.base_model)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -80,13 +76,47 @@ def load_model(config: TrainConfig, tokenizer):
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.use_cache = False  # packed samples would attend to each other with the cache on
+    from training.architectures import prepare_model
+
+    prepare_model(model, config)  # packed-sample boundaries in Gated DeltaNet layers, quantize_moe_experts
     if config.adapter:
         model = _add_adapter(model, config)
+    if config.unfrozen_parameters:
+        unfreeze_only(model, config.unfrozen_parameters)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if config.adapter:
+        # Non-reentrant unless the config says otherwise: it works with frozen inputs (LoRA) and packing.
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, **(config.gradient_checkpointing_kwargs or {})}
+        )
+        if config.adapter or config.unfrozen_parameters:
             model.enable_input_require_grads()
     return model
+
+
+def quantization_config(config: TrainConfig, dtype):
+    """bitsandbytes settings: Trainyard's defaults (nf4, double quantization), then bnb_config_kwargs."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    options = dict(config.bnb_config_kwargs or {})
+    if isinstance(options.get("bnb_4bit_compute_dtype"), str):
+        options["bnb_4bit_compute_dtype"] = getattr(torch, options["bnb_4bit_compute_dtype"])
+    if config.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, **options)
+    defaults = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": dtype}
+    return BitsAndBytesConfig(load_in_4bit=True, **{**defaults, **options})
+
+
+def unfreeze_only(model, patterns: list[str]) -> None:
+    """Full fine-tune of the parameters whose name matches one of the patterns, read as axolotl reads them
+    (utils/freeze.py): a regex matched from the start of the name, where a `.` is a literal dot."""
+    compiled = [unfrozen_regex(p) for p in patterns]
+    matched = 0
+    for name, param in model.named_parameters():
+        param.requires_grad = any(c.match(name) for c in compiled)
+        matched += param.requires_grad
+    if not matched:
+        raise ModelNotFound(f"unfrozen_parameters: no parameter of the model matches {patterns}")
 
 
 def _add_adapter(model, config: TrainConfig):
@@ -94,19 +124,28 @@ def _add_adapter(model, config: TrainConfig):
 
     if config.load_in_4bit or config.load_in_8bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-    if config.lora_target_linear:
-        targets: list[str] | str | None = "all-linear"
-    else:
-        targets = config.lora_target_modules
+    from training.architectures import lora_targets
+
+    # lora_target_linear on a multimodal model: its language model only; expert parameters by full name
+    targets, target_parameters = lora_targets(model, config)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets,
-        target_parameters=config.lora_target_parameters,
+        target_parameters=target_parameters,
+        modules_to_save=config.lora_modules_to_save,
+        use_dora=config.peft_use_dora,
+        use_rslora=config.peft_use_rslora,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def unfrozen_regex(pattern: str):
+    import re
+
+    return re.compile(re.sub(r"\.(?!\+)", "\\\\.", pattern))
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -5,6 +5,7 @@ Framework-free: it reads a TrainConfig and writes events to a sink; the web app 
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import resource
@@ -96,17 +97,19 @@ def prepare_data(config: TrainConfig, tokenizer, base_dir: Path | None = None) -
 
 
 class Collator:
-    """Pads a batch to its longest sequence; counts real tokens for the tokens/s metric."""
+    """Pads a batch to its longest sequence (or to `pad_to`: pad_to_sequence_len); counts real tokens for
+    the tokens/s metric."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, pad_to: int | None = None):
         self.pad_id = pad_id
+        self.pad_to = pad_to
         self.tokens_seen = 0
         self.samples_seen = 0
 
     def __call__(self, features: list[dict]):
         import torch
 
-        width = max(len(f["input_ids"]) for f in features)
+        width = max(max(len(f["input_ids"]) for f in features), self.pad_to or 0)
         packed = "position_ids" in features[0]
         ids, labels, mask, positions = [], [], [], []
         for f in features:
@@ -202,6 +205,171 @@ def _emit_rank_shares(sink: EventSink, trainer, step: int) -> None:
     sink.emit("metric", step=step, values=values)
 
 
+def steps_per_epoch(config: TrainConfig, train_rows: int) -> int:
+    """Optimizer steps in one epoch, as the Trainer counts them (one process per device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rows = train_rows / world
+    batches = rows // config.micro_batch_size if config.dataloader_drop_last else math.ceil(rows / config.micro_batch_size)
+    return max(1, int(batches) // config.gradient_accumulation_steps)
+
+
+def per_epoch_interval(config: TrainConfig, train_rows: int, per_epoch: int) -> int:
+    """`evals_per_epoch`/`saves_per_epoch` as a step interval. Axolotl sets eval/save_steps to the fraction
+    1 / (per_epoch * num_epochs) of the run, which the Trainer rounds up to ceil(total_steps * fraction)."""
+    total = config.max_steps or math.ceil(steps_per_epoch(config, train_rows) * config.num_epochs)
+    return max(1, math.ceil(total / (per_epoch * config.num_epochs)))
+
+
+def training_arguments(config: TrainConfig, run_dir: Path, *, train_rows: int, has_eval: bool, bf16: bool) -> dict:
+    """TrainingArguments' keywords for this config: every honoured key that the Trainer applies lands here."""
+    import torch
+
+    eval_steps = config.eval_steps
+    if config.evals_per_epoch and has_eval:
+        eval_steps = per_epoch_interval(config, train_rows, config.evals_per_epoch)
+    save_steps = config.save_steps
+    if config.saves_per_epoch:
+        save_steps = per_epoch_interval(config, train_rows, config.saves_per_epoch)
+    eval_strategy = "steps" if eval_steps else "epoch"
+    eval_strategy = (config.eval_strategy or eval_strategy) if has_eval else "no"
+    save_strategy = config.save_strategy or ("steps" if save_steps else "no")
+    scheduler, scheduler_kwargs = config.lr_scheduler, dict(config.lr_scheduler_kwargs or {})
+    if scheduler == "cosine" and config.cosine_min_lr_ratio is not None:
+        # axolotl's cosine with a floor: the same curve as transformers' cosine_with_min_lr.
+        scheduler, scheduler_kwargs = "cosine_with_min_lr", {**scheduler_kwargs, "min_lr_rate": config.cosine_min_lr_ratio}
+    kwargs: dict = dict(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=config.micro_batch_size,
+        per_device_eval_batch_size=config.eval_batch_size or config.micro_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=scheduler,
+        lr_scheduler_kwargs=scheduler_kwargs,
+        warmup_steps=config.warmup_steps if config.warmup_steps is not None else (config.warmup_ratio or 0.0),
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        bf16=bf16,
+        fp16=config.fp16,
+        # tf32 is a CUDA matmul mode: passed on a GPU (the Trainer sets torch's matmul precision, and left
+        # unset it would turn tf32 on by itself); on the CPU it has no meaning and changes nothing.
+        tf32=config.tf32 if torch.cuda.is_available() else None,
+        logging_steps=1,
+        eval_strategy=eval_strategy,
+        eval_steps=eval_steps,
+        save_strategy=save_strategy,
+        save_steps=save_steps or 500,
+        save_total_limit=config.save_total_limit,
+        save_only_model=config.save_only_model,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        dataloader_drop_last=config.dataloader_drop_last,
+        neftune_noise_alpha=config.neftune_noise_alpha,
+        full_determinism=config.full_determinism,
+        torch_compile=config.torch_compile,
+        report_to="none",
+        seed=config.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    if config.optimizer:
+        kwargs["optim"] = config.optimizer
+    for key, name in (("adam_beta1", "adam_beta1"), ("adam_beta2", "adam_beta2"), ("adam_epsilon", "adam_epsilon")):
+        if getattr(config, key) is not None:
+            kwargs[name] = getattr(config, key)
+    if config.early_stopping_patience:
+        kwargs.update(metric_for_best_model="eval_loss", greater_is_better=False)
+    return kwargs
+
+
+def trainer_class(config: TrainConfig):
+    """transformers' Trainer, or one that keeps saved activations in CPU memory (activation_offloading)."""
+    from transformers import Trainer
+
+    if not config.activation_offloading:
+        return Trainer
+
+    class OffloadingTrainer(Trainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            import torch
+
+            # Activations saved for backward are packed to CPU memory and brought back when backward
+            # needs them (torch's save_on_cpu hooks); on the CPU they stay where they are.
+            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+                return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return OffloadingTrainer
+
+
+def extra_callbacks(config: TrainConfig, run_dir: Path, sink: EventSink) -> list:
+    """Early stopping, the loss watchdog and the profiler, when the config asks for them."""
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    callbacks: list = []
+    if config.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+
+    if config.loss_watchdog_threshold:
+        threshold, patience = config.loss_watchdog_threshold, config.loss_watchdog_patience
+
+        class LossWatchdog(TrainerCallback):
+            """Stops a run whose loss stays above the threshold for `patience` steps (axolotl's watchdog)."""
+
+            above = 0
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                loss = (logs or {}).get("loss")
+                if loss is None:
+                    return
+                self.above = self.above + 1 if loss > threshold else 0
+                if self.above >= patience:
+                    sink.emit("log", message=f"loss watchdog: loss {loss:.3f} above {threshold} for {patience} steps; stopping")
+                    control.should_training_stop = True
+
+        callbacks.append(LossWatchdog())
+
+    if config.profiler_steps:
+        callbacks.append(_profiler_callback(config, run_dir, sink))
+    return callbacks
+
+
+def _profiler_callback(config: TrainConfig, run_dir: Path, sink: EventSink):
+    """A torch profiler trace of steps profiler_steps_start .. +profiler_steps, kept in the run folder."""
+    import torch
+    from transformers import TrainerCallback
+
+    first, count = config.profiler_steps_start, config.profiler_steps
+    path = run_dir / "profiler_trace.json"
+
+    class ProfilerCallback(TrainerCallback):
+        profiler = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.profiler is None and state.global_step == first:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is not None and state.global_step >= first + count:
+                self._finish()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._finish()
+
+        def _finish(self):
+            if self.profiler is None or path.exists():
+                return
+            self.profiler.__exit__(None, None, None)
+            self.profiler.export_chrome_trace(str(path))
+            sink.emit("artifact", kind="profile", path=path.name)
+
+    return ProfilerCallback()
+
+
 def train(
     config: TrainConfig,
     run_dir: Path,
@@ -212,7 +380,7 @@ def train(
     resume_from: Path | None = None,
 ) -> dict:
     import torch
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
 
     from training.modeling import count_parameters, load_model, load_tokenizer
 
@@ -259,43 +427,23 @@ def train(
         f"({config.adapter or 'full fine-tune'}, {config.attn_implementation}, "
         f"{'cuda' if torch.cuda.is_available() else 'cpu'})",
     )
+    for note in getattr(model, "trainyard_notes", []):  # what training/architectures.py did to this model
+        sink.emit("log", message=note)
 
-    collator = Collator(tokenizer.pad_token_id)
+    collator = Collator(tokenizer.pad_token_id, pad_to=config.sequence_len if config.pad_to_sequence_len else None)
     has_eval = bool(data.eval)
+    bf16 = model.dtype == torch.bfloat16 if not config.load_in_4bit else False
     args = TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
-        per_device_train_batch_size=config.micro_batch_size,
-        per_device_eval_batch_size=config.micro_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        num_train_epochs=config.num_epochs,
-        max_steps=config.max_steps or -1,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_steps if config.warmup_steps is not None else (config.warmup_ratio or 0.0),
-        **({"optim": config.optimizer} if config.optimizer else {}),
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        bf16=model.dtype == torch.bfloat16 if not config.load_in_4bit else False,
-        fp16=config.fp16,
-        logging_steps=1,
-        eval_strategy="steps" if has_eval and config.eval_steps else ("epoch" if has_eval else "no"),
-        eval_steps=config.eval_steps,
-        save_strategy="steps" if config.save_steps else "no",
-        save_steps=config.save_steps or 500,
-        report_to="none",
-        seed=config.seed,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+        **training_arguments(config, run_dir, train_rows=len(data.train), has_eval=has_eval, bf16=bf16),
         **sharding.trainer_kwargs(config, base_dir),  # FSDP2 / DeepSpeed: training/sharding.py
     )
-    trainer = Trainer(
+    trainer = trainer_class(config)(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval or None,
         data_collator=collator,
-        callbacks=[_make_callback(sink, collator, should_stop)],
+        callbacks=[_make_callback(sink, collator, should_stop), *extra_callbacks(config, run_dir, sink)],
     )
 
     # -- train ---------------------------------------------------------------------------------
