@@ -136,7 +136,7 @@ def _model_config(arch: str, tokenizer):
         return tf.Glm4MoeLiteConfig(
             vocab_size=vocab, hidden_size=_H, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4,
-            num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=16,
+            num_experts_per_tok=2, kv_lora_rank=24, q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16,
             qk_nope_head_dim=16, mlp_layer_types=["dense", "sparse"], max_position_embeddings=4096,
             initializer_range=0.1, **ids)
     if arch in ("qwen3_5", "qwen3_5_moe"):
@@ -404,3 +404,178 @@ def isolate_packed_linear_attention(model) -> int:
 
         layer.forward = forward
     return len(layers)
+
+
+class _DequantizedExperts:
+    """Namespace for the parametrization below (kept import-light: torch is imported on use)."""
+
+
+def _dequantize_parametrization(state, shape, dtype, bits: int):
+    import bitsandbytes.functional as bnbf
+    from torch import nn
+
+    class DequantizeExperts(nn.Module):
+        """Stores an expert stack as 4-bit NF4 (or 8-bit blockwise) and gives the full tensor on access."""
+
+        def __init__(self):
+            super().__init__()
+            self.state, self.shape, self.dtype, self.bits = state, tuple(shape), dtype, bits
+
+        def forward(self, packed):
+            if self.bits == 4:
+                full = bnbf.dequantize_4bit(packed, self.state)
+            else:
+                full = bnbf.dequantize_blockwise(packed, self.state)
+            return full.reshape(self.shape).to(self.dtype)
+
+    return DequantizeExperts()
+
+
+def expert_modules(model) -> list[tuple[str, object]]:
+    """(name, module) of each routed-experts stack: modules holding 3-D parameters (experts x out x in)."""
+    found = []
+    for name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        if hasattr(module, "parametrizations"):
+            params.update({k: v.original for k, v in module.parametrizations.items()})
+        if type(module).__name__.endswith("Experts") and any(p.dim() == 3 or k in getattr(
+                module, "parametrizations", {}) for k, p in params.items()):
+            found.append((name, module))
+    return found
+
+
+def quantize_moe_experts(model, bits: int = 4) -> int:
+    """Store every routed expert's weights in `bits` bits (bitsandbytes NF4 for 4, blockwise for 8).
+
+    bitsandbytes (through transformers' quantizer) only replaces nn.Linear; MoE experts in transformers 5
+    are fused 3-D nn.Parameters (e.g. `mlp.experts.gate_up_proj`), so a `load_in_4bit` model keeps them in
+    full precision — for GLM-4.7-Flash and Qwen3.5 MoE that is ~90% of the weights. Here each stack is
+    quantized and dequantized on access (a torch parametrization), so it stays frozen, 4/8-bit at rest,
+    and `lora_target_parameters` can still add LoRA on top. Returns the number of tensors quantized."""
+    import bitsandbytes.functional as bnbf
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    _fix_peft_stacked_parametrizations()
+    count = 0
+    for _name, module in expert_modules(model):
+        for pname, param in list(module.named_parameters(recurse=False)):
+            if param.dim() != 3:
+                continue
+            flat = param.data.reshape(-1, param.shape[-1]).contiguous()
+            if bits == 4:
+                packed, state = bnbf.quantize_4bit(flat, quant_type="nf4", blocksize=64, compress_statistics=True)
+            else:
+                packed, state = bnbf.quantize_blockwise(flat, blocksize=256)
+            shape, dtype = param.shape, param.dtype
+            delattr(module, pname)
+            setattr(module, pname, nn.Parameter(packed, requires_grad=False))
+            parametrize.register_parametrization(
+                module, pname, _dequantize_parametrization(state, shape, dtype, bits), unsafe=True
+            )
+            count += 1
+    return count
+
+
+def _fix_peft_stacked_parametrizations() -> None:
+    """peft 0.21.2's ParamWrapper, after each forward, removes its LoRA parametrization from a parameter that
+    already had one (our dequantization) only when it is a `_LoraParameterProxy`; for expert stacks it uses
+    `_LoraFactorsProxy`, which stays, so the next forward adds LoRA twice and fails on the uint8 storage.
+    Also remove a leftover `_LoraFactorsProxy` (idempotent; a no-op for models without stacked parametrizations)."""
+    from peft.tuners.lora import layer
+
+    if getattr(layer.ParamWrapper, "_trainyard_fixed", False) or not hasattr(layer, "_LoraFactorsProxy"):
+        return
+    original = layer.ParamWrapper._remove_parametrizations
+
+    def _remove_parametrizations(self):
+        base_layer = self.get_base_layer()
+        param_list = base_layer.parametrizations[self.parameter_name]
+        if len(param_list) > 1 and isinstance(param_list[len(param_list) - 1], layer._LoraFactorsProxy):
+            del param_list[len(param_list) - 1]
+            return
+        original(self)
+
+    layer.ParamWrapper._remove_parametrizations = _remove_parametrizations
+    layer.ParamWrapper._trainyard_fixed = True
+
+
+def expert_parameter_targets(model, targets: list[str]) -> list[str]:
+    """`lora_target_parameters` as PEFT needs them: PEFT matches an already parametrized parameter (a
+    quantized expert stack) only by its full name, so suffixes like `experts.gate_up_proj` are expanded."""
+    expanded = []
+    for name, module in expert_modules(model):
+        names = list(dict(module.named_parameters(recurse=False))) + list(getattr(module, "parametrizations", {}))
+        for pname in names:
+            full = f"{name}.{pname}"
+            if any(full == t or full.endswith("." + t) for t in targets):
+                expanded.append(full)
+    return sorted(set(expanded)) or list(targets)
+
+
+# Submodules of a multimodal model that are not its language model.
+_NON_LANGUAGE_PARTS = re.compile(
+    r"(^|\.)(vision_tower|visual|vision_model|multi_modal_projector|embed_vision|audio_tower|embed_audio|"
+    r"audio_model|mm_projector)(\.|$)"
+)
+
+
+def language_model_linear_regex(model) -> str | None:
+    """For `lora_target_linear` on a model with a vision/audio part: a regex (PEFT full-matches it) for
+    the linear layers of the language model only. None for a text-only model (PEFT's all-linear is it)."""
+    import torch
+
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ in (
+        "Linear4bit", "Linear8bitLt")]
+    if not any(_NON_LANGUAGE_PARTS.search(n) for n in names):
+        return None
+    output = model.get_output_embeddings()
+    output_names = {n for n, m in model.named_modules() if m is output}
+    language = [n for n in names if not _NON_LANGUAGE_PARTS.search(n) and n not in output_names]
+    # Group layer-indexed names into one alternative per (prefix, suffix): model.language_model.layers.\d+.mlp.up_proj
+    groups: dict[str, set[str]] = {}
+    for n in language:
+        prefix, _, last = re.sub(r"\.\d+\.", ".#.", n).rpartition(".")
+        groups.setdefault(prefix, set()).add(last)
+    parts = [
+        re.escape(prefix + ".").replace("\\#", "\\d+") + "(?:" + "|".join(sorted(lasts)) + ")"
+        for prefix, lasts in sorted(groups.items())
+    ]
+    return "^(?:" + "|".join(parts) + ")$" if parts else None
+
+
+def prepare_model(model, config: TrainConfig) -> list[str]:
+    """The architecture fixes for a freshly loaded model, before any adapter; returns what was done, as
+    log lines (also kept on the model as `trainyard_notes`)."""
+    notes = []
+    patched = isolate_packed_linear_attention(model)
+    if patched:
+        notes.append(f"architecture: {patched} Gated DeltaNet layer(s) restart their state at each packed sample")
+    if getattr(config, "quantize_moe_experts", False):
+        bits = 4 if config.load_in_4bit else 8
+        count = quantize_moe_experts(model, bits)
+        notes.append(f"quantize_moe_experts: {count} expert weight stack(s) stored in {bits}-bit")
+    model.trainyard_notes = notes
+    return notes
+
+
+def lora_targets(model, config: TrainConfig) -> tuple[list[str] | str | None, list[str] | None]:
+    """(target_modules, target_parameters) for PEFT. `lora_target_linear` on a multimodal model means the
+    language model's linear layers (a regex, logged), never the vision/audio towers; listed
+    `lora_target_modules` are added to it."""
+    targets: list[str] | str | None = config.lora_target_modules
+    if config.lora_target_linear:
+        regex = language_model_linear_regex(model)
+        if regex is None:
+            targets = "all-linear"
+        else:
+            # Listed names are language-model linear layers already covered by the regex; a user's own
+            # regex string is kept beside it (that is how a user asks for a vision layer explicitly).
+            if isinstance(config.lora_target_modules, str):
+                regex = f"{regex}|(?:{config.lora_target_modules})"
+            targets = regex
+            notes = getattr(model, "trainyard_notes", None)
+            if notes is not None:
+                notes.append(f"lora_target_linear: language model only (multimodal model): target_modules {regex}")
+    parameters = expert_parameter_targets(model, config.lora_target_parameters) if config.lora_target_parameters else None
+    return targets, parameters
