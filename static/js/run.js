@@ -1,15 +1,9 @@
 // Run page: history (downsampled server-side) then live points over one websocket; reconnects by
 // itself and resumes after the last seq it has, so there is no gap and no duplicate.
 (function () {
-  const run = window.RUN;
+  const run = JSON.parse(document.getElementById("run-info").textContent);
   const initial = JSON.parse(document.getElementById("initial-status").textContent);
-  const CHARTS = {
-    "chart-loss": {title: "loss", keys: [["loss", "train loss", true], ["eval_loss", "eval loss", false]]},
-    "chart-lr": {title: "learning rate", keys: [["learning_rate", "learning rate", false]]},
-    "chart-grad": {title: "grad norm", keys: [["grad_norm", "grad norm", false]]},
-    "chart-tps": {title: "throughput", keys: [["tokens_per_second", "tokens/s", false]]},
-    "chart-mem": {title: "peak memory (MB)", keys: [["memory_mb", "memory MB", false]]},
-  };
+  const C = window.TrainyardCharts;
   const series = {};  // key -> {step: [], time: [], y: []}
   let lastSeq = -1, logOffset = run.logOffset, plotted = false, closedForGood = false, dirty = false, failures = 0;
   let firstTime = null, latestEpoch = null;
@@ -47,22 +41,21 @@
     const log = document.getElementById("log-scale").checked;
     if (!Object.keys(series).length) return;
     document.getElementById("no-points").hidden = true;
-    for (const [id, chart] of Object.entries(CHARTS)) {
+    for (const [suffix, chart] of Object.entries(C.RUN)) {
       const traces = [];
       for (const [key, name, smoothable] of chart.keys) {
         const s = series[key];
         if (!s) continue;
-        if (smoothable && smooth) traces.push({x: s[xKey], y: s.y, name: name + " (raw)", type: "scattergl",
+        if (smoothable && smooth) traces.push({x: s[xKey], y: s.y, name: name + " (raw)", type: C.TRACE,
           mode: "lines", opacity: 0.3, line: {color: "#3358d4"}, showlegend: false});
-        traces.push({x: s[xKey], y: smoothable ? ema(s.y, smooth) : s.y, name, type: "scattergl",
+        traces.push({x: s[xKey], y: smoothable ? ema(s.y, smooth) : s.y, name, type: C.TRACE,
           mode: s.y.length > 200 ? "lines" : "lines+markers", marker: {size: 4}});
       }
-      const layout = {title: {text: chart.title, font: {size: 14}}, height: 250, margin: {l: 55, r: 10, t: 34, b: 36},
-        xaxis: {title: {text: xKey === "step" ? "step" : "seconds"}}, legend: {orientation: "h"}, hovermode: "x unified",
-        yaxis: {type: log && id !== "chart-lr" ? "log" : "linear"},
+      const layout = C.layout(chart.title, xKey === "step" ? "step" : "seconds", {
+        yaxis: {type: log && !chart.linearOnly ? "log" : "linear"},
         annotations: traces.length ? [] : [{text: "no data yet", showarrow: false, xref: "paper", yref: "paper",
-          x: 0.5, y: 0.5, font: {color: "#667085"}}]};
-      Plotly.react(id, traces, layout, {displaylogo: false, responsive: true});
+          x: 0.5, y: 0.5, font: {color: "#667085"}}]});
+      Plotly.react("chart-" + suffix, traces, layout, C.CONFIG);
     }
     plotted = true;
   }
@@ -156,15 +149,17 @@
   const form = document.getElementById("playground-form");
   if (!form) return;
   const status = document.getElementById("playground-status");
+  const run = JSON.parse(document.getElementById("run-info").textContent);
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     status.textContent = "queued…";
-    const res = await fetch(`/runs/${window.RUN.id}/playground/`, {method: "POST", body: new FormData(form),
+    const res = await fetch(`/runs/${run.id}/playground/`, {method: "POST", body: new FormData(form),
       credentials: "same-origin"});
-    const data = await res.json();
+    // A refusal may be a page (403 for a viewer), not JSON: say so instead of waiting forever.
+    const data = await res.json().catch(() => ({error: res.status === 403 ? "you can't do that in this workspace" : "failed: " + res.status}));
     if (!res.ok) { status.textContent = data.error; return; }
     const poll = async () => {
-      const g = await (await fetch(`/runs/${window.RUN.id}/playground/${data.id}/`, {credentials: "same-origin"})).json();
+      const g = await (await fetch(`/runs/${run.id}/playground/${data.id}/`, {credentials: "same-origin"})).json();
       if (g.status === "pending") { status.textContent = "generating…"; setTimeout(poll, 700); return; }
       if (g.status === "failed") { status.textContent = "failed: " + g.error; return; }
       status.textContent = "";

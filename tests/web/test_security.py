@@ -246,6 +246,7 @@ def test_security_headers_and_https_cookies(alice_client):
     response = alice_client.get("/runs/")
     assert response["X-Frame-Options"] == "DENY" and response["X-Content-Type-Options"] == "nosniff"
     assert response["Referrer-Policy"] == "same-origin"
+    assert "script-src 'self';" in response["Content-Security-Policy"]
     code = (
         "import django, os; os.environ['DJANGO_SETTINGS_MODULE']='webapp.settings'; django.setup(); "
         "from django.conf import settings as s; "
@@ -275,3 +276,16 @@ def test_admin_login_does_not_loop(alice):
     member.force_login(alice[0])
     refused = member.get("/admin/", follow=True)
     assert refused.status_code == 403 and "for administrators" in refused.content.decode()
+
+
+def test_no_template_carries_inline_script_or_handlers():
+    """The CSP forbids inline script: every page script is a file under static/js/."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[2] / "templates"
+    offenders = []
+    for template in root.rglob("*.html"):
+        text = template.read_text()
+        for match in re.finditer(r"<script(?![^>]*\bsrc=)(?![^>]*type=\"application/json\")[^>]*>|\son[a-z]+=\"", text):
+            offenders.append(f"{template.relative_to(root)}: {match.group(0)}")
+    assert offenders == []

@@ -168,7 +168,12 @@ def run_detail(request, pk: int):
             "run": run,
             "status": realtime.status_of(run),
             "log_text": log["text"] if log else "",
-            "log_offset": log["offset"] if log else 0,
+            "run_info": {
+                "id": run.pk,
+                "logOffset": log["offset"] if log else 0,
+                "startedAt": run.started_at.timestamp() if run.started_at else None,
+                "finishedAt": run.finished_at.timestamp() if run.finished_at else None,
+            },
             "artifacts": run.artifacts.all(),
             "queue_position": gpus.queue_position(run) if run.status == "queued" else None,
             "can_resume": run.status in ("interrupted", "failed", "cancelled") and services.latest_checkpoint(run),

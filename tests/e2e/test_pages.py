@@ -1,0 +1,122 @@
+"""Every page as a user sees it, at phone width (390 px) and desktop width (1280 px): nothing wider
+than the screen, no script refused by the Content-Security-Policy, no console error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import wait_until
+
+RESULTS = Path(__file__).parents[2] / "test-results"
+pytestmark = pytest.mark.slow
+
+# A finished run with a few points, a dataset and a config, planted through the server's own code.
+PLANT = """
+from django.contrib.auth.models import User
+from django.core.files.base import ContentFile
+from training.demo import chat_rows
+import json
+from webapp.datasets.services import upload_dataset
+from webapp.runs.models import MetricPoint, Run, TrainingConfig
+from webapp.workspaces.models import Workspace
+ws = Workspace.objects.get(name="Demo")
+user = User.objects.get(username="demo")
+user.is_staff = user.is_superuser = True
+user.save()
+body = "\\n".join(json.dumps(r) for r in chat_rows(30)).encode()
+ds = upload_dataset(ws, user, ContentFile(body, name="pages.jsonl"), name="pages-chat").dataset
+config = TrainingConfig.objects.create(workspace=ws, name="pages-config", yaml="base_model: tiny-chat\\ndatasets:\\n  - path: pages-chat\\n")
+run = Run.objects.create(workspace=ws, config=config, name="pages-run", config_yaml=config.yaml, status="succeeded")
+run.run_dir.mkdir(parents=True, exist_ok=True)
+for i in range(1, 11):
+    MetricPoint.objects.create(run=run, seq=i, step=i, time=float(i), values={"loss": 3 - i / 10, "learning_rate": 1e-4})
+print(ds.pk, config.pk, run.pk)
+"""
+
+
+@pytest.fixture(scope="module")
+def planted(server):
+    dataset, config, run = server.manage("shell", "-c", PLANT).split()[-3:]
+    return {"dataset": dataset, "config": config, "run": run}
+
+
+WIDEST = """() => [...document.querySelectorAll('body *')]
+  .filter((el) => el.getBoundingClientRect().right > window.innerWidth + 1)
+  .slice(0, 6).map((el) => `${el.tagName.toLowerCase()}#${el.id}.${el.className} ${Math.round(el.getBoundingClientRect().right)}`)"""
+
+
+def pages(ids):
+    return {
+        "runs": "/runs/",
+        "run": f"/runs/{ids['run']}/",
+        "compare": f"/runs/compare/?ids={ids['run']}",
+        "datasets": "/datasets/",
+        "dataset": f"/datasets/{ids['dataset']}/",
+        "preview": f"/datasets/{ids['dataset']}/preview/",
+        "configs": "/configs/",
+        "config-new": "/configs/new/",
+        "config": f"/configs/{ids['config']}/",
+        "tokens": "/settings/tokens/",
+        "members": "/settings/members/",
+        "api-docs": "/api/docs",
+        "admin": "/admin/",
+    }
+
+
+@pytest.mark.parametrize("width", [390, 1280])
+def test_every_page_fits_the_screen_and_runs_its_scripts(server, signed_in, planted, width):
+    RESULTS.mkdir(exist_ok=True)
+    page = signed_in(width)
+    problems = []
+    page.on("console", lambda m: m.type == "error" and problems.append(f"{page.url}: {m.text}"))
+    page.on("pageerror", lambda e: problems.append(f"{page.url}: {e}"))
+    overflowing = {}
+    for name, path in pages(planted).items():
+        page.goto(server.url + path)
+        page.wait_for_load_state("networkidle")
+        if name == "run":
+            wait_until(page, "document.getElementById('chart-loss').data?.[0]?.x.length === 10")
+        if name == "dataset":
+            page.wait_for_selector("#stats-figures:not([hidden])", timeout=60_000)
+        if name == "api-docs":
+            page.wait_for_selector(".swagger-ui .opblock", timeout=20_000)  # drawn by Swagger UI's script
+        if name in ("run", "dataset", "preview", "datasets"):
+            page.screenshot(path=str(RESULTS / f"{name}-{width}.png"), full_page=True)
+        scroll, inner = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+        if scroll > inner:  # name the elements that stick out, to say what to fix
+            overflowing[name] = page.evaluate(WIDEST)
+    assert overflowing == {}, f"wider than {width} px"
+    assert problems == []
+
+
+def test_a_viewer_sees_a_message_not_a_hang(server, signed_in, planted):
+    """Generate, refused for a viewer, says so in the page instead of waiting on 'queued…' forever."""
+    server.manage(
+        "shell",
+        "-c",
+        "from webapp.workspaces.services import create_user_with_workspace\n"
+        "from webapp.workspaces.models import Membership, Workspace\n"
+        "user, _ = create_user_with_workspace('vera', 'vera-password', 'Vera')\n"
+        "Membership.objects.create(user=user, workspace=Workspace.objects.get(name='Demo'), role='viewer')\n",
+    )
+    page = signed_in(1280, "vera", "vera-password")
+    page.goto(server.url + "/runs/")
+    page.select_option("#workspace-switch select", label="Demo")
+    page.wait_for_load_state()
+    page.goto(f"{server.url}/runs/{planted['run']}/")
+    page.fill("#playground-form input[name=prompt]", "hello")
+    page.click("#playground-form button")
+    wait_until(page, "!['', 'queued…'].includes(document.getElementById('playground-status').textContent)")
+    assert "can't" in page.inner_text("#playground-status")
+
+
+def test_dark_mode_follows_the_system(server, signed_in, planted):
+    page = signed_in(1280)
+    page.emulate_media(color_scheme="dark")
+    page.goto(f"{server.url}/datasets/{planted['dataset']}/preview/")
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    red, green, blue = (int(v) for v in background.removeprefix("rgb(").rstrip(")").split(","))
+    assert red + green + blue < 120, background
+    page.screenshot(path=str(RESULTS / "preview-dark.png"), full_page=True)
