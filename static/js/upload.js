@@ -9,8 +9,11 @@
     bar.hidden = false;
     xhr.upload.onprogress = (e) => { if (e.lengthComputable) bar.value = 100 * e.loaded / e.total; };
     xhr.onload = () => {
-      if (xhr.responseURL && xhr.responseURL !== location.href) { location.href = xhr.responseURL; return; }
+      // Show the answer itself: after a redirect it is the new dataset's page carrying the one-time
+      // message ("Uploaded …", "already uploaded as …"); loading the URL again would lose it.
+      const moved = xhr.responseURL && xhr.responseURL !== location.href;
       document.open(); document.write(xhr.responseText); document.close();
+      if (moved) history.replaceState(null, "", xhr.responseURL);
     };
     xhr.open("POST", location.href);
     xhr.send(new FormData(form));

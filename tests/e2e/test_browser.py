@@ -45,6 +45,16 @@ def test_upload_preview_configure_train_watch_and_download(server, browser, tmp_
     page.click("#upload-form button.primary")
     page.wait_for_url(re.compile(r".*/datasets/\d+/$"))
     assert page.inner_text("#row-count") == "80"
+    assert "Uploaded 80 rows" in page.inner_text(".flash")
+    dataset_url = page.url
+
+    # The same file again: the page says where it already is.
+    page.goto(server.url + "/datasets/")
+    page.set_input_files("input[name=file]", str(good))
+    page.click("#upload-form button.primary")
+    page.wait_for_url(dataset_url)
+    page.wait_for_selector(".flash")
+    assert "already uploaded as" in page.inner_text(".flash")
 
     # Token statistics, computed by the worker, then drawn.
     page.wait_for_selector("#stats-figures:not([hidden])", timeout=60_000)
