@@ -322,9 +322,9 @@ def read_json(path: Path) -> Iterator[tuple[int, dict | LineProblem]]:
     yield from read_rows(path)
 
 
-def read_parquet(path: Path) -> Iterator[tuple[int, dict | LineProblem]]:
+def read_parquet(path) -> Iterator[tuple[int, dict | LineProblem]]:
     """By record batch: a row group is read page by page (buffered, not pre-buffered), so memory
-    stays near one batch however big the file or its row groups."""
+    stays near one batch however big the file or its row groups. `path` may be a binary file object."""
     import pyarrow.parquet as pq
 
     try:
@@ -355,28 +355,31 @@ def read_arrow(path: Path) -> Iterator[tuple[int, dict | LineProblem]]:
 
 
 def read_csv(path: Path) -> Iterator[tuple[int, dict | LineProblem]]:
-    """Record by record (a quoted field may span lines); cells are strings, as a CSV has no types."""
-    csv.field_size_limit(MAX_LINE_BYTES)
     with path.open(encoding="utf-8-sig", newline="") as text:  # -sig: a BOM is skipped
-        reader = csv.reader(text)
-        number = 0
-        try:
-            header = next(reader, None)
-            if header is None:
-                return
-            for number, values in enumerate(reader, start=1):
-                if not any(values):
-                    continue
-                if len(values) != len(header):
-                    yield number, LineProblem(
-                        number, "", f"{len(values)} cells where the header has {len(header)}", "row"
-                    )
-                    continue
-                yield number, dict(zip(header, values))
-        except UnicodeDecodeError as exc:
-            yield number + 1, LineProblem(number + 1, "", f"not UTF-8 text: {exc.reason}", "row")
-        except csv.Error as exc:
-            yield number + 1, LineProblem(number + 1, "", f"invalid CSV: {exc}", "row")
+        yield from csv_rows(text)
+
+
+def csv_rows(text) -> Iterator[tuple[int, dict | LineProblem]]:
+    """Record by record from a text stream (a quoted field may span lines); cells are strings, as a
+    CSV has no types. Row 1 is the first record after the header."""
+    csv.field_size_limit(MAX_LINE_BYTES)
+    reader = csv.reader(text)
+    number = 0
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        for number, values in enumerate(reader, start=1):
+            if not any(values):
+                continue
+            if len(values) != len(header):
+                yield number, LineProblem(number, "", f"{len(values)} cells where the header has {len(header)}", "row")
+                continue
+            yield number, dict(zip(header, values))
+    except UnicodeDecodeError as exc:
+        yield number + 1, LineProblem(number + 1, "", f"not UTF-8 text: {exc.reason}", "row")
+    except csv.Error as exc:
+        yield number + 1, LineProblem(number + 1, "", f"invalid CSV: {exc}", "row")
 
 
 READERS = {"json": read_json, "parquet": read_parquet, "arrow": read_arrow, "csv": read_csv}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import re
 
 import pytest
@@ -349,3 +350,104 @@ def test_sharegpt_files_upload_preview_and_start_configs_that_read_them(alice_cl
     import html
 
     validate_config(alice[1], html.unescape(yaml_text))  # the starter config reads the file as is
+
+
+def _parquet_bytes(rows, row_group_size=None) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf, row_group_size=row_group_size)
+    return buf.getvalue()
+
+
+def _chat(i):
+    return {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
+
+
+def test_a_parquet_upload_is_stored_as_jsonl_rows_the_preview_reads(alice_client, tiny_model_dir):
+    rows = [_chat(i) for i in range(25)]
+    upload = SimpleUploadedFile("chats.parquet", _parquet_bytes(rows, row_group_size=10))
+    response = alice_client.post("/datasets/", {"file": upload})
+    dataset = Dataset.objects.get()
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert (dataset.rows, dataset.format, dataset.name, dataset.original_filename) == (
+        25, "chat_template", "chats", "chats.parquet"
+    )
+    assert read_row(dataset, 17) == rows[17]  # by the line-offset index, as any upload
+    assert dataset.path.read_bytes().count(b"\n") == 25
+    preview = alice_client.get(f"/api/datasets/{dataset.pk}/rows/3/preview", {"model": str(tiny_model_dir)}).json()
+    assert "Answer·3." in "".join(t["text"] for t in preview["tokens"] if t["trained"])  # spaces shown as ·
+
+
+def test_a_bad_parquet_row_is_reported_by_row_number(alice_client):
+    rows = [_chat(i) for i in range(6)]
+    rows[4] = {"messages": []}
+    upload = SimpleUploadedFile("chats.parquet", _parquet_bytes(rows))
+    response = alice_client.post("/datasets/", {"file": upload})
+    page = response.content.decode()
+    assert response.status_code == 400 and "1 invalid row(s)" in page
+    assert "<td>5</td>" in page and "empty message list" in page
+    kept = alice_client.post("/datasets/", {"file": SimpleUploadedFile("c.parquet", _parquet_bytes(rows)), "keep_valid": "on"})
+    dataset = Dataset.objects.get()
+    assert kept.status_code == 302 and dataset.rows == 5
+    dataset.rejected_path.unlink()  # kept per dataset id, and ids are reused after a test's rollback
+
+
+def test_a_csv_upload_with_a_bom_is_validated_by_row(alice_client):
+    text = "instruction,input,output\nSay hi,,Hi!\n\"Add, please\",1 and 2,3\nOnly an instruction\n"
+    upload = SimpleUploadedFile("alpaca.csv", b"\xef\xbb\xbf" + text.encode())
+    response = alice_client.post("/datasets/", {"file": upload, "format": "alpaca"})
+    page = response.content.decode()
+    assert response.status_code == 400 and "<td>3</td>" in page and "1 cells where the header has 3" in page
+    upload = SimpleUploadedFile("alpaca.csv", b"\xef\xbb\xbf" + text.rsplit("Only", 1)[0].encode())
+    assert alice_client.post("/datasets/", {"file": upload}).status_code == 302
+    dataset = Dataset.objects.get()
+    assert (dataset.rows, dataset.format) == (2, "alpaca")
+    assert read_row(dataset, 1) == {"instruction": "Add, please", "input": "1 and 2", "output": "3"}
+
+
+def test_a_jsonl_upload_with_a_bom_is_read_not_refused(alice_client):
+    upload = SimpleUploadedFile("bom.jsonl", b"\xef\xbb\xbf" + jsonl([CHAT_ROW, CHAT_ROW | {"id": 1}]))
+    assert alice_client.post("/datasets/", {"file": upload}).status_code == 302
+    dataset = Dataset.objects.get()
+    assert dataset.rows == 2 and read_row(dataset, 0) == CHAT_ROW
+    assert not dataset.path.read_bytes().startswith(b"\xef\xbb\xbf")
+
+
+def test_api_upload_takes_parquet(alice_client):
+    upload = SimpleUploadedFile("api.parquet", _parquet_bytes([_chat(i) for i in range(3)]))
+    response = alice_client.post("/api/datasets/", {"file": upload})
+    assert response.status_code == 201 and response.json()["dataset"]["rows"] == 3
+
+
+def test_a_parquet_upload_streams_by_record_batch(alice, tmp_path):
+    """One 20 MB row group: pyarrow holds about a batch at a time, Python a few MB."""
+    import tracemalloc
+
+    import pyarrow as pa
+    from django.core.files import File
+
+    from training import sources
+    from webapp.datasets.services import upload_dataset
+
+    path = tmp_path / "big.parquet"
+    path.write_bytes(_parquet_bytes([{"text": os.urandom(500).hex()} for _ in range(20_000)], row_group_size=10**9))
+    peak_arrow = 0
+    original = sources._table_rows
+
+    def watched(batches):
+        nonlocal peak_arrow
+        for item in original(batches):
+            peak_arrow = max(peak_arrow, pa.total_allocated_bytes())
+            yield item
+
+    tracemalloc.start()
+    with pytest.MonkeyPatch.context() as mp, path.open("rb") as f:
+        mp.setattr(sources, "_table_rows", watched)
+        result = upload_dataset(alice[1], alice[0], File(f, name="big.parquet"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert result.dataset.rows == 20_000
+    size = path.stat().st_size
+    assert peak_arrow < size / 3 and peak < 8 * 2**20, (peak_arrow, peak, size)

@@ -1,23 +1,25 @@
-"""Dataset use cases: upload (streamed, validated line by line, content-addressed) and row access."""
+"""Dataset use cases: upload (JSONL, JSON, .gz, Parquet or CSV, streamed, validated row by row, stored as
+content-addressed JSONL) and row access."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
+import io
 import json
 import os
+import re
 import tempfile
-import zlib
 from array import array
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
 from django.db import IntegrityError, transaction
 
 from training import rows as row_format
+from training import sources
 from training.config import DatasetSpec
 from training.formats import FORMATS, detect_format
 from training.formats.chat_template import detect_layout
@@ -37,6 +39,7 @@ class ValidationReport:
     rows: int = 0
     problems: list[LineProblem] = field(default_factory=list)  # the first MAX_PROBLEMS_SHOWN
     counts: Counter = field(default_factory=Counter)  # by reason
+    unit: str = "line"  # how problems are numbered: "line" (JSONL, JSON array items) or "row" (Parquet, CSV)
 
     @property
     def by_reason(self) -> list[tuple[str, int]]:
@@ -86,63 +89,41 @@ class UploadResult:
     report: ValidationReport
 
 
-def _read_lines(readline, inflated_limit: int | None = None) -> Iterator[bytes]:
-    """The file's lines, never holding more than the row size limit (training.rows.MAX_LINE_BYTES)
-    of one: a longer line is passed on cut (parse_line reports it, with its number) and the rest of
-    it skipped. With a limit (a .gz upload), refused once more than that came out of the archive."""
-    inflated, archive = 0, inflated_limit is not None
-
-    def read(size: int) -> bytes:
-        nonlocal inflated
-        try:
-            chunk = readline(size)
-        except (EOFError, OSError, zlib.error) as exc:
-            if not archive:
-                raise
-            raise UploadRejected(f"the .gz file is damaged: {exc}") from None  # truncated or corrupt
-        inflated += len(chunk)
-        if archive and inflated > inflated_limit:
-            raise UploadRejected(f"the .gz file inflates more than {GZIP_MAX_RATIO}x: refused as an archive bomb")
-        return chunk
-
-    while True:
-        limit = row_format.MAX_LINE_BYTES
-        line = read(limit + 1)
-        if not line:
-            return
-        if len(line) > limit and not line.endswith(b"\n"):
-            while (rest := read(2**20)) and not rest.endswith(b"\n"):
-                pass
-        yield line
-
-
-def _lines(raw: IO[bytes], compressed_size: int) -> Iterator[bytes]:
-    head = raw.read(2)
+def _upload_rows(raw: IO[bytes], size: int, filename: str) -> tuple[str, Iterator[tuple[int, bytes | LineProblem]]]:
+    """Whatever the file (JSONL, .jsonl.gz, a JSON array, Parquet, CSV), its rows as JSON lines, read
+    as a stream through training's readers: (how rows are counted, (number, JSON line or problem)).
+    Parquet goes by record batch, so a 1 GB file never sits in memory."""
+    head = raw.read(4)
     raw.seek(0)
-    if head == b"\x1f\x8b":
-        limit = max(max(compressed_size, 1) * GZIP_MAX_RATIO, 64 * 2**20)
-        yield from _read_lines(gzip.GzipFile(fileobj=raw).readline, limit)
-        return
-    first = raw.read(1)
-    while first and first in b" \t\r\n":
-        first = raw.read(1)
-    raw.seek(0)
-    if first == b"[":
-        # A JSON array: re-emit its items as JSONL lines (numbered by item).
-        try:
-            items = json.loads(raw.read().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UploadRejected(f"the file starts like a JSON array but isn't valid JSON: {exc}") from None
-        for item in items:
-            yield json.dumps(item, ensure_ascii=False).encode("utf-8") + b"\n"
-        return
-    yield from _read_lines(raw.readline)
+    name = filename.lower()
+    if head == b"PAR1" or name.endswith(".parquet"):
+        return "row", _as_lines(sources.read_parquet(raw))
+    if name.endswith(".csv"):
+        return "row", _csv_lines(raw)
+    # A .gz upload is refused once it inflates past this: a 1 MB bomb must not fill the disk.
+    inflated_limit = max(max(size, 1) * GZIP_MAX_RATIO, 64 * 2**20)
+    return "line", row_format.read_json_lines(raw, inflated_limit=inflated_limit)
 
 
-def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, keep_valid: bool):
-    """Stream `raw` once: validate each line, hash and index what would be stored. Returns
-    (report, temp path of the clean JSONL, sha256, stored size, line-offset index, temp path of rejected lines)."""
-    report = ValidationReport(format=format_override)
+def _csv_lines(raw: IO[bytes]) -> Iterator[tuple[int, bytes | LineProblem]]:
+    text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")  # -sig: a BOM is skipped
+    try:
+        yield from _as_lines(sources.csv_rows(text))
+    finally:
+        text.detach()  # the upload stays open: its owner closes it
+
+
+def _as_lines(rows) -> Iterator[tuple[int, bytes | LineProblem]]:
+    for number, row in rows:
+        yield number, row if isinstance(row, LineProblem) else sources.json_line(row)
+
+
+def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, filename: str = "dataset.jsonl"):
+    """Stream `raw` once: validate each row, hash and index what would be stored (as JSONL, whatever
+    the upload's own format). Returns (report, temp path of the clean JSONL, sha256, stored size,
+    line-offset index, temp path of rejected lines)."""
+    unit, items = _upload_rows(raw, size, filename)
+    report = ValidationReport(format=format_override, unit=unit)
     spec: DatasetSpec | None = (
         DatasetSpec(path="upload", type=format_override)
         if format_override and format_override != "chat_template"
@@ -153,13 +134,13 @@ def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, k
     rejected = tempfile.NamedTemporaryFile("wb", dir=tmp_dir, suffix=".rejected.part", delete=False)
     digest, offsets, written = hashlib.sha256(), array("q"), 0
     try:
-        for line_no, line in enumerate(_lines(raw, size), start=1):
-            parsed = parse_line(line, line_no)
+        for line_no, line in items:
+            parsed = line if isinstance(line, LineProblem) else parse_line(line, line_no)
             if parsed is None:
                 continue
             problems: list[LineProblem] = []
             if isinstance(parsed, LineProblem):
-                problems = [parsed]
+                problems = [replace(parsed, unit=unit)]
             else:
                 if spec is None:
                     detected = format_override or detect_format(parsed)
@@ -170,6 +151,7 @@ def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, k
                                 "",
                                 "can't tell the format: expected `messages`, "
                                 "`instruction`+`output`, `text` or `segments`",
+                                unit,
                             )
                         ]
                     else:
@@ -178,13 +160,17 @@ def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, k
                         spec = DatasetSpec(path="upload", type=detected, **report.format_options)
                 if spec is not None and not problems:
                     problems = [
-                        LineProblem(line_no, p.field, p.message) for p in FORMATS[spec.format_name].check(parsed, spec)
+                        LineProblem(line_no, p.field, p.message, unit)
+                        for p in FORMATS[spec.format_name].check(parsed, spec)
                     ]
             if problems:
                 for p in problems:
                     report.add(p)
-                rejected.write(line if line.endswith(b"\n") else line + b"\n")
+                if not isinstance(line, LineProblem):
+                    rejected.write(line if line.endswith(b"\n") else line + b"\n")
                 continue
+            if line_no == 1 and line.startswith(row_format.BOM):
+                line = line[len(row_format.BOM) :]
             if not line.endswith(b"\n"):
                 line += b"\n"
             report.rows += 1
@@ -194,12 +180,19 @@ def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, k
             written += len(line)
         clean.close()
         rejected.close()
+    except row_format.FileRefused as exc:
+        _discard(clean, rejected)
+        raise UploadRejected(str(exc)) from None
     except BaseException:
-        for f in (clean, rejected):
-            f.close()
-            Path(f.name).unlink(missing_ok=True)
+        _discard(clean, rejected)
         raise
     return report, Path(clean.name), digest.hexdigest(), written, offsets, Path(rejected.name)
+
+
+def _discard(*files) -> None:
+    for f in files:
+        f.close()
+        Path(f.name).unlink(missing_ok=True)
 
 
 def upload_limit() -> int:
@@ -227,10 +220,10 @@ def upload_dataset(
         raise UploadRejected(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     filename = os.path.basename(getattr(file, "name", "") or "dataset.jsonl")  # a label, never a path
     file.seek(0)
-    report, clean, sha, stored_size, offsets, rejected = validate_and_store(file, size, format, keep_valid)
+    report, clean, sha, stored_size, offsets, rejected = validate_and_store(file, size, format, filename)
     try:
         if report.invalid and not keep_valid:
-            raise UploadRejected(f"{report.invalid} invalid line(s)", report)
+            raise UploadRejected(f"{report.invalid} invalid {report.unit}(s)", report)
         if report.rows == 0:
             raise UploadRejected("no valid row in the file", report)
         existing = Dataset.objects.filter(workspace=workspace, sha256=sha).first()
@@ -241,7 +234,8 @@ def upload_dataset(
         index = dataset_dir() / f"{sha}.idx"
         with index.open("wb") as f:
             offsets.tofile(f)
-        base = name.strip() if name else download_name(filename.split(".json")[0])[: MAX_NAME - 10] or "dataset"
+        stem = re.sub(r"(\.(jsonl|json|parquet|csv))?(\.gz)?$", "", filename, flags=re.IGNORECASE)
+        base = name.strip() if name else download_name(stem)[: MAX_NAME - 10] or "dataset"
         with transaction.atomic():
             dataset = _create_with_unique_name(
                 workspace=workspace,
