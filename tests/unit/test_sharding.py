@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -156,12 +155,6 @@ def test_qlora_with_fsdp2_needs_cuda():
 # -- the CPU proof: two gloo processes ------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _losses(events):
     return [e["values"]["loss"] for e in events if e["event"] == "metric" and "loss" in e["values"]]
 
@@ -186,17 +179,27 @@ def proof_config(model_dir, data_dir, **extra) -> dict:
     }
 
 
-def run_sharded(raw: dict, run_dir: Path, processes: int = 2) -> list[dict]:
-    """`accelerate launch` with the generated config, as the worker runs a sharded run."""
+def run_sharded(raw: dict, run_dir: Path, processes: int = 2, *extra: str) -> list[dict]:
+    """`trainyard train --processes 2`: accelerate launch with the generated config (the launch the
+    worker builds too: sharding.multi_process_launch)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))
-    acc = sharding.write_accelerate_config(parse_config(raw), run_dir / "accelerate.yaml", processes, cpu=False)
-    cmd = [sys.executable, *sharding.launch_prefix(acc, processes, _free_port(), cpu=False)]
-    cmd += ["-m", "training", "train", str(run_dir / "config.yaml"), "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "training", "train", str(run_dir / "config.yaml"), "--run-dir", str(run_dir)]
+    cmd += ["--processes", str(processes), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAINYARD_CPU_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert yaml.safe_load((run_dir / "accelerate.yaml").read_text())["distributed_type"] == "FSDP"
     return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def test_the_cli_refuses_fsdp_on_one_process(tmp_path):
+    raw = {"base_model": "m", "datasets": [{"path": "d.jsonl", "type": "chat_template"}], "fsdp_config": FSDP2}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "training", "train", str(tmp_path / "config.yaml"), "--run-dir", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "this run gets 1" in done.stderr and "--processes" in done.stderr
 
 
 def answer(model, tokenizer, prompt: str) -> tuple[list[int], object]:
