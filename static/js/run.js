@@ -83,6 +83,12 @@
     bar.value = s.current_step;
     document.getElementById("step-text").textContent = "step " + s.current_step + (s.total_steps ? " / " + s.total_steps : "");
     if (latestEpoch !== null) document.getElementById("epoch-text").textContent = "epoch " + latestEpoch.toFixed(2);
+    // A page opened while queued follows the run all the way: queue place, then start and end times.
+    const queue = document.getElementById("queue-position");
+    queue.hidden = !s.queue_position;
+    if (s.queue_position) queue.textContent = ` · position ${s.queue_position} in the queue`;
+    if (s.started_at) run.startedAt = s.started_at;
+    if (s.finished_at) run.finishedAt = s.finished_at;
     if (run.startedAt) {
       const end = s.final ? (run.finishedAt || Date.now() / 1000) : Date.now() / 1000;
       const elapsed = end - run.startedAt;

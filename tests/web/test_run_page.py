@@ -89,3 +89,19 @@ def test_resume_skips_a_checkpoint_left_half_written(running):
         if complete:
             (folder / "trainer_state.json").write_text("{}")
     assert latest_checkpoint(running).name == "checkpoint-10"
+
+
+def test_status_messages_carry_what_the_header_shows(alice):
+    """A page opened while queued follows the run: queue place while queued, start time once running."""
+    from django.utils import timezone
+
+    first, second = (
+        Run.objects.create(workspace=alice[1], name=n, config_yaml="x", status=RunStatus.QUEUED) for n in "ab"
+    )
+    queued = realtime.status_of(second)
+    assert queued["queue_position"] == 2 and queued["started_at"] is None
+    Run.objects.filter(pk=first.pk).update(status=RunStatus.RUNNING, started_at=timezone.now())
+    first.refresh_from_db()
+    assert realtime.status_of(second)["queue_position"] == 1
+    running = realtime.status_of(first)
+    assert running["queue_position"] is None and running["started_at"] == first.started_at.timestamp()

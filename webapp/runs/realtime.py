@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TypedDict
 
+from webapp.runs.gpus import queue_position
 from webapp.runs.models import MetricPoint, Run
 
 MAX_LOG_CHUNK = 64 * 1024
@@ -35,6 +36,9 @@ class StatusPayload(TypedDict):
     total_steps: int | None
     final: bool
     health: list[dict]  # training.health alerts: code, level, step, message, fix
+    started_at: float | None  # epoch seconds: the page shows elapsed time and ETA from it
+    finished_at: float | None
+    queue_position: int | None  # 1 = next to start; None unless queued
 
 
 class LogPayload(TypedDict):
@@ -87,6 +91,9 @@ def status_of(run: Run) -> StatusPayload:
         total_steps=run.total_steps,
         final=not run.is_active,
         health=run.health,
+        started_at=run.started_at.timestamp() if run.started_at else None,
+        finished_at=run.finished_at.timestamp() if run.finished_at else None,
+        queue_position=queue_position(run) if run.status == "queued" else None,
     )
 
 
