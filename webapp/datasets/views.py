@@ -29,7 +29,7 @@ def dataset_list(request):
         require_writer(request.user, workspace)
         upload = request.FILES.get("file")
         if upload is None:
-            error = "choose a JSONL file to upload"
+            error = "choose a file to upload (JSONL, JSON, .jsonl.gz, Parquet or CSV)"
         else:
             try:
                 result = upload_dataset(
@@ -48,7 +48,7 @@ def dataset_list(request):
                 elif result.report.invalid:
                     messages.warning(
                         request,
-                        f"Stored {result.report.rows} valid rows; {result.report.invalid} invalid lines were left out.",
+                        f"Stored {result.report.rows} valid rows; {result.report.invalid} invalid {result.report.unit}s were left out.",
                     )
                 else:
                     messages.success(request, f"Uploaded {result.dataset.rows} rows ({result.dataset.format}).")
