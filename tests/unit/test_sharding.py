@@ -262,3 +262,24 @@ def test_fsdp2_on_two_cpu_processes_shards_and_trains_as_one(tiny_model_dir, sha
     assert not torch.allclose(logits_a, base_logits, atol=1e-4)  # the trained weights were saved, not the base
     assert torch.allclose(logits_a, logits_b, atol=2e-3), (logits_a - logits_b).abs().max()
     assert tokens_a == tokens_b
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumes_from_its_sharded_checkpoint(tiny_model_dir, shard_data, tmp_path):
+    """SHARDED_STATE_DICT checkpoints (each rank writes its part, torch.distributed.checkpoint) are
+    loaded back by two ranks: the resumed run continues the uninterrupted run's loss curve exactly."""
+    fsdp = {**FSDP2, "state_dict_type": "SHARDED_STATE_DICT"}
+    raw = proof_config(tiny_model_dir, shard_data, micro_batch_size=1, save_steps=3, fsdp_config=fsdp)
+    whole = run_sharded(raw, tmp_path / "whole")
+    checkpoint = tmp_path / "whole" / "checkpoints" / "checkpoint-3"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # sharded, not one gathered file
+    assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    resumed = run_sharded(raw, tmp_path / "resumed", 2, "--resume", str(checkpoint))
+
+    def curve(evts):
+        return {e["step"]: e["values"]["loss"] for e in evts if e["event"] == "metric" and "loss" in e["values"]}
+
+    after = curve(resumed)
+    assert sorted(after) == [4, 5, 6]  # it started from step 3, not from the beginning
+    for step, loss in after.items():
+        assert loss == pytest.approx(curve(whole)[step], rel=1e-5)
