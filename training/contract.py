@@ -29,7 +29,7 @@ _FORMATS = "tests/unit/test_formats.py"
 
 HONOURED: dict[str, str] = {
     # model, tokenizer, adapter
-    "base_model": _TRAIN + "test_loss_falls",
+    "base_model": _T + "test_base_model_and_datasets_are_what_trains",
     "trust_remote_code": _CONFIG + "test_trust_remote_code_needs_the_site_setting",
     "adapter": _TRAIN + "test_loss_falls",
     "lora_r": _T + "test_lora_keys_shape_the_adapter",
@@ -37,12 +37,12 @@ HONOURED: dict[str, str] = {
     "lora_dropout": _T + "test_lora_keys_shape_the_adapter",
     "lora_target_modules": _T + "test_lora_keys_shape_the_adapter",
     "lora_target_linear": _T + "test_lora_keys_shape_the_adapter",
-    "lora_target_parameters": _T + "test_lora_keys_shape_the_adapter",
+    "lora_target_parameters": "tests/unit/test_architectures.py::test_lora_target_parameters_put_lora_on_the_experts",
     "quantize_moe_experts": "tests/unit/test_architectures.py::test_quantize_moe_experts_stores_experts_in_4_bit",
     "lora_modules_to_save": _T + "test_lora_keys_shape_the_adapter",
     "peft_use_dora": _T + "test_lora_keys_shape_the_adapter",
     "peft_use_rslora": _T + "test_lora_keys_shape_the_adapter",
-    "load_in_4bit": _TRAIN + "test_qlora_trains_on_the_cpu",
+    "load_in_4bit": _T + "test_bnb_config_kwargs_reach_the_quantization_config",
     "load_in_8bit": _T + "test_bnb_config_kwargs_reach_the_quantization_config",
     "bnb_config_kwargs": _T + "test_bnb_config_kwargs_reach_the_quantization_config",
     "merge_lora": _TRAIN + "test_merge_lora_saves_a_merged_model_with_gradient_checkpointing",
@@ -58,7 +58,7 @@ HONOURED: dict[str, str] = {
     "gradient_checkpointing_kwargs": _T + "test_gradient_checkpointing_kwargs_are_passed_through",
     "activation_offloading": _T + "test_activation_offloading_saves_activations_through_the_offload_hooks",
     # data
-    "datasets": _TRAIN + "test_loss_falls",
+    "datasets": _T + "test_base_model_and_datasets_are_what_trains",
     "val_set_size": _TRAIN + "test_packed_training_reports_efficiency_and_eval_loss",
     "sequence_len": _T + "test_data_keys_shape_the_batches",
     "excess_length_strategy": _FORMATS,
@@ -91,7 +91,7 @@ HONOURED: dict[str, str] = {
     "full_determinism": _T + "test_training_arguments_follow_the_config",
     "seed": _T + "test_training_arguments_follow_the_config",
     "bf16": _T + "test_bf16_true_trains_in_bf16_on_the_cpu",
-    "fp16": _CONFIG + "test_fp16_is_refused_without_cuda",
+    "fp16": _T + "test_fp16_is_refused_without_cuda_and_reaches_the_trainer_with_it",
     "tf32": _T + "test_tf32_sets_the_cuda_matmul_precision_and_is_a_no_op_on_the_cpu",
     "torch_compile": _T + "test_torch_compile_reaches_the_training_arguments",
     # evaluation, checkpoints, stopping
@@ -118,15 +118,15 @@ HONOURED: dict[str, str] = {
 
 # Keys of one `datasets:` entry, written "datasets[].key".
 HONOURED_DATASET: dict[str, str] = {
-    "path": _TRAIN + "test_loss_falls",
+    "path": _T + "test_base_model_and_datasets_are_what_trains",
     "type": _FORMATS,
     "split": _SOURCES,
     "data_files": _SOURCES,
     "ds_type": _SOURCES,
     "field_messages": _TEMPLATES,
     "message_property_mappings": _TEMPLATES,
-    "message_field_role": _TEMPLATES,
-    "message_field_content": _TEMPLATES,
+    "message_field_role": _T + "test_dataset_field_names_are_read",
+    "message_field_content": _T + "test_dataset_field_names_are_read",
     "roles": _TEMPLATES,
     "roles_to_train": _TEMPLATES,
     "train_on_eos": _TEMPLATES,
@@ -139,12 +139,12 @@ HONOURED_DATASET: dict[str, str] = {
     "field_thinking": _TEMPLATES,
     "template_thinking_key": _TEMPLATES,
     "split_thinking": _TEMPLATES,
-    "field_system": _FORMATS,
-    "field": _FORMATS,
-    "field_instruction": _FORMATS,
-    "field_input": _FORMATS,
-    "field_output": _FORMATS,
-    "field_segments": _FORMATS,
+    "field_system": _T + "test_dataset_field_names_are_read",
+    "field": _T + "test_dataset_field_names_are_read",
+    "field_instruction": _T + "test_dataset_field_names_are_read",
+    "field_input": _T + "test_dataset_field_names_are_read",
+    "field_output": _T + "test_dataset_field_names_are_read",
+    "field_segments": _T + "test_dataset_field_names_are_read",
 }
 
 
@@ -229,7 +229,7 @@ REFUSED: dict[str, Refusal] = {
         "xformers_attention s2_attention sage_attention flash_attn_cross_entropy flash_attn_rms_norm "
         "flash_attn_fuse_mlp flash_attn_d512 fused_attn_kernel large_head_attention sdpa_varlen "
         "fa_varlen_kwargs_in_collator scaling_softmax scaling_softmax_factor scaling_softmax_bias "
-        "flex_attn_compile_kwargs gemma4_hybrid_attn_impl chunked_cross_entropy chunked_cross_entropy_num_chunks "
+        "flex_attn_compile_kwargs flash_optimum gemma4_hybrid_attn_impl chunked_cross_entropy chunked_cross_entropy_num_chunks "
         "tiled_mlp tiled_mlp_num_shards tiled_mlp_use_original_mlp llama4_linearized_experts ple_cpu_offload "
         "layer_offloading",
         "this attention or kernel patch of axolotl is not implemented in Trainyard",
@@ -464,7 +464,7 @@ def apply_contract(raw: dict, known_fields: set[str], known_dataset_fields: set[
             if not REFUSED[key].accepts(value, data):
                 result.errors.append((key, REFUSED[key].message()))
             continue
-        if key not in known_fields:
+        if key not in known_fields and key not in LEGACY_ATTENTION:
             _unknown(key, lenient, result)
             continue
         result.data[key] = value

@@ -252,6 +252,8 @@ def training_arguments(config: TrainConfig, run_dir: Path, *, train_rows: int, h
         max_grad_norm=config.max_grad_norm,
         bf16=bf16,
         fp16=config.fp16,
+        # bf16 on a machine without CUDA: the Trainer trains it on the CPU only when told so.
+        **({"use_cpu": True} if bf16 and not torch.cuda.is_available() else {}),
         # tf32 is a CUDA matmul mode: passed on a GPU (the Trainer sets torch's matmul precision, and left
         # unset it would turn tf32 on by itself); on the CPU it has no meaning and changes nothing.
         tf32=config.tf32 if torch.cuda.is_available() else None,
