@@ -1,5 +1,8 @@
-"""Upload memory: stream a generated chat JSONL (default 1 GB) through the real web server and sample
-the server's RSS. Goal: the web process stays under 300 MB. Prints a table, then one line of JSON."""
+"""Upload memory: stream a generated chat JSONL or Parquet file (default 1 GB) through the real web server
+and sample the server's RSS. Goal: the web process stays under 300 MB. Prints a table, then one line of JSON.
+
+`--format parquet` writes the same rows as an uncompressed Parquet file of that size, in row groups of
+~250k rows (tens of MB each), which the server must read by record batch, not a row group at a time."""
 
 from __future__ import annotations
 
@@ -8,13 +11,38 @@ import http.client
 import http.cookiejar
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
 
-from _setup import fresh_data_dir, login, start_server, write_chat_jsonl
+from _setup import ROOT, fresh_data_dir, login, start_server, write_chat_jsonl
 
 GOAL_MB = 300
+
+
+def write_chat_parquet(path: Path, size_mb: int, group_rows: int = 250_000) -> int:
+    """The chat rows of write_chat_jsonl (varied so none repeat) as an uncompressed Parquet file of
+    about size_mb, in row groups of group_rows; returns the row count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(ROOT))
+    from training.demo import chat_rows
+
+    block = [json.dumps(r) for r in chat_rows(2000, seed=5)]
+    target, rows, writer = size_mb * 1024 * 1024, 0, None
+    while not path.exists() or path.stat().st_size < target:
+        batch = []
+        for _ in range(group_rows):
+            line = block[rows % len(block)]
+            batch.append(json.loads(line.replace('"}]}', f' ({rows})"}}]}}', 1)))
+            rows += 1
+        table = pa.Table.from_pylist(batch)
+        writer = writer or pq.ParquetWriter(path, table.schema, compression="none")
+        writer.write_table(table, row_group_size=group_rows)
+    writer.close()
+    return rows
 
 
 def rss_mb(pid: int) -> float:
@@ -27,11 +55,12 @@ def rss_mb(pid: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
     args = parser.parse_args()
 
     data = fresh_data_dir()
-    path = data / "upload.jsonl"
-    rows = write_chat_jsonl(path, args.size_mb)
+    path = data / f"upload.{args.format}"
+    rows = (write_chat_parquet if args.format == "parquet" else write_chat_jsonl)(path, args.size_mb)
     server, base = start_server(os.environ.copy())
     try:
         _, token, cookies = login(base)
@@ -40,7 +69,7 @@ def main() -> None:
         boundary = "----trainyardbench"
         head = (
             f'--{boundary}\r\nContent-Disposition: form-data; name="csrfmiddlewaretoken"\r\n\r\n{token}\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="upload.jsonl"\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
             "Content-Type: application/octet-stream\r\n\r\n"
         ).encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
@@ -76,17 +105,18 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     figures = {
-        "size_mb": args.size_mb,
+        "format": args.format,
+        "size_mb": round(path.stat().st_size / 2**20),
         "rows": rows,
         "status": response.status,
         "stored": "/datasets/" in location,
         "seconds": round(seconds, 1),
-        "mb_per_s": round(args.size_mb / seconds, 1),
+        "mb_per_s": round(path.stat().st_size / 2**20 / seconds, 1),
         "idle_rss_mb": round(idle, 1),
         "peak_rss_mb": round(peak["mb"], 1),
         "goal_peak_rss_mb": GOAL_MB,
     }
-    print(f"uploaded {args.size_mb} MB ({rows} rows) in {figures['seconds']} s, HTTP {response.status} -> {location}")
+    print(f"uploaded {figures['size_mb']} MB of {args.format} ({rows} rows) in {figures['seconds']} s, HTTP {response.status} -> {location}")
     print(f"web process RSS: idle {figures['idle_rss_mb']} MB, peak {figures['peak_rss_mb']} MB (goal < {GOAL_MB})")
     print(json.dumps(figures))
 

@@ -252,8 +252,10 @@ def _open_folder(folder: Path, ds_type, data_files, slices, base_dir) -> Source:
     if data_files:
         files = []
         for name in data_files:
-            p = folder / name if (folder / name).exists() else _resolve(name, base_dir)
-            matches = sorted(p.parent.glob(p.name)) if any(c in name for c in "*?[") else [p]
+            if any(c in name for c in "*?["):  # a pattern, as datasets allows: matched inside the folder
+                matches = sorted(m for m in folder.glob(name) if m.is_file())
+            else:
+                matches = [folder / name if (folder / name).exists() else _resolve(name, base_dir)]
             if not matches or not all(m.is_file() for m in matches):
                 raise SourceError(f"{folder}: data_files {name!r} not found")
             files += [(m, _kind(m, ds_type)) for m in matches]

@@ -237,6 +237,7 @@ def test_data_files_pick_files_in_the_folder(tmp_path):
     write_jsonl(tmp_path / "c.jsonl", ROWS[9:])
     assert texts(read(tmp_path, data_files=["c.jsonl", "a.jsonl"])) == [r["text"] for r in ROWS[9:] + ROWS[:5]]
     assert texts(read(tmp_path, data_files="b.jsonl")) == [r["text"] for r in ROWS[5:9]]
+    assert texts(read(tmp_path, data_files="[ab].jsonl")) == [r["text"] for r in ROWS[:9]]
     with pytest.raises(SourceError, match="data_files 'z.jsonl' not found"):
         open_source(spec(tmp_path, data_files="z.jsonl"))
 
