@@ -233,3 +233,22 @@ def test_a_launcher_killed_outright_takes_its_ranks_with_it(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _gone(pids)
+
+
+@pytest.mark.slow
+def test_a_sharded_run_trains_through_the_worker_on_two_fake_devices(alice, alice_dataset, settings):
+    """The whole path: queued with gpus: 2, both devices leased at once, accelerate launch with the
+    generated config, two FSDP2 ranks on the CPU, per-rank metrics recorded, one adapter folder."""
+    from webapp.runs.models import MetricPoint, TrainingConfig
+
+    settings.TRAINYARD_GPUS = "0,1"
+    user, workspace = alice
+    yaml_text = FSDP_YAML + "sequence_len: 128\nmicro_batch_size: 2\nmax_steps: 3\nlearning_rate: 0.003\n"
+    config = TrainingConfig.objects.create(workspace=workspace, name="c", yaml=yaml_text)
+    run = services.enqueue_run(workspace, user, config, gpus=2)  # huey runs it now (immediate mode)
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED, (run.message, run.log_path.read_text()[-3000:])
+    assert len(run.devices) == 2 and not DeviceLease.objects.filter(run=run).exists()
+    ranks = [p.values for p in MetricPoint.objects.filter(run=run) if "param_share_rank1" in p.values]
+    assert ranks and 0.4 <= ranks[0]["param_share_rank0"] <= 0.6 and 0.4 <= ranks[0]["param_share_rank1"] <= 0.6
+    assert (run.run_dir / "adapter" / "adapter_model.safetensors").exists()
