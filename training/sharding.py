@@ -279,6 +279,9 @@ def accelerate_config(config, num_processes: int, *, cpu: bool, mixed_precision:
     kind = kind_of(config)
     if kind == "deepspeed":
         out["distributed_type"] = "DEEPSPEED"
+        # With a DeepSpeed JSON, precision is the JSON's (bf16 "auto" follows the Trainer): accelerate
+        # refuses a config file that also sets mixed_precision.
+        del out["mixed_precision"]
         out["deepspeed_config"] = {"deepspeed_config_file": str(deepspeed_file(config.deepspeed)), "zero3_init_flag": False}
     elif kind == "fsdp":
         fsdp = fsdp_of(config)

@@ -110,6 +110,7 @@ def test_accelerate_config_for_fsdp2_and_deepspeed():
     ds = sharding.accelerate_config(config(deepspeed="zero3"), 2, cpu=False)
     assert ds["distributed_type"] == "DEEPSPEED"
     assert ds["deepspeed_config"]["deepspeed_config_file"].endswith("zero3.json")
+    assert "mixed_precision" not in ds  # accelerate refuses it beside a DeepSpeed JSON
     assert sharding.accelerate_config(config(), 2, cpu=False)["distributed_type"] == "MULTI_GPU"
 
 
