@@ -13,6 +13,7 @@ urlpatterns = [
     path("login/", workspaces.RateLimitedLoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("workspaces/switch/", workspaces.switch, name="workspace-switch"),
+    path("workspaces/new/", workspaces.workspace_new, name="workspace-new"),
     path("settings/tokens/", workspaces.tokens, name="tokens"),
     path("settings/members/", members.members, name="members"),
     path("datasets/", datasets.dataset_list, name="dataset-list"),

@@ -27,6 +27,7 @@ OWN_ONLY = {
     "run-list",
     "run-compare",
     "workspace-switch",
+    "workspace-new",
     "tokens",
     "members",
     "admin-login",
@@ -289,3 +290,24 @@ def test_no_template_carries_inline_script_or_handlers():
         for match in re.finditer(r"<script(?![^>]*\bsrc=)(?![^>]*type=\"application/json\")[^>]*>|\son[a-z]+=\"", text):
             offenders.append(f"{template.relative_to(root)}: {match.group(0)}")
     assert offenders == []
+
+
+def test_a_user_in_no_workspace_is_told_so_and_can_start_one(client):
+    import html
+
+    from django.contrib.auth.models import User
+
+    from webapp.workspaces.models import Membership
+
+    loner = User.objects.create_user("loner", password="loner-password")
+    client.force_login(loner)
+    landed = client.get("/datasets/", follow=True)
+    assert landed.request["PATH_INFO"] == "/workspaces/new/"
+    assert "You are not in a workspace yet" in landed.content.decode()
+    refused = client.post("/datasets/", {})  # a write without a workspace: told why, never "a viewer"
+    assert refused.status_code == 302 and refused["Location"] == "/workspaces/new/"
+    created = client.post("/workspaces/new/", {"name": "  Loner's   lab "}, follow=True)
+    assert created.request["PATH_INFO"] == "/runs/" and "Loner's lab" in html.unescape(created.content.decode())
+    assert Membership.objects.get(user=loner).role == "owner"
+    again = client.post("/workspaces/new/", {"name": "loner's LAB"})
+    assert again.status_code == 400 and "already exists" in again.content.decode()

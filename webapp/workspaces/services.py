@@ -39,6 +39,23 @@ def create_user_with_workspace(username: str, password: str, workspace_name: str
     return user, workspace
 
 
+class WorkspaceNameTaken(ValueError):
+    pass
+
+
+@transaction.atomic
+def create_workspace(user, name: str) -> Workspace:
+    """A new workspace owned by `user` (anyone signed in may start one)."""
+    name = " ".join(name.split())
+    if not name or len(name) > 100:
+        raise ValueError("give the workspace a name of 1 to 100 characters")
+    if Workspace.objects.filter(name__iexact=name).exists():
+        raise WorkspaceNameTaken(f"a workspace named “{name}” already exists; pick another name")
+    workspace = Workspace.objects.create(name=name)
+    Membership.objects.create(user=user, workspace=workspace, role=Role.OWNER)
+    return workspace
+
+
 def role_of(user, workspace) -> str | None:
     if not user.is_authenticated or workspace is None:
         return None
@@ -51,6 +68,8 @@ def can_write(user, workspace) -> bool:
 
 def require_writer(user, workspace) -> None:
     """Viewers read; uploading, starting, cancelling, writing notes need member or owner."""
+    if workspace is None:
+        raise PermissionDenied("you are not in any workspace yet: create one, or ask a workspace owner to add you")
     if role_of(user, workspace) not in (Role.OWNER, Role.MEMBER):
         raise PermissionDenied("viewers of this workspace can read but not change anything")
 

@@ -11,7 +11,7 @@ from django.core.exceptions import PermissionDenied
 from django.core.cache import cache
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods, require_POST
 
 from webapp.http import parse_id, safe_next
 from webapp.workspaces import services
@@ -47,6 +47,28 @@ def tokens(request):
 
 
 @login_not_required  # the login page itself: the middleware would send it back to /login/ with itself as next
+@require_http_methods(["GET", "POST"])
+def workspace_new(request):
+    """Start a workspace (you own it). A user in no workspace lands here, told why."""
+    error = None
+    if request.method == "POST":
+        try:
+            workspace = services.create_workspace(request.user, request.POST.get("name", ""))
+        except ValueError as exc:
+            error = str(exc)
+        else:
+            request.session["workspace_id"] = workspace.pk
+            messages.success(request, f"Workspace “{workspace.name}” created: you are its owner.")
+            return redirect("home")
+    has_one = Workspace.objects.visible_to(request.user).exists()
+    return render(
+        request,
+        "workspace_new.html",
+        {"error": error, "has_one": has_one, "name": request.POST.get("name", "")},
+        status=400 if error else 200,
+    )
+
+
 def admin_login(request):
     target = safe_next(request, request.GET.get("next"), "/admin/")
     if request.user.is_authenticated:
