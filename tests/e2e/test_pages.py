@@ -60,6 +60,7 @@ def pages(ids):
         "config": f"/configs/{ids['config']}/",
         "tokens": "/settings/tokens/",
         "members": "/settings/members/",
+        "workspace-new": "/workspaces/new/",
         "api-docs": "/api/docs",
         "admin": "/admin/",
     }
