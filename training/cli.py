@@ -26,6 +26,8 @@ def _load_config(path: str, allow_trust_remote_code: bool = False):
     except ConfigInvalid as exc:
         lines = "\n".join(f"  {e}" for e in exc.errors)
         sys.exit(f"error: invalid config {path}:\n{lines}")
+    for warning in config.warnings:  # valid but without effect here, or unknown under strict: false
+        print(f"warning: {warning}", file=sys.stderr)
     # A relative base_model folder is read next to the config, as dataset paths are.
     beside = Path(path).resolve().parent / config.base_model
     if not Path(config.base_model).is_absolute() and not Path(config.base_model).exists() and beside.is_dir():
@@ -156,7 +158,8 @@ def cmd_train(args) -> int:
     if problems:
         reason = "; ".join(str(p) for p in problems)
         sink.emit("status", state="failed", message=f"invalid config: {reason}")
-        print(f"error: {reason}", file=sys.stderr)
+        lines = "\n".join(f"  {p}" for p in problems)  # one line per key, as for parse_config's errors
+        print(f"error: invalid config {args.config}:\n{lines}", file=sys.stderr)
         return 2
     if launching:
         return _launch_processes(args, config, run_dir)

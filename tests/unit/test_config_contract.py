@@ -155,3 +155,16 @@ def test_every_refusal_is_reported_at_once_one_line_per_key():
     errors = errors_of(BASE + "rl: dpo\nuse_kernels: true\nlora_r: -1\n")
     assert sorted(p for p, _ in errors) == ["lora_r", "rl", "use_kernels"]
     assert all("\n" not in m for _, m in errors)
+
+
+def test_the_cli_refuses_with_one_line_per_key_and_a_non_zero_exit(tmp_path):
+    from training.cli import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text(BASE + "rl: dpo\nuse_kernels: true\n")
+    with pytest.raises(SystemExit) as refused:
+        main(["preprocess", str(path)])
+    lines = str(refused.value.code).splitlines()
+    assert lines[0].startswith("error: invalid config") and len(lines) == 3
+    assert lines[1].startswith("  rl: preference and reinforcement training")
+    assert lines[2].startswith("  use_kernels: use_kernels downloads compiled kernels")
