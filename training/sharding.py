@@ -377,6 +377,18 @@ def rank_share(model) -> dict:
     return {"local_params": local, "total_params": total, "memory_mb": round(memory, 1)}
 
 
+def memory_of_every_rank(own_mb: float) -> dict:
+    """{"memory_mb_rank0": ..., "memory_mb_rank1": ...} from every rank (a collective: all ranks call
+    it at the same step); {} in a single process, where memory_mb says it all."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return {}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, round(own_mb, 1))
+    return {f"memory_mb_rank{i}": mb for i, mb in enumerate(everyone)}
+
+
 def gather_rank_shares(model) -> list[dict]:
     """rank_share of every rank, on every rank ([own] when not distributed)."""
     import torch.distributed as dist

@@ -166,6 +166,7 @@ def _make_callback(sink: EventSink, collator: Collator, should_stop: Callable[[]
                 values["samples_per_second"] = (collator.samples_seen - self.last_samples) / dt
                 values["seconds_per_step"] = dt / steps
                 values["memory_mb"] = _peak_memory_mb()
+                values.update(sharding.memory_of_every_rank(values["memory_mb"]))  # several processes only
                 self.last_time, self.last_tokens, self.last_step = now, collator.tokens_seen, state.global_step
                 self.last_samples = collator.samples_seen
             values.pop("total_flos", None)

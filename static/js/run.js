@@ -43,7 +43,10 @@
     document.getElementById("no-points").hidden = true;
     for (const [suffix, chart] of Object.entries(C.RUN)) {
       const traces = [];
-      for (const [key, name, smoothable] of chart.keys) {
+      // A sharded run also reports each rank's memory (memory_mb_rank0, ...): drawn beside memory_mb.
+      const rankKeys = suffix === "mem" ? Object.keys(series).filter((k) => /^memory_mb_rank\d+$/.test(k)).sort()
+        .map((k) => [k, "rank " + k.slice("memory_mb_rank".length) + " MB", false]) : [];
+      for (const [key, name, smoothable] of [...chart.keys, ...rankKeys]) {
         const s = series[key];
         if (!s) continue;
         if (smoothable && smooth) traces.push({x: s[xKey], y: s.y, name: name + " (raw)", type: C.TRACE,

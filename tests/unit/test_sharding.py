@@ -233,6 +233,8 @@ def test_fsdp2_on_two_cpu_processes_shards_and_trains_as_one(tiny_model_dir, sha
     shares = [r["local_params"] / r["total_params"] for r in ranks]
     assert all(0.4 <= s <= 0.6 for s in shares), shares  # each rank holds about half
     assert sum(r["local_params"] for r in ranks) == ranks[0]["total_params"]
+    stepped = [e["values"] for e in events if e["event"] == "metric" and "loss" in e["values"]]
+    assert all(v["memory_mb_rank0"] > 0 and v["memory_mb_rank1"] > 0 for v in stepped)  # the run page's per-rank memory
 
     sharded_curve, single_curve = _losses(events), _losses(single.events)
     assert len(sharded_curve) == len(single_curve) == 6
