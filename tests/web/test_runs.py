@@ -303,3 +303,25 @@ def test_merged_model_on_request_and_checkpoint_download(alice_client, alice_dat
     assert "merged/model.safetensors" in names and not any("adapter" in n for n in names)
     again = alice_client.post(f"/runs/{run.pk}/merge/", follow=True)
     assert "already there" in again.content.decode()
+
+
+def test_the_form_keeps_the_yaml_as_written(alice_client, alice_dataset):
+    """Comments, key order and number formats survive; unticked boxes add nothing; only changes are written."""
+    written = (
+        "# my tiny run\n"
+        "base_model: tiny-chat  # the demo model\n"
+        "datasets:\n"
+        "  - path: chat  # uploaded earlier\n"
+        "    type: chat_template\n"
+        "learning_rate: 2e-4\n"
+        "num_epochs: 2\n"
+        "lora_r: 8\n"
+    )
+    form = {"f_base_model": "tiny-chat", "f_dataset": "chat", "f_learning_rate": "2e-4", "f_num_epochs": "2"}
+    response = alice_client.post(
+        "/configs/new/", {"name": "c", "yaml": written, "action": "apply_form", **form, "f_lora_r": "16"}
+    )
+    import html
+
+    text = html.unescape(response.content.decode()).split('class="code">', 1)[1].split("</textarea>")[0]
+    assert text == written.replace("lora_r: 8", "lora_r: 16")

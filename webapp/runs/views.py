@@ -16,6 +16,7 @@ from webapp.datasets.models import Dataset
 from webapp.http import download_name, parse_id, parse_ids, safe_next
 from webapp.runs import gpus, realtime, services
 from webapp.runs.base_models import available_models
+from webapp.runs.forms import CommonKeysForm
 from webapp.runs.models import Run, RunNote, TrainingConfig
 from webapp.runs.presets import PRESETS
 from webapp.workspaces.services import can_write, current_workspace, require_writer
@@ -64,7 +65,7 @@ def config_edit(request, pk: int | None = None):
         action = request.POST.get("action")
         try:
             if action == "apply_form":
-                yaml_text = services.apply_form(yaml_text, request.POST)
+                yaml_text = CommonKeysForm(yaml_text, request.POST).apply()
                 messages.info(request, "The form's values are in the YAML below (not saved yet).")
             elif action == "validate":
                 config, resolved = services.validate_config(workspace, yaml_text)
@@ -105,7 +106,7 @@ def config_edit(request, pk: int | None = None):
             "datasets": Dataset.objects.filter(workspace=workspace),
             "models": available_models(),
             "presets": [(key, label) for key, (label, _) in PRESETS.items()],
-            "form": services.form_values(yaml_text),
+            "form": CommonKeysForm(yaml_text),
         },
         status=status,
     )
