@@ -262,16 +262,18 @@ def _let_accelerate_shard_on_the_cpu() -> None:
     cls.__init__ = __init__
 
 
-def accelerate_config(config, num_processes: int, *, cpu: bool, mixed_precision: str = "no") -> dict:
-    """The `accelerate launch --config_file` contents for this run on one machine."""
+def accelerate_config(
+    config, num_processes: int, *, cpu: bool, mixed_precision: str = "no", machines: int = 1, machine_rank: int = 0
+) -> dict:
+    """The `accelerate launch --config_file` contents for this run (`num_processes` over all machines)."""
     out: dict = {
         "compute_environment": "LOCAL_MACHINE",
-        "num_machines": 1,
-        "machine_rank": 0,
+        "num_machines": machines,
+        "machine_rank": machine_rank,
         "num_processes": num_processes,
         "mixed_precision": mixed_precision,
         "use_cpu": cpu,
-        "rdzv_backend": "static",
+        "rdzv_backend": "static",  # every member knows its machine rank: no elastic membership
         "same_network": True,
         "main_training_function": "main",
         "debug": False,
@@ -301,10 +303,10 @@ def accelerate_config(config, num_processes: int, *, cpu: bool, mixed_precision:
     return out
 
 
-def write_accelerate_config(config, path: Path, num_processes: int, *, cpu: bool) -> Path:
+def write_accelerate_config(config, path: Path, num_processes: int, *, cpu: bool, **machines) -> Path:
     import yaml
 
-    path.write_text(yaml.safe_dump(accelerate_config(config, num_processes, cpu=cpu), sort_keys=False))
+    path.write_text(yaml.safe_dump(accelerate_config(config, num_processes, cpu=cpu, **machines), sort_keys=False))
     return path
 
 
@@ -317,14 +319,33 @@ def launch_prefix(accelerate_config_file: Path, num_processes: int, port: int, *
     return args + (["--cpu"] if cpu else [])
 
 
-def multi_process_launch(config, run_dir: Path, num_processes: int, port: int) -> list[str]:
-    """The launcher arguments for a run on `num_processes` devices of this machine: the accelerate
-    config is written into the run folder (kept with the run, so what ran can be read later).
-    `config` None (unreadable here): plain data parallel; the trainer reports the config's problem."""
+def multi_process_launch(
+    config,
+    run_dir: Path,
+    num_processes: int,
+    port: int,
+    *,
+    machines: int = 1,
+    machine_rank: int = 0,
+    main_ip: str | None = None,
+) -> list[str]:
+    """The launcher arguments for a run on `num_processes` devices (over all `machines`; the same
+    number on each): the accelerate config is written into the run folder (kept with the run, so
+    what ran can be read later). Several machines: every member runs this with its `machine_rank`
+    and the leader's `main_ip`:`port` (docs/multi-host.md). `config` None (unreadable here): plain
+    data parallel; the trainer reports the config's problem."""
     if config is None:
         return ["-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--main_process_port", str(port)]
-    path = write_accelerate_config(config, Path(run_dir) / "accelerate.yaml", num_processes, cpu=False)
-    return launch_prefix(path, num_processes, port)
+    if machines > 1 and (num_processes % machines or main_ip is None):
+        raise ValueError(f"{num_processes} processes on {machines} machines: need the same count on each and main_ip")
+    name = "accelerate.yaml" if machines == 1 else f"accelerate-machine{machine_rank}.yaml"
+    path = write_accelerate_config(
+        config, Path(run_dir) / name, num_processes, cpu=False, machines=machines, machine_rank=machine_rank
+    )
+    args = launch_prefix(path, num_processes, port)
+    if machines > 1:
+        args += ["--num_machines", str(machines), "--machine_rank", str(machine_rank), "--main_process_ip", main_ip]
+    return args
 
 
 def die_with_launcher() -> None:

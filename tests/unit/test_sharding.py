@@ -286,3 +286,40 @@ def test_a_sharded_run_resumes_from_its_sharded_checkpoint(tiny_model_dir, shard
     assert sorted(after) == [4, 5, 6]  # it started from step 3, not from the beginning
     for step, loss in after.items():
         assert loss == pytest.approx(curve(whole)[step], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_hosts_train_as_one_run_through_the_rendezvous(tiny_model_dir, shard_data, tmp_path):
+    """docs/multi-host.md, step one: two launchers as machine 0 and machine 1 (one CPU process each,
+    the leader at 127.0.0.1) form one FSDP2 run: each "host" holds half the parameters and the loss
+    curve is the single-process one."""
+    from training.train import train
+
+    raw = proof_config(tiny_model_dir, shard_data, micro_batch_size=1, fsdp_config=FSDP2)
+    run_dir = tmp_path / "two-hosts"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))
+    config, port = parse_config(raw), _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAINYARD_CPU_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    trainer = ["-m", "training", "train", str(run_dir / "config.yaml"), "--run-dir", str(run_dir)]
+    members = []
+    for rank in (0, 1):
+        launch = sharding.multi_process_launch(config, run_dir, 2, port, machines=2, machine_rank=rank, main_ip="127.0.0.1")
+        log = (run_dir / f"machine{rank}.log").open("w")
+        members.append(subprocess.Popen([sys.executable, *launch, *trainer], env=env, stdout=log, stderr=log))
+    codes = [m.wait(timeout=600) for m in members]
+    assert codes == [0, 0], (run_dir / "machine1.log").read_text()[-3000:]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    ranks = next(e for e in events if e["event"] == "ranks")["ranks"]
+    assert [r["param_share"] for r in ranks] == [0.5, 0.5]
+    single = ListEventSink()
+    train(parse_config(proof_config(tiny_model_dir, shard_data, micro_batch_size=2)), tmp_path / "single", single)
+    assert _losses(events) == pytest.approx(_losses(single.events), rel=1e-4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
