@@ -39,6 +39,12 @@ CHECKPOINT_OPTIONS = frozenset("use_reentrant preserve_rng_state determinism_che
 EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 # Low-bit AdamW from torchao (a dependency): measured to step on the CPU (tests/unit/test_honoured_keys.py).
 TORCHAO_OPTIMIZERS = frozenset({"adamw_torch_8bit", "adamw_torch_4bit"})
+# Measured to build and step on the CPU with the pinned packages; any other name is built once by
+# check_environment so a missing package is refused before the model loads.
+OPTIMIZERS_THAT_BUILD_HERE = TORCHAO_OPTIMIZERS | {
+    "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+    "sgd", "adafactor", "adagrad", "rmsprop",
+}
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,8 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
     "eager": AttentionBackend(isolates_packed_samples=True, needs_cuda=False, needs_package=None),
     # Measured (tests/unit/test_architectures.py): packed logits equal separate ones on every seed architecture
     # that has a flex path (transformers builds a block mask from position_ids restarts).
-    "flex_attention": AttentionBackend(isolates_packed_samples=True, needs_cuda=False, needs_package=None),
+    # Training needs CUDA: torch 2.13 has no flex backward on the CPU (measured: NotImplementedError).
+    "flex_attention": AttentionBackend(isolates_packed_samples=True, needs_cuda=True, needs_package=None),
     "flash_attention_2": AttentionBackend(isolates_packed_samples=True, needs_cuda=True, needs_package="flash_attn"),
 }
 
@@ -534,6 +541,10 @@ def check_environment(
         errors.append(ConfigError("bf16", "bf16: true needs a GPU with bf16 support here; use bf16: auto"))
     if config.optimizer in TORCHAO_OPTIMIZERS and importlib.util.find_spec("torchao") is None:
         errors.append(ConfigError("optimizer", f"{config.optimizer} needs the torchao package (pip install torchao)"))
+    elif config.optimizer and config.optimizer not in OPTIMIZERS_THAT_BUILD_HERE:
+        problem = _optimizer_problem(config.optimizer)
+        if problem:
+            errors.append(ConfigError("optimizer", f"{config.optimizer} can't be built here: {problem}; use adamw_torch"))
     errors += [
         ConfigError(key, reason)
         for key, reason in sharding.environment_problems(config, devices=devices, cuda_available=cuda_available)
@@ -542,6 +553,22 @@ def check_environment(
 
     errors += check_against_model(config)
     return errors
+
+
+def _optimizer_problem(name: str) -> str | None:
+    """Build `name` for a one-weight model as the Trainer will: an optimizer whose package is missing (GaLore,
+    APOLLO, LOMO, schedule-free, ...) fails here, before a model is loaded, instead of after."""
+    import tempfile
+
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    try:
+        args = TrainingArguments(output_dir=tempfile.gettempdir(), optim=name, report_to="none")
+        Trainer.get_optimizer_cls_and_kwargs(args, torch.nn.Linear(1, 1))
+    except (ImportError, ValueError, RuntimeError, NotImplementedError) as exc:
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return None
 
 
 def _config_warnings(config: TrainConfig) -> list[str]:

@@ -5,6 +5,7 @@ Framework-free: it reads a TrainConfig and writes events to a sink; the web app 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -21,6 +22,12 @@ from training.events import EventSink
 from training.packing import pack, packing_efficiency
 from training.rows import LineProblem
 from training.sources import SourceError, open_source
+
+
+# torchao (the low-bit optimizers, imported by peft) warns at import that its CUDA-only libraries don't load
+# on a machine without CUDA: true, and no concern of the run's.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's Enum registrations on torch 2.13
 
 
 class DataInvalid(ValueError):

@@ -465,3 +465,9 @@ def test_fp16_is_refused_without_cuda_and_reaches_the_trainer_with_it(tmp_path):
     from training.train import training_arguments
 
     assert training_arguments(config, tmp_path, train_rows=10, has_eval=False, bf16=False)["fp16"] is True
+
+
+def test_an_optimizer_whose_package_is_missing_is_refused_before_the_model_loads():
+    problems = check_environment(config_of("m", optimizer="schedule_free_adamw"), cuda_available=False)
+    assert [p.path for p in problems] == ["optimizer"] and "schedulefree" in problems[0].message
+    assert check_environment(config_of("m", optimizer="adamw_bnb_8bit"), cuda_available=False) == []
