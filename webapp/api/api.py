@@ -22,7 +22,44 @@ class BearerToken(HttpBearer):
         return found
 
 
-api = NinjaAPI(title="Trainyard API", version="0.1", auth=[BearerToken(), django_auth])
+class TrainyardAPI(NinjaAPI):
+    """The schema lists the refusals every route can give besides its own answers, in our error shape:
+    401 (no session or token), 403 (a viewer writing), 404 (not in your workspaces), 422 (a request
+    that doesn't match the schema) and 400 (a body that isn't JSON)."""
+
+    def get_openapi_schema(self, *args, **kwargs):
+        schema = super().get_openapi_schema(*args, **kwargs)
+        schema["components"].setdefault("schemas", {})["Error"] = {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "errors": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"path": {"type": "string"}, "message": {"type": "string"}},
+                    },
+                },
+            },
+            "required": ["message"],
+        }
+        error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        for path, operations in schema["paths"].items():
+            for method, operation in operations.items():
+                codes = {401: "not signed in", 422: "the request doesn't match the schema"}
+                if method != "get":
+                    codes[403] = "viewers of the workspace can't change anything"
+                if "{" in path or method == "post":  # an object, or one named in the body, must be yours
+                    codes[404] = "not found (or not in your workspace)"
+                if "requestBody" in operation:
+                    codes[400] = "the body can't be parsed"
+                responses = operation.setdefault("responses", {})
+                for code, description in codes.items():
+                    responses.setdefault(code, {"description": description, **error})
+        return schema
+
+
+api = TrainyardAPI(title="Trainyard API", version="0.1", auth=[BearerToken(), django_auth])
 
 
 # Every error is {"message": ...}; a request that doesn't match the schema also says where.
