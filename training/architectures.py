@@ -134,16 +134,17 @@ def _model_config(arch: str, tokenizer):
                                video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"))
     if arch == "glm4_moe_lite":
         return tf.Glm4MoeLiteConfig(
-            vocab_size=vocab, hidden_size=_H, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+            # bitsandbytes' CPU 4-bit kernels want in-features a multiple of 64 and out-features of 32
+            vocab_size=vocab, hidden_size=_H, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4,
-            num_experts_per_tok=2, kv_lora_rank=24, q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16,
-            qk_nope_head_dim=16, mlp_layer_types=["dense", "sparse"], max_position_embeddings=4096,
+            num_experts_per_tok=2, kv_lora_rank=64, q_lora_rank=64, qk_rope_head_dim=32, v_head_dim=16,
+            qk_nope_head_dim=32, mlp_layer_types=["dense", "sparse"], max_position_embeddings=4096,
             initializer_range=0.1, **ids)
     if arch in ("qwen3_5", "qwen3_5_moe"):
         text = {
             "vocab_size": vocab, "hidden_size": _H, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2, "head_dim": 16, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 16,
-            "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+            "linear_value_head_dim": 8, "linear_num_key_heads": 2, "linear_num_value_heads": 32,
             # one Gated DeltaNet layer, one full-attention layer (the real models: 3 linear, then 1 full)
             "layer_types": ["linear_attention", "full_attention"], "initializer_range": 0.1,
             "max_position_embeddings": 4096, **ids,
@@ -156,7 +157,7 @@ def _model_config(arch: str, tokenizer):
         if arch == "qwen3_5":
             text["intermediate_size"] = 128
             return tf.Qwen3_5Config(text_config=text, vision_config=vision, **special)
-        text.update(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+        text.update(moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=4,
                     num_experts_per_tok=2)
         return tf.Qwen3_5MoeConfig(text_config=text, vision_config=vision, **special)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")

@@ -1,0 +1,196 @@
+"""The 17 seed configs (../shared/seed-configs/, axolotl's examples for Ministral, Gemma 4, GLM-4.7-Flash and
+Qwen3.5) run as written on tiny models of their architectures.
+
+Only `base_model` (-> the tiny model of its architecture), dataset paths (-> small local stand-ins in the same
+layout), `output_dir` and resource sizes (sequence_len, steps, accumulation) are changed. Each config is then
+either trained a few steps on the CPU, saving an adapter (or model) that loads, or refused at validation; a
+refusal must be *only* for limits of this machine (no CUDA, no flash-attn, no Triton, one process), and the
+refused keys must be exactly the ones EXPECTED lists. To show that nothing else in a refused config is wrong,
+the same config with exactly those keys removed must then train.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training.architectures import SEED_MODELS
+from training.config import ConfigInvalid, check_environment, parse_config
+
+SEED_DIR = Path(os.environ.get("TRAINYARD_SEED_CONFIGS", Path(__file__).parents[3] / "shared" / "seed-configs"))
+
+# A refusal is a limit of this machine when it says so (CUDA, a GPU, the flash-attn package, Triton, more
+# processes) and does not also say Trainyard lacks the feature (then it would be refused on a GPU too).
+MACHINE_LIMIT = re.compile(r"CUDA|GPU|flash_attn|flash-attn|Triton|several (devices|processes)", re.I)
+PRODUCT_GAP = re.compile(r"\byet\b|not implemented|not part of Trainyard|not wired|not loaded by Trainyard|can't shard")
+
+_PLUGIN_CCE = "plugins[0]"
+_LIGER = {"liger_layer_norm", "liger_rope", "liger_rms_norm", "liger_glu_activation", "liger_rms_norm_gated"}
+_FA2 = {"attn_implementation"}  # flash_attention_2: needs the flash-attn package and CUDA
+
+# The target partition on this machine (CPU, no flash-attn, one process): None = trains as written;
+# otherwise the set of key paths refused for this machine's limits.
+EXPECTED: dict[str, set[str] | None] = {
+    "gemma4__26b-a4b-moe-qlora.yaml": {
+        _PLUGIN_CCE, "plugins[1]", "plugins[2]", "use_kernels", "use_scattermoe", "experts_implementation", *_LIGER
+    },
+    # flex_attention: torch 2.13 has no flex backward on the CPU (measured: NotImplementedError)
+    "gemma4__31b-qlora-flex.yaml": {_PLUGIN_CCE, "plugins[1]", *_LIGER, "attn_implementation"},
+    "gemma4__31b-qlora.yaml": {_PLUGIN_CCE, "plugins[1]", *_LIGER},
+    "glm47-flash__lora.yaml": {_PLUGIN_CCE, *_FA2},
+    "glm47-flash__lora_fsdp.yaml": {_PLUGIN_CCE, *_FA2, "fsdp_config"},
+    "glm47-flash__qlora.yaml": {_PLUGIN_CCE, *_FA2},
+    "glm47-flash__qlora_fsdp.yaml": {_PLUGIN_CCE, *_FA2, "fsdp_config"},
+    "ministral__ministral-small-qlora.yaml": {_PLUGIN_CCE, *_FA2},
+    "qwen3.5__122b-a10b-moe-qlora-fsdp.yaml": {_PLUGIN_CCE, *_FA2, "fsdp_config"},
+    "qwen3.5__122b-a10b-moe-qlora.yaml": {_PLUGIN_CCE, *_FA2},
+    "qwen3.5__27b-fft.yaml": {_PLUGIN_CCE, *_FA2},
+    "qwen3.5__27b-qlora-fsdp.yaml": {_PLUGIN_CCE, *_FA2, "fsdp_config"},
+    "qwen3.5__27b-qlora.yaml": {_PLUGIN_CCE, *_FA2},
+    "qwen3.5__35b-a3b-moe-qlora-fsdp.yaml": {_PLUGIN_CCE, *_FA2, "fsdp_config"},
+    "qwen3.5__35b-a3b-moe-qlora.yaml": {
+        _PLUGIN_CCE, "plugins[1]", "plugins[2]", "use_kernels", "use_scattermoe", *_LIGER, "lora_qkv_kernel",
+        "lora_o_kernel", *_FA2,
+    },
+    "qwen3.5__9b-fft-vision.yaml": {*_FA2},
+    "qwen3.5__9b-lora-vision.yaml": {*_FA2},
+}
+
+# Resource sizes only: small enough to train in seconds on two cores.
+RESOURCES = {"sequence_len": 256, "max_steps": 2, "gradient_accumulation_steps": 1, "micro_batch_size": 2}
+
+
+def _stand_in_rows(layout: str, n: int = 24) -> list[dict]:
+    from training.demo import chat_rows
+
+    rows = []
+    for row in chat_rows(n, seed=7):
+        messages = [m for m in row["messages"] if m["role"] != "system"]
+        if layout == "sharegpt":  # mlabonne/FineTome-100k
+            names = {"user": "human", "assistant": "gpt"}
+            rows.append({"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in messages]})
+        else:  # fozziethebeat/alpaca_messages_2k_test, HuggingFaceH4/llava-instruct-mix-vsft (text turns)
+            rows.append({"messages": messages})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("seed-data")
+    paths = {}
+    for layout in ("sharegpt", "messages"):
+        path = folder / f"{layout}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in _stand_in_rows(layout)))
+        paths[layout] = path
+    return paths
+
+
+def seed_config(name: str, tiny_arch, stand_ins, output_dir: Path) -> dict:
+    """The seed config with only base_model, dataset paths, output_dir and resource sizes changed."""
+    data = yaml.safe_load((SEED_DIR / name).read_text())
+    data["base_model"] = str(tiny_arch(SEED_MODELS[data["base_model"]]))
+    for entry in data["datasets"]:
+        entry["path"] = str(stand_ins["sharegpt" if entry.get("field_messages") == "conversations" else "messages"])
+    data["output_dir"] = str(output_dir)
+    data.update(RESOURCES)
+    return data
+
+
+def validate(data: dict) -> tuple[object | None, list]:
+    """(config or None, errors) as the CLI and the web app see them on this machine."""
+    try:
+        config = parse_config(data)
+    except ConfigInvalid as invalid:
+        return None, invalid.errors
+    return config, check_environment(config)
+
+
+def without(data: dict, paths: set[str]) -> dict:
+    """The config with exactly the refused key paths removed (plugins by index)."""
+    data = dict(data)
+    plugins = [p for i, p in enumerate(data.get("plugins") or []) if f"plugins[{i}]" not in paths]
+    for path in paths:
+        if not path.startswith("plugins["):
+            data.pop(path.split(".")[0].split("[")[0], None)
+    if "plugins" in data:
+        data["plugins"] = plugins or None
+    return data
+
+
+def train_and_reload(config, run_dir: Path) -> Path:
+    import torch
+
+    from training.events import ListEventSink
+    from training.train import train
+
+    torch.set_num_threads(1)
+    sink = ListEventSink()
+    train(config, run_dir, sink)
+    out = run_dir / ("adapter" if config.adapter else "model")
+    if config.adapter:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(config.base_model)
+        loaded = PeftModel.from_pretrained(base, out)
+        assert any("lora_" in n for n, _ in loaded.named_parameters())
+    else:
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(out)
+    return out
+
+
+def test_every_seed_config_is_in_the_table():
+    assert sorted(p.name for p in SEED_DIR.glob("*.yaml")) == sorted(EXPECTED)
+
+
+def all_refusals(data: dict) -> tuple[object | None, list]:
+    """Every refusal of the config on this machine, and the config without the refused keys.
+
+    Validation answers in two rounds (the contract and the schema, then the machine), so the keys refused
+    in one round are removed and validation is asked again, until nothing more is refused."""
+    refused: list = []
+    for _round in range(4):
+        config, errors = validate(without(data, {e.path for e in refused}))
+        if not errors:
+            return config, refused
+        refused += errors
+    return None, refused
+
+
+def problems_of(name: str, data: dict, run_dir: Path) -> list[str]:
+    """Everything that keeps the seed config `name` (already given its stand-ins) from its EXPECTED outcome:
+    refusals not due to this machine, a different set of refused keys, and, as nothing else in the config
+    may be wrong, a failure to train without exactly the refused keys."""
+    config, errors = all_refusals(data)
+    refused = {e.path for e in errors}
+    problems = [
+        f"refused, not for this machine: {e}"
+        for e in errors
+        if not MACHINE_LIMIT.search(e.message) or PRODUCT_GAP.search(e.message)
+    ]
+    expected = EXPECTED[name] or set()
+    if refused != expected:
+        problems.append(f"refused keys {sorted(refused)}, expected {sorted(expected)}")
+    if config is None:
+        problems.append("no valid config even without the refused keys")
+    else:
+        try:
+            train_and_reload(config, run_dir)
+        except Exception as exc:  # noqa: BLE001 - reported with the other problems
+            problems.append(f"training failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+    return problems
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_seed_config_trains_or_is_refused_only_for_this_machine(name, tiny_arch, stand_ins, tmp_path):
+    """All that blocks a config is listed in one failure message."""
+    data = seed_config(name, tiny_arch, stand_ins, tmp_path / "outputs")
+    assert problems_of(name, data, tmp_path / "run") == []
