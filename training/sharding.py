@@ -132,8 +132,13 @@ def check_keys(config) -> None:
             config.fsdp_config = FsdpConfig()
     if config.deepspeed and fsdp_of(config) is not None:
         raise ValueError("deepspeed and fsdp both set: a run is sharded by one of them; remove the other")
-    if config.deepspeed:
-        deepspeed_file(config.deepspeed)  # raises with the preset names when unknown
+    if config.deepspeed and not _looks_like_path(config.deepspeed):
+        deepspeed_file(config.deepspeed)  # a preset name: raises with the preset names when unknown
+
+
+def _looks_like_path(value: str) -> bool:
+    """A file is looked for where the run starts (beside its config), not where it is parsed."""
+    return "/" in value or value.endswith(".json")
 
 
 def deepspeed_presets() -> list[str]:

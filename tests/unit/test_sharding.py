@@ -102,6 +102,14 @@ def test_deepspeed_presets_by_name_or_axolotl_path():
     assert sharding.trainer_kwargs(config(deepspeed="zero2")) == {"deepspeed": str(sharding.deepspeed_file("zero2"))}
 
 
+def test_a_deepspeed_file_is_found_beside_the_config_when_the_run_starts(tmp_path):
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2}}')
+    c = config(deepspeed="ds.json")  # not looked for at parse time: the cwd there is not the run's
+    assert sharding.trainer_kwargs(c, base_dir=tmp_path) == {"deepspeed": str(tmp_path / "ds.json")}
+    with pytest.raises(ValueError, match="no preset or file 'ds.json'"):
+        sharding.trainer_kwargs(c, base_dir=tmp_path / "elsewhere")
+
+
 def test_accelerate_config_for_fsdp2_and_deepspeed():
     fsdp = sharding.accelerate_config(config(fsdp_config=FSDP2), 4, cpu=False)
     assert fsdp["distributed_type"] == "FSDP" and fsdp["num_processes"] == 4
@@ -222,7 +230,9 @@ def test_fsdp2_on_two_cpu_processes_shards_and_trains_as_one(tiny_model_dir, sha
     from training.train import train
 
     # Same global batch: 2 samples a step, as 2 ranks x 1 or 1 process x 2.
-    sharded_raw = proof_config(tiny_model_dir, shard_data, adapter=adapter, micro_batch_size=1, fsdp_config=FSDP2)
+    # The full fine-tune also checkpoints activations as the seed configs do (recomputation: same numbers).
+    fsdp = FSDP2 if adapter else {**FSDP2, "activation_checkpointing": True}
+    sharded_raw = proof_config(tiny_model_dir, shard_data, adapter=adapter, micro_batch_size=1, fsdp_config=fsdp)
     single_raw = proof_config(tiny_model_dir, shard_data, adapter=adapter, micro_batch_size=2)
     events = run_sharded(sharded_raw, tmp_path / "sharded")
     single = ListEventSink()
