@@ -207,12 +207,31 @@ def environment_problems(config, *, devices: int | None, cuda_available: bool) -
                 "QLoRA with FSDP2 shards 4-bit bitsandbytes weights, which needs CUDA; on the CPU use adapter: lora",
             )
         )
+    if kind == "fsdp" and config.load_in_4bit and config.bf16 is False:
+        problems.append(
+            (
+                "bf16",
+                "QLoRA with FSDP2 stores the 4-bit weights as bf16 so they shard like the rest; "
+                "leave bf16 unset (auto) or true",
+            )
+        )
     if kind == "fsdp" and config.load_in_8bit:
         problems.append(("load_in_8bit", "FSDP2 can't shard 8-bit bitsandbytes weights; use load_in_4bit (QLoRA)"))
     return problems
 
 
 # -- what the Trainer and the launcher get --------------------------------------------------------
+
+
+def qlora_quantization_kwargs(config, dtype) -> dict:
+    """Extra BitsAndBytesConfig arguments for QLoRA under FSDP2, as bitsandbytes' FSDP-QLoRA guide and
+    axolotl do it: the packed 4-bit weights are stored in the model's dtype (bf16), so FSDP flattens
+    and shards them like every other parameter. For training/modeling.py's load_model (its owner
+    wires it in: `BitsAndBytesConfig(..., **sharding.qlora_quantization_kwargs(config, dtype))`);
+    empty when the run is not QLoRA + FSDP2."""
+    if not (config.load_in_4bit and kind_of(config) == "fsdp"):
+        return {}
+    return {"bnb_4bit_quant_storage": dtype}
 
 
 def trainer_kwargs(config, base_dir: Path | None = None) -> dict:

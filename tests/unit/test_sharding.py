@@ -159,6 +159,16 @@ def test_qlora_with_fsdp2_needs_cuda():
     errors = [str(e) for e in check_environment(qlora, cuda_available=False, devices=2)]
     assert any("QLoRA with FSDP2" in e and "CUDA" in e for e in errors), errors
     assert not [e for e in check_environment(qlora, cuda_available=True, devices=2) if "fsdp" in str(e)]
+    fp32 = config(adapter="qlora", load_in_4bit=True, bf16=False, fsdp_config=FSDP2)
+    assert any("stores the 4-bit weights as bf16" in str(e) for e in check_environment(fp32, cuda_available=True, devices=2))
+
+
+def test_qlora_under_fsdp2_stores_4bit_weights_in_the_model_dtype():
+    import torch
+
+    qlora = config(adapter="qlora", load_in_4bit=True, fsdp_config=FSDP2)
+    assert sharding.qlora_quantization_kwargs(qlora, torch.bfloat16) == {"bnb_4bit_quant_storage": torch.bfloat16}
+    assert sharding.qlora_quantization_kwargs(config(adapter="qlora", load_in_4bit=True), torch.bfloat16) == {}
 
 
 # -- the CPU proof: two gloo processes ------------------------------------------------------------
