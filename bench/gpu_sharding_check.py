@@ -191,7 +191,8 @@ def main() -> int:
     model = build_demo_model(work / "model")
     data = write_datasets(work / "data", rows_per_file=96)[0].parent
     names = args.only.split(",") if args.only else list(CASES)
-    print(f"{gpus} {'CPU process(es)' if args.cpu else 'CUDA device(s): ' + torch.cuda.get_device_name(0)}; runs under {work}")
+    where = "CPU process(es)" if args.cpu else f"CUDA device(s): {torch.cuda.get_device_name(0)}"
+    print(f"{gpus} {where}; runs under {work}")
     if gpus == 1:
         print("one GPU: every case runs as one process (code paths on CUDA, no sharding)")
     failed = 0

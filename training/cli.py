@@ -201,7 +201,8 @@ def _launch_processes(args, config, run_dir: Path) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, *sharding.multi_process_launch(config, run_dir, args.processes, port), *_train_args(args)]
+    launch = sharding.multi_process_launch(config, run_dir, args.processes, port)
+    command = [sys.executable, *launch, *_train_args(args)]
     return subprocess.call(command)
 
 

@@ -308,7 +308,10 @@ def accelerate_config(
         # With a DeepSpeed JSON, precision is the JSON's (bf16 "auto" follows the Trainer): accelerate
         # refuses a config file that also sets mixed_precision.
         del out["mixed_precision"]
-        out["deepspeed_config"] = {"deepspeed_config_file": str(deepspeed_file(config.deepspeed)), "zero3_init_flag": False}
+        out["deepspeed_config"] = {
+            "deepspeed_config_file": str(deepspeed_file(config.deepspeed)),
+            "zero3_init_flag": False,
+        }
     elif kind == "fsdp":
         fsdp = fsdp_of(config)
         out["distributed_type"] = "FSDP"
@@ -359,7 +362,10 @@ def multi_process_launch(
     and the leader's `main_ip`:`port` (docs/multi-host.md). `config` None (unreadable here): plain
     data parallel; the trainer reports the config's problem."""
     if config is None:
-        return ["-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--main_process_port", str(port)]
+        return ["-m", "accelerate.commands.launch", "--num_processes", str(num_processes)] + [
+            "--main_process_port",
+            str(port),
+        ]
     if machines > 1 and (num_processes % machines or main_ip is None):
         raise ValueError(f"{num_processes} processes on {machines} machines: need the same count on each and main_ip")
     name = "accelerate.yaml" if machines == 1 else f"accelerate-machine{machine_rank}.yaml"

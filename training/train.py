@@ -203,11 +203,10 @@ def _emit_rank_shares(sink: EventSink, trainer, step: int) -> None:
     for share in shares:
         share["param_share"] = round(share["local_params"] / max(share["total_params"], 1), 4)
     sink.emit("ranks", ranks=shares)
-    sink.emit(
-        "log",
-        message="ranks: "
-        + "; ".join(f"rank {s['rank']} holds {s['param_share']:.1%} of the parameters, peak {s['memory_mb']:.0f} MB" for s in shares),
-    )
+    described = [
+        f"rank {s['rank']} holds {s['param_share']:.1%} of the parameters, peak {s['memory_mb']:.0f} MB" for s in shares
+    ]
+    sink.emit("log", message="ranks: " + "; ".join(described))
     values = {f"memory_mb_rank{s['rank']}": s["memory_mb"] for s in shares}
     values.update({f"param_share_rank{s['rank']}": s["param_share"] for s in shares})
     sink.emit("metric", step=step, values=values)

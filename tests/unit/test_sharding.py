@@ -160,7 +160,8 @@ def test_qlora_with_fsdp2_needs_cuda():
     assert any("QLoRA with FSDP2" in e and "CUDA" in e for e in errors), errors
     assert not [e for e in check_environment(qlora, cuda_available=True, devices=2) if "fsdp" in str(e)]
     fp32 = config(adapter="qlora", load_in_4bit=True, bf16=False, fsdp_config=FSDP2)
-    assert any("stores the 4-bit weights as bf16" in str(e) for e in check_environment(fp32, cuda_available=True, devices=2))
+    errors = check_environment(fp32, cuda_available=True, devices=2)
+    assert any("stores the 4-bit weights as bf16" in str(e) for e in errors)
 
 
 def test_qlora_under_fsdp2_stores_4bit_weights_in_the_model_dtype():
@@ -324,7 +325,9 @@ def test_two_hosts_train_as_one_run_through_the_rendezvous(tiny_model_dir, shard
     trainer = ["-m", "training", "train", str(run_dir / "config.yaml"), "--run-dir", str(run_dir)]
     members = []
     for rank in (0, 1):
-        launch = sharding.multi_process_launch(config, run_dir, 2, port, machines=2, machine_rank=rank, main_ip="127.0.0.1")
+        launch = sharding.multi_process_launch(
+            config, run_dir, 2, port, machines=2, machine_rank=rank, main_ip="127.0.0.1"
+        )
         log = (run_dir / f"machine{rank}.log").open("w")
         members.append(subprocess.Popen([sys.executable, *launch, *trainer], env=env, stdout=log, stderr=log))
     codes = [m.wait(timeout=600) for m in members]
