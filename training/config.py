@@ -37,6 +37,11 @@ BNB_OPTIONS = frozenset(
 CHECKPOINT_OPTIONS = frozenset("use_reentrant preserve_rng_state determinism_check debug".split())
 # transformers' built-in MoE expert implementations that run without CUDA kernels (measured on the CPU).
 EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+LIGER_FLAGS = (
+    "liger_rope", "liger_rms_norm", "liger_rms_norm_gated", "liger_layer_norm", "liger_glu_activation",
+    "liger_cross_entropy", "liger_fused_linear_cross_entropy",
+)
 # Low-bit AdamW from torchao (a dependency): measured to step on the CPU (tests/unit/test_honoured_keys.py).
 TORCHAO_OPTIMIZERS = frozenset({"adamw_torch_8bit", "adamw_torch_4bit"})
 # Measured to build and step on the CPU with the pinned packages; any other name is built once by
@@ -255,6 +260,17 @@ class TrainConfig(BaseModel):
     experts_implementation: str | None = Field(None, description="MoE experts: eager | batched_mm | grouped_mm")
     profiler_steps: int | None = Field(None, gt=0, description="steps traced by the torch profiler")
     profiler_steps_start: int = Field(0, ge=0, description="first step traced")
+    # axolotl plugins: Liger is applied on a CUDA GPU (check_environment refuses it elsewhere); the others
+    # are refused by the contract. The liger_* flags are the plugin's, axolotl's names.
+    plugins: list[str] = Field(default_factory=list, description="axolotl.integrations.liger.LigerPlugin (CUDA)")
+    liger_rope: bool = False
+    liger_rms_norm: bool = False
+    liger_rms_norm_gated: bool = False
+    liger_layer_norm: bool = False
+    liger_glu_activation: bool = False
+    liger_swiglu: bool = Field(False, description="axolotl's old name of liger_glu_activation")
+    liger_cross_entropy: bool = False
+    liger_fused_linear_cross_entropy: bool = False
     _warnings: list[str] = PrivateAttr(default_factory=list)
 
     @property
@@ -438,6 +454,20 @@ class TrainConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _liger_flags_need_the_plugin(self) -> TrainConfig:
+        if self.liger_swiglu:
+            self.liger_glu_activation = True
+            self.liger_swiglu = False
+        on = [k for k in LIGER_FLAGS if getattr(self, k)]
+        if on and LIGER_PLUGIN not in self.plugins:
+            raise ValueError(f"{', '.join(on)}: Liger flags need plugins: [{LIGER_PLUGIN}]")
+        return self
+
+    @property
+    def liger(self) -> bool:
+        return LIGER_PLUGIN in self.plugins
+
     @property
     def attention(self) -> AttentionBackend:
         return ATTENTION_BACKENDS[self.attn_implementation]
@@ -539,6 +569,8 @@ def check_environment(
     # The CPU trains in bf16 (torch's CPU kernels); only a CUDA GPU without bf16 (T4, V100) can't.
     if config.bf16 is True and cuda_available and not bf16_available:
         errors.append(ConfigError("bf16", "bf16: true needs a GPU with bf16 support here; use bf16: auto"))
+    if config.liger:
+        errors += _liger_problems(config, cuda_available)
     if config.optimizer in TORCHAO_OPTIMIZERS and importlib.util.find_spec("torchao") is None:
         errors.append(ConfigError("optimizer", f"{config.optimizer} needs the torchao package (pip install torchao)"))
     elif config.optimizer and config.optimizer not in OPTIMIZERS_THAT_BUILD_HERE:
@@ -553,6 +585,32 @@ def check_environment(
 
     errors += check_against_model(config)
     return errors
+
+
+def _liger_problems(config: TrainConfig, cuda_available: bool) -> list[ConfigError]:
+    """Liger applies on a CUDA GPU with liger-kernel installed, to a model type it patches, with flags that
+    model's patch takes; anything else is refused here rather than skipped when the model loads."""
+    path = f"plugins[{config.plugins.index(LIGER_PLUGIN)}]"
+    if not cuda_available:
+        return [
+            ConfigError(
+                path,
+                "Liger kernels are Triton kernels that need a CUDA GPU (measured: they fail on the CPU); "
+                "remove it from plugins and the liger_* flags",
+            )
+        ]
+    if importlib.util.find_spec("liger_kernel") is None:
+        return [ConfigError(path, "the Liger plugin needs the liger-kernel package: pip install liger-kernel")]
+    from training.modeling import liger_arguments, model_type_of
+
+    model_type = model_type_of(config.base_model)
+    if model_type is None:
+        return []  # a hub id not in the cache: the loader checks it (ModelNotFound before any training)
+    try:
+        liger_arguments(config, model_type)
+    except ValueError as exc:
+        return [ConfigError(path, str(exc))]
+    return []
 
 
 def _optimizer_problem(name: str) -> str | None:

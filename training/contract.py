@@ -109,6 +109,15 @@ HONOURED: dict[str, str] = {
     "dataloader_drop_last": _T + "test_training_arguments_follow_the_config",
     "profiler_steps": _T + "test_profiler_steps_keep_a_trace_as_a_run_artifact",
     "profiler_steps_start": _T + "test_profiler_steps_keep_a_trace_as_a_run_artifact",
+    # plugins: Liger applied on CUDA (refused by check_environment elsewhere); the others refused (PLUGINS)
+    "plugins": _T + "test_liger_is_refused_without_cuda_and_applied_as_the_flags_say_with_it",
+    **{
+        flag: _T + "test_liger_is_refused_without_cuda_and_applied_as_the_flags_say_with_it"
+        for flag in (
+            "liger_rope liger_rms_norm liger_rms_norm_gated liger_layer_norm liger_glu_activation liger_swiglu "
+            "liger_cross_entropy liger_fused_linear_cross_entropy"
+        ).split()
+    },
     # sharding (training/sharding.py)
     "fsdp": _SHARDING,
     "fsdp_config": _SHARDING,
@@ -179,8 +188,6 @@ def _same_as_base_model(value: Any, data: dict) -> bool:
 
 REMOVE = "remove it"
 REFUSED: dict[str, Refusal] = {
-    # Each listed plugin is refused with its own reason (PLUGINS below); an empty list asks for nothing.
-    "plugins": Refusal("plugins are not loaded by Trainyard", "remove them"),
     "fsdp_final_state_dict_type": Refusal("the old place of this FSDP option", "write fsdp_config.state_dict_type"),
     **_family(
         "rl rl_beta dpo_beta dpo_label_smoothing dpo_ld_alpha dpo_loss_type dpo_loss_weights dpo_norm_loss "
@@ -345,20 +352,15 @@ REFUSED: dict[str, Refusal] = {
 
 # Plugins' own keys (valid in axolotl when the plugin is listed). Liger and Cut Cross Entropy are Triton
 # kernels: measured here, both fail on the CPU with "0 active drivers" (no GPU for Triton).
-_LIGER_WHY = (
-    "Liger kernels are Triton kernels that need a CUDA GPU (measured: they fail on the CPU), and Trainyard "
-    "does not apply them on GPUs yet"
-)
 _CCE_WHY = (
     "Cut Cross Entropy is a Triton kernel that needs a CUDA GPU (measured: it fails on the CPU), and Trainyard "
     "does not apply it on GPUs yet"
 )
 REFUSED.update(
     _family(
-        "liger_rope liger_rms_norm liger_rms_norm_gated liger_layer_norm liger_swiglu liger_glu_activation "
-        "liger_cross_entropy liger_fused_linear_cross_entropy liger_use_token_scaling liger_kernel_impl",
-        _LIGER_WHY,
-        "set it to false or remove it; the model's PyTorch layers are used",
+        "liger_use_token_scaling liger_kernel_impl",
+        "this Liger option (token scaling, cuTile/CuTe kernels) is not passed to liger-kernel by Trainyard",
+        "remove it",
     )
 )
 REFUSED.update(
@@ -394,10 +396,11 @@ REFUSED_DATASET: dict[str, Refusal] = {
     ),
 }
 
-# Plugins, by the names axolotl's configs list them under `plugins:`.
+# Plugins Trainyard applies (check_environment refuses them where the machine can't run them).
+APPLIED_PLUGINS = {"axolotl.integrations.liger.LigerPlugin": "Liger kernels, on a CUDA GPU"}
+# Plugins refused, by the names axolotl's configs list them under `plugins:`.
 PLUGINS: dict[str, Refusal] = {
     "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": Refusal(_CCE_WHY, "remove it from plugins"),
-    "axolotl.integrations.liger.LigerPlugin": Refusal(_LIGER_WHY, "remove it from plugins"),
     "axolotl.integrations.kernels.KernelsPlugin": Refusal(
         "axolotl's kernels plugin (CUDA MoE kernels) is not part of Trainyard",
         "remove it from plugins; set experts_implementation for MoE models",
@@ -452,11 +455,14 @@ def apply_contract(raw: dict, known_fields: set[str], known_dataset_fields: set[
     for key, value in data.items():
         if key in HARMLESS:
             continue
-        if key == "plugins" and isinstance(value, list) and "plugins" not in known_fields:
+        if key == "plugins" and isinstance(value, list):
             for i, name in enumerate(value):
+                if name in APPLIED_PLUGINS:
+                    continue
                 refusal = PLUGINS.get(name)
                 why = refusal.message() if refusal else f"unknown plugin {name!r}; remove it from plugins"
                 result.errors.append((f"plugins[{i}]", why))
+            result.data[key] = value
             continue
         # A field of the config model is read by the trainer: it wins here, and the contract test says
         # when it is still listed as refused or harmless (a key is in exactly one set).

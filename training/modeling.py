@@ -81,6 +81,8 @@ def load_model(config: TrainConfig, tokenizer):
     prepare_model(model, config)  # packed-sample boundaries in Gated DeltaNet layers, quantize_moe_experts
     if config.adapter:
         model = _add_adapter(model, config)
+    if config.liger:
+        apply_liger(model, config)
     if config.unfrozen_parameters:
         unfreeze_only(model, config.unfrozen_parameters)
     if config.gradient_checkpointing:
@@ -140,6 +142,67 @@ def _add_adapter(model, config: TrainConfig):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+# Liger's apply function argument <- the config's flag (axolotl's liger plugin maps them the same way).
+LIGER_ARGUMENTS = {
+    "rope": "liger_rope",
+    "rms_norm": "liger_rms_norm",
+    "rms_norm_gated": "liger_rms_norm_gated",
+    "layer_norm": "liger_layer_norm",
+    "swiglu": "liger_glu_activation",
+    "geglu": "liger_glu_activation",
+    "cross_entropy": "liger_cross_entropy",
+    "fused_linear_cross_entropy": "liger_fused_linear_cross_entropy",
+}
+
+
+def model_type_of(base_model: str) -> str | None:
+    """config.json's model_type of a local folder or a cached hub model, None when it can't be read here."""
+    import json
+
+    path = Path(base_model).expanduser() / "config.json"
+    if not path.exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(base_model, "config.json")
+        except Exception:
+            cached = None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def liger_arguments(config: TrainConfig, model_type: str) -> tuple:
+    """(Liger's apply function for this model type, its keywords): every kernel it takes is set, off unless
+    its flag is on (its defaults turn several on). A flag the model's patch does not take is a ValueError."""
+    import inspect
+
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply is None:
+        raise ValueError(f"liger-kernel has no kernels for model type {model_type}; remove the Liger plugin")
+    params = set(inspect.signature(apply).parameters) - {"model"}
+    kwargs = {p: bool(getattr(config, LIGER_ARGUMENTS[p], False)) for p in params if p in LIGER_ARGUMENTS}
+    taken = {LIGER_ARGUMENTS[p] for p in kwargs}
+    unsupported = [flag for flag in LIGER_ARGUMENTS.values() if getattr(config, flag) and flag not in taken]
+    if unsupported:
+        raise ValueError(
+            f"{', '.join(sorted(set(unsupported)))}: liger-kernel's {model_type} patch has no such kernel; set it false"
+        )
+    return apply, kwargs
+
+
+def apply_liger(model, config: TrainConfig) -> None:
+    """Swap the model's layers for Liger's kernels, as the config's liger_* flags say (CUDA only)."""
+    apply, kwargs = liger_arguments(config, model.config.model_type)
+    apply(model=model, **kwargs)
 
 
 def unfrozen_regex(pattern: str):

@@ -471,3 +471,47 @@ def test_an_optimizer_whose_package_is_missing_is_refused_before_the_model_loads
     problems = check_environment(config_of("m", optimizer="schedule_free_adamw"), cuda_available=False)
     assert [p.path for p in problems] == ["optimizer"] and "schedulefree" in problems[0].message
     assert check_environment(config_of("m", optimizer="adamw_bnb_8bit"), cuda_available=False) == []
+
+
+def test_liger_is_refused_without_cuda_and_applied_as_the_flags_say_with_it(tiny_model_dir, monkeypatch):
+    import importlib.util
+    import sys
+    import types
+
+    from training.modeling import load_model, load_tokenizer
+
+    plugin = ["axolotl.integrations.liger.LigerPlugin"]
+    keys = dict(plugins=plugin, liger_rope=True, liger_rms_norm=True, liger_glu_activation=True)
+    config = config_of(tiny_model_dir, **keys)
+    (problem,) = check_environment(config, cuda_available=False)  # measured: Triton has no CPU driver
+    assert problem.path == "plugins[0]" and "need a CUDA GPU" in problem.message
+    with pytest.raises(ConfigInvalid, match="liger_rope: Liger flags need plugins"):
+        config_of("m", liger_rope=True)
+    assert config_of("m", plugins=plugin, liger_swiglu=True).liger_glu_activation  # axolotl's old name
+
+    # With CUDA: liger-kernel's own apply function for the model type gets every kernel it takes, each off
+    # unless its flag is on (its defaults would turn some on). A stand-in records the call (no GPU here).
+    calls = []
+
+    def apply_liger_kernel_to_llama(rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True,
+                                    swiglu=True, model=None):
+        calls.append(dict(rope=rope, cross_entropy=cross_entropy, rms_norm=rms_norm, swiglu=swiglu,
+                          fused_linear_cross_entropy=fused_linear_cross_entropy, model=type(model).__name__))
+
+    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": apply_liger_kernel_to_llama}
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", fake)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "liger_kernel" else real_find_spec(n, *a))
+    assert check_environment(config, cuda_available=True) == []
+    load_model(config, load_tokenizer(config))
+    assert calls == [dict(rope=True, cross_entropy=False, rms_norm=True, swiglu=True, fused_linear_cross_entropy=False,
+                          model="LlamaForCausalLM")]
+    # A flag the model's patch has no kernel for is refused at validation, never skipped.
+    for flag in ("liger_layer_norm", "liger_rms_norm_gated"):
+        (problem,) = check_environment(config_of(tiny_model_dir, plugins=plugin, **{flag: True}), cuda_available=True)
+        assert flag in problem.message and "has no such kernel" in problem.message
+    for flag in ("liger_cross_entropy", "liger_fused_linear_cross_entropy"):
+        assert check_environment(config_of(tiny_model_dir, plugins=plugin, **{flag: True}), cuda_available=True) == []
