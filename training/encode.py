@@ -45,7 +45,7 @@ class Encoded:
 @dataclass
 class Dropped:
     row: int
-    reason: str  # invalid | empty | too_long | no_trained_tokens
+    reason: str  # invalid | empty | too_long | too_short | no_trained_tokens | unrenderable
     detail: str = ""
     sample: Encoded | None = None  # what was encoded before it was dropped, for the preview
 
@@ -56,6 +56,7 @@ DROP_REASONS = {
     "too_long": "longer than sequence_len (excess_length_strategy: drop)",
     "too_short": "fewer than 2 tokens",
     "no_trained_tokens": "every token masked: nothing to learn from",
+    "unrenderable": "the chat template can't render this row (e.g. a role it refuses)",
 }
 
 
@@ -249,7 +250,9 @@ class Encoder:
             try:
                 r = self.format.render(row, self.spec, self.settings)
             except Exception as exc:  # a template error on this row must not sink the whole batch
-                rendered.append((index, Dropped(index, "invalid", f"rendering failed: {exc}")))
+                # The row is well formed but this template can't render it (a role it refuses, a
+                # system turn it doesn't support): a note on the row, not a fault of the file.
+                rendered.append((index, Dropped(index, "unrenderable", f"the template can't render this row: {exc}")))
                 continue
             for note in r.notes:
                 self.notes[note] += 1

@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from training.formats.base import Piece, Rendered, RowProblem, Span
-from training.formats.template_analysis import content_is_verbatim
+from training.formats.template_analysis import content_is_verbatim, message_fields
 
 TEMPLATES_DIR = Path(__file__).with_name("templates")
 # Axolotl's named templates: the vendors' jinja files beside this module (see templates/README.md),
@@ -175,8 +175,10 @@ class Message:
     content: str
     trained: bool
     detail: list[dict] | None  # training_detail: character spans of content with their own flag
-    extra: dict  # other keys the template may read (name, tool_calls, ...)
+    extra: dict  # other keys the template may read (name, tool_calls, reasoning_content, ...)
     calls: bool = False  # has tool_calls: the turn's rendered calls train with its content
+    located: bool | None = None  # by_diff: whether the turn's rendered text was found (None: by content)
+    thinking: str | None = None  # the reasoning trace the template may print (also in extra)
 
 
 def _role_lookup(spec) -> dict[str, str]:
@@ -205,8 +207,6 @@ class ChatTemplate:
             return [RowProblem(key, "empty message list")]
         role_key = spec.message_property_mappings.get("role", "role")
         content_key = spec.message_property_mappings.get("content", "content")
-        lookup = _role_lookup(spec)
-        known = set(lookup) | set(lookup.values()) | STANDARD_ROLES
         problems = []
         system = row.get(spec.field_system)
         if system is not None and not isinstance(system, str):
@@ -222,14 +222,10 @@ class ChatTemplate:
             role, content = msg.get(role_key), msg.get(content_key)
             if role is None:
                 problems.append(RowProblem(f"{where}.{role_key}", "missing"))
-            elif role not in known:
-                problems.append(
-                    RowProblem(
-                        f"{where}.{role_key}",
-                        f"unknown role {role!r}; known: "
-                        f"{', '.join(sorted(known))} (map it with the dataset's `roles` option)",
-                    )
-                )
+            elif not isinstance(role, str):
+                problems.append(RowProblem(f"{where}.{role_key}", f"must be a string, not {type(role).__name__}"))
+            # A role outside `roles` reaches the template as it is (as in axolotl): the template says
+            # whether it renders it, per row (see ChatTemplate.render).
             calls = msg.get("tool_calls")
             if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
                 problems.append(RowProblem(f"{where}.tool_calls", "must be a list of calls (objects)"))
@@ -243,12 +239,9 @@ class ChatTemplate:
                     problems.append(
                         RowProblem(f"{where}.{content_key}[{bad[0]}]", "a content part needs a string `text`")
                     )
-                elif not "".join(p["text"] for p in content).strip() and lookup.get(role, role) != "system":
-                    problems.append(RowProblem(f"{where}.{content_key}", "empty content"))
             elif not isinstance(content, str):
                 problems.append(RowProblem(f"{where}.{content_key}", f"must be a string, not {type(content).__name__}"))
-            elif not content.strip() and lookup.get(role, role) != "system":
-                problems.append(RowProblem(f"{where}.{content_key}", "empty content"))
+            # An empty content is rendered and trains nothing of its own, as in axolotl (a note says so).
             flag = msg.get(spec.message_field_training)
             if flag is not None and not isinstance(flag, bool):
                 problems.append(RowProblem(f"{where}.{spec.message_field_training}", "must be true or false"))
@@ -327,6 +320,8 @@ class ChatTemplate:
     def render(self, row, spec, options) -> Rendered:
         plan = _plan(spec, options.train_on_inputs, options)
         messages = plan.messages(row)
+        if any(m.extra for m in messages):
+            return self._render_by_diff(row, messages, plan, options)
         contents = [m.content for m in messages]
         # The marked render depends on the roles and extra fields, rarely on contents: reuse it
         # across rows. When the template provably copies contents verbatim, splicing them into it
@@ -356,11 +351,35 @@ class ChatTemplate:
             if len(plan.skeletons) > 4096:
                 plan.skeletons.clear()
             plan.skeletons[key] = marked
-            regions = _locate_contents(marked, text, contents)
+            regions = _splice(marked, text, contents)
+            if regions is None:  # the template changed a content (trim) or branched on one: as axolotl
+                return self._render_by_diff(row, messages, plan, options, text)
         ends = _end_positions(text, regions, options.eot_tokens, options.eos_token)
         return self._spans(messages, text, regions, ends, plan, options)
 
-    def _spans(self, messages, text, regions, ends, plan, options) -> Rendered:
+    def _render_by_diff(self, row, messages, plan, options, text: str | None = None) -> Rendered:
+        """A row whose messages carry more than role and content (a reasoning trace, tool calls, a
+        name, ...): as axolotl, a turn is what changes in the render when the turn is replaced by
+        one with only its role and a placeholder content. That takes in what the template prints
+        of the turn's other fields (its thinking, its calls), where the template prints them."""
+        tools = row.get("tools") or None
+        kwargs = {**options.template_kwargs, "tools": tools} if tools else options.template_kwargs
+        chat = [
+            {"role": m.role, "content": m.content, **m.extra} if m.extra else {"role": m.role, "content": m.content}
+            for m in messages
+        ]
+        if text is None:
+            text = plan.template.render(messages=chat, add_generation_prompt=False, **kwargs)
+        any_all = "all" in (plan.eot_policy, plan.eos_policy)
+        regions: list[tuple[int, int] | None] = [None] * len(messages)
+        for i, m in enumerate(messages):
+            if m.trained or any_all:
+                regions[i] = _turn_region(plan.template, chat, i, text, kwargs)
+            m.located = regions[i] is not None
+        ends = _end_positions(text, regions, options.eot_tokens, options.eos_token)
+        return self._spans(messages, text, regions, ends, plan, options, exact=True)
+
+    def _spans(self, messages, text, regions, ends, plan, options, exact: bool = False) -> Rendered:
         """Each message's content span, then its end-of-turn and eos tokens' spans (merged into the
         content's span when they touch and agree: the same tokens, fewer to map). Hot: once per row."""
         spans: list[Span] = []
@@ -370,8 +389,8 @@ class ChatTemplate:
             if region is None:
                 continue
             start, end = region
-            marks = _end_marks(ends[i], flags[i]) if msg.content or msg.calls else []
-            if msg.calls and marks:  # axolotl trains the turn's whole rendered text: content and calls
+            marks = _end_marks(ends[i], flags[i]) if msg.content or msg.calls or exact else []
+            if msg.calls and marks and not exact:  # axolotl trains the turn's whole text: content and calls
                 shift = marks[0][0]
                 end += shift
                 marks = [(off - shift, length, flag) for off, length, flag in marks]
@@ -388,6 +407,11 @@ class ChatTemplate:
                     current = Span(end + off, end + off + length, flag, i)
             spans.append(current)
         parts = [f"{m.role} #{i}" for i, m in enumerate(messages)]
+        notes += [
+            f"an empty {m.role} turn is rendered and trains nothing of its own"
+            for m in messages
+            if m.trained and not m.content and not m.calls and not m.thinking
+        ]
         return Rendered(pieces=[Piece(text, spans=spans, add_special_tokens=False)], parts=parts, notes=notes)
 
 
@@ -399,7 +423,11 @@ def _end_flags(messages, ends, plan, options) -> tuple[list[tuple[bool, bool]], 
     them. `ends[i]`: (eot offset, eos offset) after the content, each (offset, length) or None."""
     any_all = "all" in (plan.eot_policy, plan.eos_policy)
     processed = [
-        i for i, m in enumerate(messages) if ends[i] is not None and (m.content or m.calls) and (m.trained or any_all)
+        i
+        for i, m in enumerate(messages)
+        if ends[i] is not None
+        and (m.located if m.located is not None else (m.content or m.calls))
+        and (m.trained or any_all)
     ]
     flags = [[False, False] for _ in messages]
     missing: set[int] = set()
@@ -486,10 +514,18 @@ class _Plan:
         self.detail_key = spec.message_field_training_detail
         self.drop_system = spec.drop_system_message
         self.reserved = {self.role_key, self.content_key, self.training_key, self.detail_key}
+        self.thinking_field = spec.field_thinking  # the row's key for a reasoning trace
+        self.thinking_key = spec.template_thinking_key  # the template's
+        self.split_thinking = spec.split_thinking
+        # As axolotl: the trace reaches the template under its key only with the default mappings.
+        user_mapped = {"message_property_mappings", "message_field_role", "message_field_content"}
+        self.maps_thinking = not (user_mapped & spec.model_fields_set)
         self.eot_policy = spec.eot_policy  # train_on_eot, defaulting to train_on_eos
         self.eos_policy = spec.train_on_eos
         self.template = _compile(template_text) if template_text else None
         self.verbatim = bool(template_text) and content_is_verbatim(self.template.environment, template_text)
+        # The message keys that reach the template besides role and content (axolotl's rule).
+        self.fields = message_fields(self.template.environment, template_text) if template_text else None
         self.skeletons: dict = {}
         self.parsed: dict = {}
         self.fast = self.verbatim and not self.drop_system  # render_valid may compile row shapes
@@ -519,11 +555,56 @@ class _Plan:
             else:
                 trained = self.train_all or role in self.roles_to_train
             extra = {k: v for k, v in msg.items() if k not in self.reserved and v is not None} if len(msg) > 2 else {}
+            if extra:
+                thinking = extra.get(self.thinking_field) if self.maps_thinking else None
+                if self.fields is not None:
+                    extra = {k: v for k, v in extra.items() if k in self.fields}
+                if thinking is not None:
+                    extra[self.thinking_key] = thinking
             calls = bool(extra.get("tool_calls"))
             if calls:
                 extra["tool_calls"] = [_parsed_arguments(c) for c in extra["tool_calls"]]
-            out.append(Message(role, content, trained, detail if trained else None, extra, calls))
+            if self.split_thinking and role == "assistant" and isinstance(content, str):
+                content, thought = split_thinking(content)
+                if thought is not None:
+                    extra[self.thinking_key] = thought
+            thinking = extra.get(self.thinking_key)
+            out.append(
+                Message(
+                    role,
+                    content,
+                    trained,
+                    detail if trained else None,
+                    extra,
+                    calls,
+                    thinking=thinking if isinstance(thinking, str) and thinking else None,
+                )
+            )
         return out
+
+
+# What split_thinking takes out of an assistant's content, as axolotl: the first pair found (in this
+# order) is the trace; a solution pair in the rest, if any, is the content.
+_THINKING_PAIRS = (
+    ("<think>", "</think>"),
+    ("<reasoning>", "</reasoning>"),
+    ("<|begin_of_thought|>", "<|end_of_thought|>"),
+)
+_SOLUTION_PAIR = ("<|begin_of_solution|>", "<|end_of_solution|>")
+
+
+def split_thinking(content: str) -> tuple[str, str | None]:
+    """(content, reasoning trace or None) of an assistant content with its thinking inline."""
+    for open_tag, close_tag in _THINKING_PAIRS:
+        if open_tag in content and close_tag in content:
+            start, end = content.find(open_tag), content.find(close_tag)
+            thought = content[start + len(open_tag) : end].strip()
+            rest = content[end + len(close_tag) :].lstrip()
+            begin, finish = _SOLUTION_PAIR
+            if begin in rest and finish in rest:
+                rest = rest[rest.find(begin) + len(begin) : rest.find(finish)].strip()
+            return rest, thought
+    return content, None
 
 
 def _parsed_arguments(call: dict) -> dict:
@@ -589,7 +670,10 @@ class _Skeleton:
         # Per content (in render order): where its end-of-turn and eos tokens sit in the literal
         # after it, each (offset after the content's end, length) or None.
         self.end_offsets = [
-            (_first(literal, eot_tokens), _first(literal, [eos_token] if eos_token else []))
+            (
+                _near(literal, 0, _first(literal, eot_tokens)),
+                _near(literal, 0, _first(literal, [eos_token] if eos_token else [])),
+            )
             for literal in self.literals[1:]
         ]
 
@@ -620,6 +704,42 @@ def _first(text: str, tokens: list[str], start: int = 0, stop: int | None = None
     return at - start, length
 
 
+# Axolotl's placeholders: their first and last characters differ, so whatever a template glues to
+# one side of a placeholder, the other placeholder shows it (the widest of the two diffs is the turn).
+_SENTINELS = ("[[dummy_message]]", "zzdummymessagezz")
+
+
+def _turn_region(template, chat: list[dict], i: int, text: str, kwargs: dict) -> tuple[int, int] | None:
+    """Characters of `text` that change when message i is only its role and a placeholder content;
+    None when nothing changes (an empty turn) or the template refuses the placeholder turn."""
+    starts, ends = [], []
+    for sentinel in _SENTINELS:
+        dummy = [*chat[:i], {"role": chat[i]["role"], "content": sentinel}, *chat[i + 1 :]]
+        try:
+            other = template.render(messages=dummy, add_generation_prompt=False, **kwargs)
+        except Exception:
+            return None
+        limit = min(len(text), len(other))
+        start = _common_prefix(text, other, limit)
+        suffix = _common_prefix(text[::-1], other[::-1], limit - start)
+        starts.append(start)
+        ends.append(len(text) - suffix)
+    start, end = min(starts), max(ends)
+    return (start, end) if end > start else None
+
+
+def _common_prefix(a: str, b: str, limit: int) -> int:
+    """Length of the common prefix of a and b, at most `limit` (halving: comparisons stay in C)."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _splice(marked: str, text: str, contents: list[str]) -> list[tuple[int, int] | None] | None:
     """Content regions if splicing the contents into the marked render gives exactly `text`, else None."""
     regions: list[tuple[int, int] | None] = [None] * len(contents)
@@ -634,31 +754,6 @@ def _splice(marked: str, text: str, contents: list[str]) -> list[tuple[int, int]
         prev = m.end()
     pieces.append(marked[prev:])
     return regions if "".join(pieces) == text else None
-
-
-def _locate_contents(marked: str, text: str, contents: list[str]) -> list[tuple[int, int] | None]:
-    """Character region of each message's content in `text`, or None when the template dropped it."""
-    regions = _splice(marked, text, contents)  # the template copies contents verbatim
-    if regions is not None:
-        return regions
-    # The template transformed some content (trim, escaping, ...): walk the fixed segments instead.
-    regions = [None] * len(contents)
-    order = list(_MARKER_RE.finditer(marked))
-    cursor = 0
-    for k, m in enumerate(order):
-        seg_start = order[k - 1].end() if k else 0
-        segment = marked[seg_start : m.start()]
-        at = text.find(segment, cursor)
-        if at < 0:
-            continue
-        content_start = at + len(segment)
-        nxt = marked[m.end() : order[k + 1].start()] if k + 1 < len(order) else marked[m.end() :]
-        content_end = text.find(nxt, content_start) if nxt else len(text)
-        if content_end < 0:
-            content_end = content_start
-        regions[int(m.group(1))] = (content_start, content_end)
-        cursor = content_end
-    return regions
 
 
 def _end_positions(text: str, regions, eot_tokens: list[str], eos_token: str | None) -> list:
@@ -677,8 +772,23 @@ def _end_positions(text: str, regions, eot_tokens: list[str], eos_token: str | N
         if following < len(starts) and starts[following][1] == i:  # an empty content starts where it ends
             following += 1
         limit = starts[following][0] if following < len(starts) else len(text)
-        out.append((_first(text, eot_tokens, end, limit), _first(text, eos, end, limit)))
+        eot_at, eos_at = _first(text, eot_tokens, end, limit), _first(text, eos, end, limit)
+        out.append((_near(text, end, eot_at), _near(text, end, eos_at)))
     return out
+
+
+# Axolotl takes an end token only within 3 tokens of the turn's end; counted here on the text as
+# special tokens, words, single punctuation and whitespace runs (what a BPE keeps whole, mostly).
+_GAP_PIECES = re.compile(r"<[^<>\s]{1,40}>|\[[^\[\]\s]{1,40}\]|\s+|\w+|[^\w\s]")
+
+
+def _near(text: str, end: int, found: tuple[int, int] | None) -> tuple[int, int] | None:
+    if found is None or found[0] == 0:
+        return found
+    gap = text[end : end + found[0]]
+    if len(gap) > 64 or len(_GAP_PIECES.findall(gap)) > 3:
+        return None
+    return found
 
 
 FORMAT = ChatTemplate()

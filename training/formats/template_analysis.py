@@ -86,3 +86,27 @@ def _reaches_output_verbatim(node, parents) -> bool:
         if not isinstance(parent, (nodes.Add, nodes.Concat)):
             return False
         node = parent
+
+
+def message_fields(environment, source: str) -> frozenset[str] | None:
+    """The message keys axolotl 0.21 lets reach a chat template besides role and content: every
+    name read off a variable called `message`, at any depth (`message.tool_calls`,
+    `message['name']`, and also method names such as `message.content.startswith`). Axolotl drops
+    the other keys of a message before rendering, so a template that reads its messages under
+    another name (`msg`) never sees their tool calls there. None when the template doesn't parse."""
+    try:
+        tree = environment.parse(source)
+    except Exception:
+        return None
+    fields: set[str] = set()
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        base = node.node
+        while isinstance(base, (nodes.Getattr, nodes.Getitem)):
+            base = base.node
+        if not (isinstance(base, nodes.Name) and base.name == "message"):
+            continue
+        if isinstance(node, nodes.Getattr):
+            fields.add(node.attr)
+        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            fields.add(node.arg.value)
+    return frozenset(fields)
