@@ -400,6 +400,7 @@ def test_a_csv_upload_with_a_bom_is_validated_by_row(alice_client):
     response = alice_client.post("/datasets/", {"file": upload, "format": "alpaca"})
     page = response.content.decode()
     assert response.status_code == 400 and "<td>3</td>" in page and "1 cells where the header has 3" in page
+    assert "wrong number of cells: 1" in page and "<th>Row</th>" in page
     upload = SimpleUploadedFile("alpaca.csv", b"\xef\xbb\xbf" + text.rsplit("Only", 1)[0].encode())
     assert alice_client.post("/datasets/", {"file": upload}).status_code == 302
     dataset = Dataset.objects.get()

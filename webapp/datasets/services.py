@@ -63,6 +63,8 @@ def reason_of(problem: LineProblem) -> str:
         ("not UTF-8", "not UTF-8"),
         ("expected a JSON object", "not an object"),
         ("byte limit", "line too long"),
+        ("cells where the header", "wrong number of cells"),
+        ("can't read the", "unreadable file"),
         ("empty message list", "empty message list"),
         ("unknown role", "unknown role"),
         ("empty content", "empty content"),
