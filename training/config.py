@@ -38,6 +38,7 @@ CHECKPOINT_OPTIONS = frozenset("use_reentrant preserve_rng_state determinism_che
 # transformers' built-in MoE expert implementations that run without CUDA kernels (measured on the CPU).
 EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
 LIGER_FLAGS = (
     "liger_rope", "liger_rms_norm", "liger_rms_norm_gated", "liger_layer_norm", "liger_glu_activation",
     "liger_cross_entropy", "liger_fused_linear_cross_entropy",
@@ -271,6 +272,7 @@ class TrainConfig(BaseModel):
     liger_swiglu: bool = Field(False, description="axolotl's old name of liger_glu_activation")
     liger_cross_entropy: bool = False
     liger_fused_linear_cross_entropy: bool = False
+    cut_cross_entropy: bool = Field(True, description="with the Cut Cross Entropy plugin listed: use it (CUDA)")
     _warnings: list[str] = PrivateAttr(default_factory=list)
 
     @property
@@ -469,6 +471,10 @@ class TrainConfig(BaseModel):
         return LIGER_PLUGIN in self.plugins
 
     @property
+    def cut_cross_entropy_on(self) -> bool:
+        return CCE_PLUGIN in self.plugins and self.cut_cross_entropy
+
+    @property
     def attention(self) -> AttentionBackend:
         return ATTENTION_BACKENDS[self.attn_implementation]
 
@@ -571,6 +577,18 @@ def check_environment(
         errors.append(ConfigError("bf16", "bf16: true needs a GPU with bf16 support here; use bf16: auto"))
     if config.liger:
         errors += _liger_problems(config, cuda_available)
+    if config.cut_cross_entropy_on:
+        path = f"plugins[{config.plugins.index(CCE_PLUGIN)}]"
+        if not cuda_available:
+            errors.append(
+                ConfigError(
+                    path,
+                    "Cut Cross Entropy is a Triton kernel that needs a CUDA GPU (measured: it fails on the CPU); "
+                    "remove it from plugins (the standard cross-entropy is used)",
+                )
+            )
+        elif importlib.util.find_spec("cut_cross_entropy") is None:
+            errors.append(ConfigError(path, "the plugin needs the cut-cross-entropy package: pip install cut-cross-entropy"))
     if config.optimizer in TORCHAO_OPTIMIZERS and importlib.util.find_spec("torchao") is None:
         errors.append(ConfigError("optimizer", f"{config.optimizer} needs the torchao package (pip install torchao)"))
     elif config.optimizer and config.optimizer not in OPTIMIZERS_THAT_BUILD_HERE:

@@ -110,7 +110,7 @@ HONOURED: dict[str, str] = {
     "profiler_steps": _T + "test_profiler_steps_keep_a_trace_as_a_run_artifact",
     "profiler_steps_start": _T + "test_profiler_steps_keep_a_trace_as_a_run_artifact",
     # plugins: Liger applied on CUDA (refused by check_environment elsewhere); the others refused (PLUGINS)
-    "plugins": _T + "test_liger_is_refused_without_cuda_and_applied_as_the_flags_say_with_it",
+    "plugins": _T + "test_liger_is_refused_without_cuda_and_applied_as_the_flags_say_with_it",  # and CCE's test
     **{
         flag: _T + "test_liger_is_refused_without_cuda_and_applied_as_the_flags_say_with_it"
         for flag in (
@@ -118,6 +118,7 @@ HONOURED: dict[str, str] = {
             "liger_cross_entropy liger_fused_linear_cross_entropy"
         ).split()
     },
+    "cut_cross_entropy": _T + "test_cut_cross_entropy_is_refused_without_cuda_and_gives_the_same_loss_with_it",
     # sharding (training/sharding.py)
     "fsdp": _SHARDING,
     "fsdp_config": _SHARDING,
@@ -352,10 +353,6 @@ REFUSED: dict[str, Refusal] = {
 
 # Plugins' own keys (valid in axolotl when the plugin is listed). Liger and Cut Cross Entropy are Triton
 # kernels: measured here, both fail on the CPU with "0 active drivers" (no GPU for Triton).
-_CCE_WHY = (
-    "Cut Cross Entropy is a Triton kernel that needs a CUDA GPU (measured: it fails on the CPU), and Trainyard "
-    "does not apply it on GPUs yet"
-)
 REFUSED.update(
     _family(
         "liger_use_token_scaling liger_kernel_impl",
@@ -365,9 +362,9 @@ REFUSED.update(
 )
 REFUSED.update(
     _family(
-        "cut_cross_entropy cut_cross_entropy_accum_c_fp32 cut_cross_entropy_c_grad_chunk_size",
-        _CCE_WHY,
-        "remove it; the standard cross-entropy is used (more memory for large vocabularies)",
+        "cut_cross_entropy_accum_c_fp32 cut_cross_entropy_c_grad_chunk_size",
+        "this Cut Cross Entropy option is not passed to the kernel by Trainyard (its defaults are used)",
+        "remove it",
     )
 )
 REFUSED.update(
@@ -397,10 +394,12 @@ REFUSED_DATASET: dict[str, Refusal] = {
 }
 
 # Plugins Trainyard applies (check_environment refuses them where the machine can't run them).
-APPLIED_PLUGINS = {"axolotl.integrations.liger.LigerPlugin": "Liger kernels, on a CUDA GPU"}
+APPLIED_PLUGINS = {
+    "axolotl.integrations.liger.LigerPlugin": "Liger kernels, on a CUDA GPU",
+    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": "the loss by Cut Cross Entropy, on a CUDA GPU",
+}
 # Plugins refused, by the names axolotl's configs list them under `plugins:`.
 PLUGINS: dict[str, Refusal] = {
-    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": Refusal(_CCE_WHY, "remove it from plugins"),
     "axolotl.integrations.kernels.KernelsPlugin": Refusal(
         "axolotl's kernels plugin (CUDA MoE kernels) is not part of Trainyard",
         "remove it from plugins; set experts_implementation for MoE models",

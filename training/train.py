@@ -293,22 +293,53 @@ def training_arguments(config: TrainConfig, run_dir: Path, *, train_rows: int, h
 
 
 def trainer_class(config: TrainConfig):
-    """transformers' Trainer, or one that keeps saved activations in CPU memory (activation_offloading)."""
+    """transformers' Trainer, with the loss from Cut Cross Entropy (plugin, CUDA) and/or saved activations kept
+    in CPU memory (activation_offloading)."""
     from transformers import Trainer
 
-    if not config.activation_offloading:
-        return Trainer
+    base = Trainer
+    if config.cut_cross_entropy_on:
 
-    class OffloadingTrainer(Trainer):
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            import torch
+        class CutCrossEntropyTrainer(base):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                from cut_cross_entropy import linear_cross_entropy
 
-            # Activations saved for backward are packed to CPU memory and brought back when backward
-            # needs them (torch's save_on_cpu hooks); on the CPU they stay where they are.
-            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
-                return super().compute_loss(model, inputs, *args, **kwargs)
+                return cut_cross_entropy_loss(model, inputs, linear_cross_entropy, num_items_in_batch)
 
-    return OffloadingTrainer
+        base = CutCrossEntropyTrainer
+
+    if config.activation_offloading:
+
+        class OffloadingTrainer(base):
+            def compute_loss(self, model, inputs, *args, **kwargs):
+                import torch
+
+                # Activations saved for backward are packed to CPU memory and brought back when backward
+                # needs them (torch's save_on_cpu hooks); on the CPU they stay where they are.
+                with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+                    return super().compute_loss(model, inputs, *args, **kwargs)
+
+        base = OffloadingTrainer
+    return base
+
+
+def cut_cross_entropy_loss(model, inputs: dict, linear_cross_entropy, num_items_in_batch=None):
+    """The causal-LM loss without the [tokens x vocabulary] logits: the model runs as usual (its wrappers'
+    hooks included) but keeps one position's logits, and Cut Cross Entropy computes the loss from the final
+    hidden states (normed: transformers' last hidden_states entry) and the output embedding."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+    unwrapped = getattr(model, "module", model)  # DDP
+    if hasattr(unwrapped, "get_base_model"):  # PEFT
+        unwrapped = unwrapped.get_base_model()
+    weight = unwrapped.get_output_embeddings().weight
+    softcap = getattr(unwrapped.config.get_text_config(), "final_logit_softcapping", None)
+    hidden = outputs.hidden_states[-1]
+    if num_items_in_batch is None:
+        return linear_cross_entropy(hidden, weight.to(hidden.dtype), labels, softcap=softcap, shift=True)
+    total = linear_cross_entropy(hidden, weight.to(hidden.dtype), labels, softcap=softcap, shift=True, reduction="sum")
+    return total / num_items_in_batch
 
 
 def extra_callbacks(config: TrainConfig, run_dir: Path, sink: EventSink) -> list:

@@ -515,3 +515,46 @@ def test_liger_is_refused_without_cuda_and_applied_as_the_flags_say_with_it(tiny
         assert flag in problem.message and "has no such kernel" in problem.message
     for flag in ("liger_cross_entropy", "liger_fused_linear_cross_entropy"):
         assert check_environment(config_of(tiny_model_dir, plugins=plugin, **{flag: True}), cuda_available=True) == []
+
+
+def test_cut_cross_entropy_is_refused_without_cuda_and_gives_the_same_loss_with_it(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    import sys
+    import types
+
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from training.modeling import load_model, load_tokenizer
+    from training.train import trainer_class
+
+    plugin = ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]
+    config = config_of(tiny_model_dir, plugins=plugin)
+    (problem,) = check_environment(config, cuda_available=False)
+    assert problem.path == "plugins[0]" and "needs a CUDA GPU" in problem.message
+    assert check_environment(config_of(tiny_model_dir, plugins=plugin, cut_cross_entropy=False),
+                             cuda_available=False) == []
+    assert trainer_class(config_of(tiny_model_dir, plugins=plugin, cut_cross_entropy=False)) is Trainer
+
+    # The kernel itself is Triton (no GPU here); a reference implementation of its contract stands in, so
+    # what is proven is the wiring: final hidden states x output embedding, shifted, reduced as the Trainer does.
+    seen = []
+
+    def linear_cross_entropy(e, c, targets, softcap=None, shift=False, reduction="mean"):
+        seen.append(e.shape)
+        logits = e @ c.T
+        if shift:
+            logits, targets = logits[:, :-1], targets[:, 1:]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", types.SimpleNamespace(linear_cross_entropy=linear_cross_entropy))
+    model = load_model(config, load_tokenizer(config))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]]),
+             "labels": torch.tensor([[-100, 6, 7, 8, 9], [-100, -100, 7, 6, 5]])}
+    standard = Trainer(model=model, args=args).compute_loss(model, dict(batch))
+    cce = trainer_class(config)(model=model, args=args)
+    assert cce.compute_loss(model, dict(batch)).item() == pytest.approx(standard.item(), rel=1e-5)
+    summed = cce.compute_loss(model, dict(batch), num_items_in_batch=7)
+    assert summed.item() == pytest.approx(standard.item(), rel=1e-5)  # 7 trained tokens in the batch
+    assert seen[0] == (2, 5, model.config.hidden_size)
