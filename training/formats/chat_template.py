@@ -383,12 +383,18 @@ class ChatTemplate:
         """Each message's content span, then its end-of-turn and eos tokens' spans (merged into the
         content's span when they touch and agree: the same tokens, fewer to map). Hot: once per row."""
         spans: list[Span] = []
+        parts = [f"{m.role} #{i}" for i, m in enumerate(messages)]
         flags, notes = _end_flags(messages, ends, plan, options)
         for i, msg in enumerate(messages):
             region = regions[i]
             if region is None:
                 continue
             start, end = region
+            at = text.find(msg.thinking, start, end) if msg.thinking and exact else -1
+            if at >= 0:  # the trace as a part of its own, for the preview; it trains as its turn does
+                spans += [Span(start, at, msg.trained, i), Span(at, at + len(msg.thinking), msg.trained, len(parts))]
+                parts.append(f"{msg.role} #{i} thinking")
+                start = at + len(msg.thinking)
             marks = _end_marks(ends[i], flags[i]) if msg.content or msg.calls or exact else []
             if msg.calls and marks and not exact:  # axolotl trains the turn's whole text: content and calls
                 shift = marks[0][0]
@@ -406,7 +412,6 @@ class ChatTemplate:
                     spans.append(current)
                     current = Span(end + off, end + off + length, flag, i)
             spans.append(current)
-        parts = [f"{m.role} #{i}" for i, m in enumerate(messages)]
         notes += [
             f"an empty {m.role} turn is rendered and trains nothing of its own"
             for m in messages

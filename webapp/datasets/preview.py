@@ -90,6 +90,7 @@ class Token:
     trained: bool
     special: bool
     part: str
+    thinking: bool = False  # part of a reasoning trace (the chat format names such parts "... thinking")
 
 
 @dataclass
@@ -182,6 +183,7 @@ def preview_row(dataset: Dataset, index: int, options: PreviewOptions) -> Previe
                     is_trained,
                     token_id in specials,
                     sample.parts[part] if part >= 0 else "template",
+                    part >= 0 and sample.parts[part].endswith(" thinking"),
                 )
             )
     return Preview(index, raw, tokens, trained, dropped, encoder.warnings(), truncated)
