@@ -417,7 +417,11 @@ def rank_share(model) -> dict:
 
     local = total = 0
     for p in model.parameters():
-        to_local = getattr(p, "to_local", None)
+        if hasattr(p, "ds_numel"):  # DeepSpeed ZeRO-3: the full size and this rank's partition
+            total += p.ds_numel
+            local += p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else p.ds_numel
+            continue
+        to_local = getattr(p, "to_local", None)  # FSDP2: a DTensor; its local shard is what this rank holds
         local += to_local().numel() if to_local is not None else p.numel()
         total += p.numel()
     memory = (

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from training import sharding
-from training.config import ConfigInvalid, check_environment, parse_config
+from training.config import ConfigInvalid, check_environment, dump_config, parse_config
 from training.demo import write_datasets
 from training.events import ListEventSink
 
@@ -70,6 +70,22 @@ def test_top_level_fsdp_switches_and_version():
     assert sharding.kind_of(c) == "fsdp"
     assert sharding.trainer_kwargs(c)["fsdp_config"]["cpu_offload"] is True
     assert sharding.kind_of(config()) is None and sharding.trainer_kwargs(config()) == {}
+    again = parse_config(dump_config(c))  # export and import keep what runs
+    assert sharding.trainer_kwargs(again) == sharding.trainer_kwargs(c)
+
+
+def test_a_rank_counts_its_local_shard():
+    import torch
+
+    class Shard(torch.nn.Parameter):  # stands in for an FSDP2 DTensor parameter
+        def to_local(self):
+            return self.data[: self.numel() // 2]
+
+    model = torch.nn.Module()
+    model.a = Shard(torch.zeros(10))
+    model.b = torch.nn.Parameter(torch.zeros(4))
+    share = sharding.rank_share(model)
+    assert (share["local_params"], share["total_params"]) == (5 + 4, 14)
 
 
 @pytest.mark.parametrize(
