@@ -65,11 +65,11 @@ EXPECTED: dict[str, set[str] | None] = {
 RESOURCES = {"sequence_len": 256, "max_steps": 2, "gradient_accumulation_steps": 1, "micro_batch_size": 2}
 
 
-def _stand_in_rows(layout: str, n: int = 24) -> list[dict]:
+def _stand_in_rows(layout: str, n: int = 200) -> list[dict]:
     from training.demo import chat_rows
 
     rows = []
-    for row in chat_rows(n, seed=7):
+    for row in chat_rows(n, seed=7):  # 200 rows: the configs take train[:1%] up to train[:20%]
         messages = [m for m in row["messages"] if m["role"] != "system"]
         if layout == "sharegpt":  # mlabonne/FineTome-100k
             names = {"user": "human", "assistant": "gpt"}

@@ -67,6 +67,10 @@ def validate_config(workspace, yaml_text: str) -> tuple[TrainConfig, dict]:
         # may run on other hosts: each checks its own machine when the run starts and fails it with
         # the same message (training.cli.cmd_train), so a CPU-only web host refuses nothing here.
         errors += check_environment(config)
+    if config and resolved.get("base_model"):  # the model's own limits, read from its config.json (resolved folder)
+        from training.architectures import check_against_model
+
+        errors += [e for e in check_against_model(config, resolved["base_model"]) if e not in errors]
     if errors:
         raise ConfigInvalid(errors)
     return config, resolved
