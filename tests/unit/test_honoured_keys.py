@@ -558,3 +558,29 @@ def test_cut_cross_entropy_is_refused_without_cuda_and_gives_the_same_loss_with_
     summed = cce.compute_loss(model, dict(batch), num_items_in_batch=7)
     assert summed.item() == pytest.approx(standard.item(), rel=1e-5)  # 7 trained tokens in the batch
     assert seen[0] == (2, 5, model.config.hidden_size)
+
+
+THOUGHT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message.thought %}[T:{{ message.thought }}]{% endif %}{{ message['content'] }}<|im_end|>\n{% endfor %}"
+)
+
+
+def test_reasoning_trace_keys_reach_the_template(tokenizer):
+    from training.config import DatasetSpec
+    from training.encode import Encoder
+
+    def text(row, **keys):
+        spec = DatasetSpec(path="x", chat_template_jinja=THOUGHT_TEMPLATE, template_thinking_key="thought", **keys)
+        (sample,) = Encoder(tokenizer, spec).encode_row(row)
+        return tokenizer.decode(sample.input_ids)
+
+    user = {"role": "user", "content": "Hi"}
+    # field_thinking: the row's key for the trace; template_thinking_key: the key the template reads.
+    row = {"messages": [user, {"role": "assistant", "content": "Yo", "trace": "ponder"}]}
+    assert "[T:ponder]Yo" in text(row, field_thinking="trace")
+    assert "[T:" not in text(row, field_thinking="reasoning_content")
+    # split_thinking: an inline <think> block of an assistant turn becomes the trace.
+    inline = {"messages": [user, {"role": "assistant", "content": "<think>ponder</think>Yo"}]}
+    assert "[T:ponder]Yo" in text(inline, split_thinking=True)
+    assert "<think>ponder</think>Yo" in text(inline)
