@@ -2,6 +2,10 @@
 
 Both encode the same generated 20k-row chat dataset in one run, on the offline demo tokenizer.
 Goal: ours >= 0.75x the baseline's rows/s. Prints a table, then one line of JSON.
+
+A second figure times whole processes, start to exit: `trainyard preprocess` on that dataset (as a
+JSONL file and a config) against a bare Python process that loads the same `tokenizer.json` with
+`tokenizers` and batch-encodes the same rendered texts. Goal: ours <= 1.5x the bare process.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +27,16 @@ from training.demo import build_demo_model, chat_rows  # noqa: E402
 from training.encode import Encoder  # noqa: E402
 
 BATCH = 1000
+ROOT = Path(__file__).resolve().parents[1]
+BARE = """
+import json, sys
+from tokenizers import Tokenizer
+tokenizer = Tokenizer.from_file(sys.argv[1])
+with open(sys.argv[2], encoding="utf-8") as f:
+    texts = [json.loads(line) for line in f]
+for i in range(0, len(texts), 1000):
+    tokenizer.encode_batch(texts[i : i + 1000], add_special_tokens=False)
+"""
 
 
 def best_of_interleaved(a, b, repeats: int) -> tuple[float, float]:
@@ -40,6 +55,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", help="model folder (default: build the demo model in a temp dir)")
+    parser.add_argument("--process-repeats", type=int, default=3, help="whole-process runs of each (0: skip)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -71,7 +87,37 @@ def main() -> None:
     print(f"baseline (tokenizer only): {figures['baseline_rows_per_s']:>8} rows/s")
     print(f"trainyard encoder:         {figures['ours_rows_per_s']:>8} rows/s")
     print(f"ratio {figures['ratio']} (goal >= 0.75)")
+    if args.process_repeats:
+        figures.update(whole_process(model_dir, rows, texts, args.process_repeats))
+        print(f"whole process: trainyard preprocess {figures['process_ours_s']} s, bare tokenizers process "
+              f"{figures['process_bare_s']} s: ratio {figures['process_ratio']} (goal <= 1.5)")
     print(json.dumps(figures))
+
+
+def whole_process(model_dir: Path, rows: list[dict], texts: list[str], repeats: int) -> dict:
+    """Wall-clock seconds of `trainyard preprocess` and of a bare tokenizers process, best of `repeats`."""
+    work = Path(tempfile.mkdtemp(prefix="trainyard-bench-"))
+    with (work / "chat.jsonl").open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with (work / "texts.jsonl").open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(t) + "\n" for t in texts)
+    (work / "config.yaml").write_text(
+        f"base_model: {model_dir}\nsequence_len: 4096\ndatasets:\n  - path: chat.jsonl\n    type: chat_template\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    ours = [sys.executable, "-m", "training", "preprocess", str(work / "config.yaml")]
+    bare = [sys.executable, "-c", BARE, str(model_dir / "tokenizer.json"), str(work / "texts.jsonl")]
+
+    def run(cmd):
+        return lambda: subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
+
+    t_bare, t_ours = best_of_interleaved(run(bare), run(ours), repeats)
+    return {
+        "process_ours_s": round(t_ours, 2),
+        "process_bare_s": round(t_bare, 2),
+        "process_ratio": round(t_ours / t_bare, 2),
+        "process_goal": 1.5,
+    }
 
 
 if __name__ == "__main__":
