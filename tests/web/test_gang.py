@@ -252,3 +252,43 @@ def test_a_sharded_run_trains_through_the_worker_on_two_fake_devices(alice, alic
     ranks = [p.values for p in MetricPoint.objects.filter(run=run) if "param_share_rank1" in p.values]
     assert ranks and 0.4 <= ranks[0]["param_share_rank0"] <= 0.6 and 0.4 <= ranks[0]["param_share_rank1"] <= 0.6
     assert (run.run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_cancelling_a_sharded_run_stops_both_ranks_and_frees_both_devices(
+    alice, alice_dataset, monkeypatch, settings
+):
+    import threading
+
+    from webapp.runs.models import TrainingConfig
+
+    from .test_lifecycle import trainer_pids
+
+    settings.TRAINYARD_GPUS = "0,1"
+    monkeypatch.setattr(tasks, "execute_run", lambda run_id: None)
+    monkeypatch.setattr(tasks, "HEARTBEAT_SECONDS", 0.5)
+    user, workspace = alice
+    yaml_text = FSDP_YAML + "sequence_len: 128\nmicro_batch_size: 1\nmax_steps: 5000\nlearning_rate: 0.001\n"
+    config = TrainingConfig.objects.create(workspace=workspace, name="c", yaml=yaml_text)
+    run = services.enqueue_run(workspace, user, config, gpus=2)
+    seen_ranks = []
+
+    def cancel_when_running():
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            r = Run.objects.get(pk=run.pk)
+            if r.status == RunStatus.RUNNING and r.current_step > 2:
+                seen_ranks.extend(trainer_pids(r))  # the launcher's trainer and both ranks
+                services.cancel_run(r)
+                return
+            time.sleep(0.2)
+
+    canceller = threading.Thread(target=cancel_when_running)
+    canceller.start()
+    tasks._execute_run.call_local(run.pk)
+    canceller.join()
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED and run.current_step < 5000
+    assert len(seen_ranks) >= 2  # it was running sharded when cancelled
+    assert _gone(seen_ranks) and trainer_pids(run) == []
+    assert not DeviceLease.objects.exists()
