@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.rows import BOM, MAX_LINE_BYTES, LineProblem, read_rows
+from training.rows import BOM, MAX_LINE_BYTES, FileRefused, LineProblem, read_json_lines, read_rows
 
 DS_TYPES = ("json", "jsonl", "parquet", "csv", "arrow")
 BATCH_ROWS = 1000  # rows per Parquet / Arrow record batch: a few MB at most for chat rows
@@ -315,6 +315,12 @@ def _count(files: list[tuple[Path, str]]) -> int:
             import pyarrow.parquet as pq
 
             total += pq.ParquetFile(path).metadata.num_rows
+        elif kind == "json":  # non-blank lines (or array items), without parsing them
+            with path.open("rb") as f:
+                try:
+                    total += sum(1 for _, raw in read_json_lines(f) if isinstance(raw, LineProblem) or raw.strip())
+                except FileRefused:
+                    total += 1  # read_rows reports it as one problem
         else:
             total += sum(1 for _ in READERS[kind](path))
     return total

@@ -328,3 +328,13 @@ def test_the_trainer_reads_a_parquet_slice_and_numbers_a_bad_row(tmp_path, tiny_
         whole = parse_config(f"base_model: {tiny_model_dir}\ndatasets:\n  - path: chat.parquet\n")
         encode_dataset(whole, tokenizer, 0, tmp_path)
     assert "1 invalid row(s)" in str(err.value) and "chat.parquet:row 3:" in str(err.value)
+
+
+def test_percent_slices_of_a_jsonl_with_blank_lines_count_rows_not_lines(tmp_path):
+    import datasets
+
+    path = tmp_path / "gaps.jsonl"
+    path.write_text("".join(json.dumps(r) + ("\n\n" if r["n"] % 3 == 0 else "\n") for r in ROWS[:10]))
+    for split in ("train[50%:]", "train[-20%:]", "train[:30%]"):
+        theirs = datasets.load_dataset("json", data_files=str(path), split=split, cache_dir=str(tmp_path / "c"))
+        assert texts(read(path, split=split)) == list(theirs["text"]), split
