@@ -454,4 +454,3 @@ def gather_rank_shares(model) -> list[dict]:
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     return [{"rank": i, **share} for i, share in enumerate(everyone)]
-

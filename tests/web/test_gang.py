@@ -255,9 +255,7 @@ def test_a_sharded_run_trains_through_the_worker_on_two_fake_devices(alice, alic
 
 
 @pytest.mark.slow
-def test_cancelling_a_sharded_run_stops_both_ranks_and_frees_both_devices(
-    alice, alice_dataset, monkeypatch, settings
-):
+def test_cancelling_a_sharded_run_stops_both_ranks_and_frees_both_devices(alice, alice_dataset, monkeypatch, settings):
     import threading
 
     from webapp.runs.models import TrainingConfig
