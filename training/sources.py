@@ -203,8 +203,7 @@ def open_source(spec, base_dir: Path | None = None, cache_dir: Path | None = Non
     if path.is_dir():
         return _open_folder(path, ds_type, data_files, slices, base_dir)
     if HUB_ID.match(spec.path) and not Path(spec.path).suffix.lower() in EXTENSIONS:
-        cache = cache_dir or default_cache_dir()
-        check_hub_cache(spec.path, cache)
+        cache = check_hub_cache(spec.path, cache_dir or default_cache_dir())
         return Source(spec.path, slices, hub_id=spec.path, data_files=data_files, raw_split=spec.split, cache_dir=cache)
     raise SourceError(f"file {spec.path!r} not found")
 
@@ -430,23 +429,24 @@ def offline() -> bool:
     ).lower() in ("1", "true", "yes", "on")
 
 
-def check_hub_cache(hub_id: str, cache_dir: Path | None) -> None:
-    """Offline, a Hub dataset must be in a local cache: said now, not after a model has loaded."""
+def check_hub_cache(hub_id: str, cache_dir: Path | None) -> Path | None:
+    """The cache to load a Hub dataset from: the data dir's (where a host with network downloads it).
+    Offline, a dataset only in datasets' own cache is read from there, and one in no cache is an
+    error now, not after a model has loaded."""
     if not offline():
-        return
+        return cache_dir
     from datasets import config as ds_config
 
     folder = hub_id.replace("/", "___")
-    candidates = [Path(ds_config.HF_DATASETS_CACHE) / folder, Path(ds_config.HF_DATASETS_CACHE) / hub_id.split("/")[-1]]
-    if cache_dir is not None:
-        candidates.insert(0, Path(cache_dir) / folder)
+    if cache_dir is not None and (Path(cache_dir) / folder).exists():
+        return cache_dir
     hub_cache = Path(os.environ.get("HF_HUB_CACHE") or Path(ds_config.HF_CACHE_HOME) / "hub")
-    candidates.append(hub_cache / f"datasets--{hub_id.replace('/', '--')}")
-    if not any(c.exists() for c in candidates):
-        raise SourceError(
-            f"dataset {hub_id!r} is not in the local cache (offline: HF_HUB_OFFLINE is set) and is not a local "
-            "path; download it on a host with network access, or point `path` at a local copy"
-        )
+    if (Path(ds_config.HF_DATASETS_CACHE) / folder).exists() or (hub_cache / f"datasets--{hub_id.replace('/', '--')}").exists():
+        return None  # datasets' default cache
+    raise SourceError(
+        f"dataset {hub_id!r} is not in the local cache (offline: HF_HUB_OFFLINE is set) and is not a local "
+        "path; download it on a host with network access, or point `path` at a local copy"
+    )
 
 
 def load_hub_dataset(hub_id: str, split: str | None, data_files, cache_dir: Path | None):

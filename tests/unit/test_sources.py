@@ -338,3 +338,16 @@ def test_percent_slices_of_a_jsonl_with_blank_lines_count_rows_not_lines(tmp_pat
     for split in ("train[50%:]", "train[-20%:]", "train[:30%]"):
         theirs = datasets.load_dataset("json", data_files=str(path), split=split, cache_dir=str(tmp_path / "c"))
         assert texts(read(path, split=split)) == list(theirs["text"]), split
+
+
+def test_offline_a_hub_dataset_in_the_data_dirs_cache_is_loaded_from_there(tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, **kw: calls.append(kw) or datasets.Dataset.from_list(ROWS[:2]))
+    (tmp_path / "cache" / "org___data").mkdir(parents=True)  # as load_dataset(cache_dir=...) leaves it
+    source = open_source(spec("org/data", split="train[:1%]"), cache_dir=tmp_path / "cache")
+    assert texts(source.rows()) == [r["text"] for r in ROWS[:2]]
+    assert calls == [{"split": "train[:1%]", "data_files": None, "cache_dir": str(tmp_path / "cache")}]
