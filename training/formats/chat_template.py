@@ -712,6 +712,7 @@ def _first(text: str, tokens: list[str], start: int = 0, stop: int | None = None
 # Axolotl's placeholders: their first and last characters differ, so whatever a template glues to
 # one side of a placeholder, the other placeholder shows it (the widest of the two diffs is the turn).
 _SENTINELS = ("[[dummy_message]]", "zzdummymessagezz")
+_SENTINEL_CHARS = {s: frozenset(s) for s in _SENTINELS}
 
 
 def _turn_region(template, chat: list[dict], i: int, text: str, kwargs: dict) -> tuple[int, int] | None:
@@ -729,6 +730,11 @@ def _turn_region(template, chat: list[dict], i: int, text: str, kwargs: dict) ->
         suffix = _common_prefix(text[::-1], other[::-1], limit - start)
         starts.append(start)
         ends.append(len(text) - suffix)
+        # The diff can only have stopped short inside the turn on a character of the placeholder;
+        # when the characters at its edges aren't any, the second placeholder can't widen it.
+        chars = _SENTINEL_CHARS[sentinel]
+        if (start == 0 or text[start - 1] not in chars) and (ends[-1] >= len(text) or text[ends[-1]] not in chars):
+            break
     start, end = min(starts), max(ends)
     return (start, end) if end > start else None
 
