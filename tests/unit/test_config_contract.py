@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,7 @@ def test_every_field_of_the_config_model_is_honoured_and_nothing_else():
     assert sorted(set(contract.HONOURED_DATASET) - dataset_fields) == []
 
 
+@cache
 def _test_functions(path: Path) -> dict[str, str]:
     tree = ast.parse(path.read_text())
     source = path.read_text()
@@ -86,6 +88,7 @@ def test_every_honoured_key_names_a_test_that_reads_it(registry):
     assert missing == []
 
 
+@cache
 def _parametrize_text(path: Path, function: str) -> str:
     """The decorators' text of a test (parametrize lists name the keys they cover)."""
     source = path.read_text()
