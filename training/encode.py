@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from training.config import DatasetSpec, TrainConfig
 from training.formats import FORMATS, Piece, Rendered, RowProblem
@@ -129,6 +130,7 @@ class Encoder:
         chat_template: str | None = "tokenizer_default",
         chat_template_jinja: str | None = None,
         eot_tokens: list[str] | None = None,
+        base_dir: Path | None = None,  # the config's folder: a chat_template_jinja file is looked up there
     ):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("Trainyard needs a fast (Rust) tokenizer to map trained characters to tokens")
@@ -142,6 +144,7 @@ class Encoder:
                 spec.chat_template or chat_template,
                 spec.chat_template_jinja or chat_template_jinja,
                 getattr(tokenizer, "chat_template", None),
+                base_dir,
             )
             check_template(template)  # a syntax error is one clear error, not one per row
             _check_end_token_policies(spec, template, list(eot_tokens) if eot_tokens else None, tokenizer.eos_token)
@@ -159,7 +162,9 @@ class Encoder:
         self._render_valid = getattr(self.format, "render_valid", None)
 
     @classmethod
-    def from_config(cls, tokenizer, config: TrainConfig, dataset_index: int = 0) -> Encoder:
+    def from_config(
+        cls, tokenizer, config: TrainConfig, dataset_index: int = 0, base_dir: Path | None = None
+    ) -> Encoder:
         return cls(
             tokenizer,
             config.datasets[dataset_index],
@@ -169,6 +174,7 @@ class Encoder:
             chat_template=config.chat_template,
             chat_template_jinja=config.chat_template_jinja,
             eot_tokens=config.eot_tokens,
+            base_dir=base_dir,
         )
 
     # -- public -------------------------------------------------------------------------------

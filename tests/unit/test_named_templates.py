@@ -115,3 +115,11 @@ def test_an_empty_assistant_turn_keeps_the_row_and_says_so():
         "Yes.<|im_end|>"
     )
     assert any("empty assistant turn" in w for w in encoder.warnings())
+
+
+def test_the_encoder_reads_a_template_file_named_relative_to_the_config(tmp_path):
+    (tmp_path / "tpl.j2").write_text(named_template("chatml"))
+    tokenizer = family_tokenizer("chatml")
+    spec = DatasetSpec(path="x", chat_template="jinja", chat_template_jinja="tpl.j2")
+    encoder = Encoder(tokenizer, spec, base_dir=tmp_path)
+    assert encoder.settings.chat_template == named_template("chatml")
