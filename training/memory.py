@@ -183,6 +183,16 @@ class MemoryEstimate:
         ]
 
 
+def _moment_bytes(optimizer: str | None) -> float:
+    """Bytes of AdamW state per trainable parameter: two fp32 moments, or quantized ones."""
+    name = optimizer or ""
+    if "4bit" in name:
+        return 1.0
+    if "8bit" in name:
+        return 2.0
+    return 8.0
+
+
 def estimate(config: TrainConfig, shape: ModelShape, *, bf16: bool = True) -> MemoryEstimate:
     full_bytes = 2.0 if bf16 else 4.0
     weight_bytes = 0.5 + 0.05 if config.load_in_4bit else (1.0 if config.load_in_8bit else full_bytes)
@@ -202,12 +212,12 @@ def estimate(config: TrainConfig, shape: ModelShape, *, bf16: bool = True) -> Me
                          "down_proj": shape.moe_intermediate + shape.hidden}
             stacks = sum(v for k, v in per_stack.items() if any(t.endswith(k) for t in config.lora_target_parameters))
             trainable += config.lora_r * stacks * shape.experts * shape.moe_layers
-        # LoRA weights and grads in fp32, AdamW's two moments in fp32.
-        training_state = trainable * (4 + 4 + 8)
+        # LoRA weights and grads in fp32, AdamW's two moments (fp32, or 8-/4-bit optimizers).
+        training_state = trainable * (4 + 4 + _moment_bytes(config.optimizer))
     else:
         trainable = shape.params
         # bf16 weights' grads (2) + fp32 moments (8) + fp32 master copy when mixed precision (4).
-        training_state = trainable * (2 + 8 + (4 if bf16 else 0))
+        training_state = trainable * (2 + _moment_bytes(config.optimizer) + (4 if bf16 else 0))
     tokens = config.micro_batch_size * config.sequence_len
     act_dtype = 2 if bf16 else 4
     per_layer = tokens * shape.hidden * ACTIVATION_BYTES_PER_HIDDEN * act_dtype / 2
