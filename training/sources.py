@@ -314,6 +314,14 @@ def _count(files: list[tuple[Path, str]]) -> int:
             import pyarrow.parquet as pq
 
             total += pq.ParquetFile(path).metadata.num_rows
+        elif kind == "arrow":  # the batches' lengths: memory-mapped, nothing decoded
+            import pyarrow as pa
+
+            with pa.memory_map(str(path)) as source:
+                try:
+                    total += sum(batch.num_rows for batch in _arrow_batches(source))
+                except Exception:
+                    total += 1  # read_arrow reports it as one problem
         elif kind == "json":  # non-blank lines (or array items), without parsing them
             with path.open("rb") as f:
                 try:
@@ -348,17 +356,23 @@ def read_arrow(path: Path) -> Iterator[tuple[int, dict | LineProblem]]:
 
     with pa.memory_map(str(path)) as source:
         try:
-            if source.read(6) == b"ARROW1":
-                source.seek(0)
-                reader = pa.ipc.open_file(source)
-                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-            else:
-                source.seek(0)
-                batches = iter(pa.ipc.open_stream(source))
+            batches = _arrow_batches(source)
         except Exception as exc:
             yield 1, LineProblem(1, "", f"can't read the Arrow file: {exc}", "row")
             return
         yield from _table_rows(_rebatched(batches))
+
+
+def _arrow_batches(source):
+    """Record batches of an Arrow IPC file ("ARROW1" first) or stream, from a memory map."""
+    import pyarrow as pa
+
+    if source.read(6) == b"ARROW1":
+        source.seek(0)
+        reader = pa.ipc.open_file(source)
+        return (reader.get_batch(i) for i in range(reader.num_record_batches))
+    source.seek(0)
+    return iter(pa.ipc.open_stream(source))
 
 
 def read_csv(path: Path) -> Iterator[tuple[int, dict | LineProblem]]:

@@ -461,3 +461,11 @@ def test_a_parquet_upload_streams_by_record_batch(alice, tmp_path):
     assert result.dataset.rows == 20_000
     size = path.stat().st_size
     assert peak_arrow < size / 3 and peak < 8 * 2**20, (peak_arrow, peak, size)
+
+
+def test_a_file_named_parquet_that_is_not_is_refused_with_a_reason(alice_client):
+    upload = SimpleUploadedFile("fake.parquet", jsonl([CHAT_ROW]) + b"not parquet")
+    response = alice_client.post("/datasets/", {"file": upload})
+    page = response.content.decode()
+    assert response.status_code == 400 and "can&#x27;t read the Parquet file" in page
+    assert Dataset.objects.count() == 0
