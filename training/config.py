@@ -464,6 +464,11 @@ class TrainConfig(BaseModel):
         on = [k for k in LIGER_FLAGS if getattr(self, k)]
         if on and LIGER_PLUGIN not in self.plugins:
             raise ValueError(f"{', '.join(on)}: Liger flags need plugins: [{LIGER_PLUGIN}]")
+        if self.cut_cross_entropy_on and (self.liger_fused_linear_cross_entropy or self.liger_cross_entropy):
+            raise ValueError(
+                "Cut Cross Entropy and Liger's cross-entropy both compute the loss: keep one "
+                "(remove the CutCrossEntropyPlugin or set liger_*cross_entropy false)"
+            )
         return self
 
     @property
@@ -550,12 +555,13 @@ def check_environment(
 ) -> list[ConfigError]:
     """Problems that depend on this machine (GPU, optional packages), found before anything is queued.
     `devices`: how many the run gets (processes), when known."""
-    bf16_available = cuda_available  # a machine described by the caller (tests): GPUs with bf16
+    bf16_available = tf32_available = cuda_available  # a machine described by the caller (tests): recent GPUs
     if cuda_available is None:
         import torch
 
         cuda_available = torch.cuda.is_available()
         bf16_available = _cuda_has_bf16()  # T4 / V100: CUDA without bf16
+        tf32_available = _cuda_has_bf16()  # the same GPUs (Ampere and newer) have tf32
     errors = []
     backend = config.attention
     if backend.needs_package and importlib.util.find_spec(backend.needs_package) is None:
@@ -572,6 +578,8 @@ def check_environment(
         errors.append(ConfigError("attn_implementation", f"{config.attn_implementation} needs a CUDA GPU; use sdpa"))
     if config.fp16 and not cuda_available:
         errors.append(ConfigError("fp16", "fp16 training needs a CUDA GPU; remove fp16 (bf16: auto picks what works)"))
+    if config.tf32 and cuda_available and not tf32_available:
+        errors.append(ConfigError("tf32", "tf32: true needs an Ampere or newer GPU (this one has no tf32); set tf32: false"))
     # The CPU trains in bf16 (torch's CPU kernels); only a CUDA GPU without bf16 (T4, V100) can't.
     if config.bf16 is True and cuda_available and not bf16_available:
         errors.append(ConfigError("bf16", "bf16: true needs a GPU with bf16 support here; use bf16: auto"))

@@ -211,8 +211,15 @@ def test_tf32_sets_the_cuda_matmul_precision_and_is_a_no_op_on_the_cpu(tmp_path,
     for value in (True, False):
         kwargs = training_arguments(config_of("m", tf32=value), tmp_path, train_rows=10, has_eval=False, bf16=False)
         assert kwargs["tf32"] is value
+    # A GPU older than Ampere has no tf32: refused at validation (the Trainer would raise after the model loads).
+    from training import config as config_module
+
+    monkeypatch.setattr(config_module, "_cuda_has_bf16", lambda: False)
+    assert [p.path for p in check_environment(config_of("m", tf32=True))] == ["tf32"]
+    assert check_environment(config_of("m", tf32=False)) == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert arguments(config_of("m", tf32=True), tmp_path).tf32 is None
+    assert check_environment(config_of("m", tf32=True)) == []
 
 
 def test_torch_compile_reaches_the_training_arguments(tmp_path):
@@ -584,3 +591,10 @@ def test_reasoning_trace_keys_reach_the_template(tokenizer):
     inline = {"messages": [user, {"role": "assistant", "content": "<think>ponder</think>Yo"}]}
     assert "[T:ponder]Yo" in text(inline, split_thinking=True)
     assert "<think>ponder</think>Yo" in text(inline)
+
+
+def test_cut_cross_entropy_and_liger_cross_entropy_are_not_both_asked_for():
+    plugins = ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin", "axolotl.integrations.liger.LigerPlugin"]
+    with pytest.raises(ConfigInvalid, match="both compute the loss"):
+        config_of("m", plugins=plugins, liger_fused_linear_cross_entropy=True)
+    assert config_of("m", plugins=plugins, liger_rope=True).liger_rope
