@@ -285,13 +285,16 @@ REFUSED: dict[str, Refusal] = {
     "base_model_config": Refusal(
         "the model config is always read from base_model", "remove it", off_when=_same_as_base_model
     ),
+    # A model or tokenizer class name is what the Auto classes pick from the model's own files anyway.
     "model_type": Refusal(
-        "Trainyard loads causal language models with AutoModelForCausalLM",
+        "Trainyard loads the model with AutoModelForCausalLM (the class its config.json names)",
         "remove it",
-        off=("AutoModelForCausalLM", "AutoModelForImageTextToText"),
+        off_when=lambda value, _: isinstance(value, str) and value.endswith(("ForCausalLM", "ForConditionalGeneration")),
     ),
     "tokenizer_type": Refusal(
-        "Trainyard loads the tokenizer with AutoTokenizer", "remove it", off=("AutoTokenizer", "PreTrainedTokenizerFast")
+        "Trainyard loads the tokenizer with AutoTokenizer (the class its files name)",
+        "remove it",
+        off_when=lambda value, _: isinstance(value, str) and value.endswith(("Tokenizer", "TokenizerFast")),
     ),
     "tokenizer_use_mistral_common": Refusal(
         "the mistral-common tokenizer is not wired into Trainyard (its tekken.json comes from the Hub, and the "
@@ -307,8 +310,7 @@ REFUSED: dict[str, Refusal] = {
         "greater_is_better do_bench_eval bench_dataset bench_split do_causal_lm_eval eval_causal_lm_metrics "
         "eval_on_start merge_method torch_compile_backend torch_compile_mode torch_compile_options "
         "torch_compile_regional sync_profiler_steps sync_profiler_start_step resume_from_checkpoint "
-        "auto_resume_from_checkpoints dataloader_num_workers dataloader_pin_memory dataloader_prefetch_factor "
-        "save_safetensors",
+        "auto_resume_from_checkpoints dataloader_num_workers save_safetensors",
         "this option of axolotl is not implemented in Trainyard",
         "remove it",
     ),
@@ -329,7 +331,6 @@ REFUSED: dict[str, Refusal] = {
     "dataloader_num_workers": Refusal(
         "batches are built in the training process (the data is encoded in memory)", REMOVE, off=(0,)
     ),
-    "dataloader_pin_memory": Refusal("memory pinning is left to transformers' default", REMOVE, off=(True,)),
     "save_safetensors": Refusal("weights are always saved as safetensors", REMOVE, off=(True,)),
     **_family(
         "processor_type processor_kwargs image_size image_resize_algorithm role_boundaries freeze_mm_modules "
@@ -427,7 +428,7 @@ HARMLESS: dict[str, str] = {
         "tokenizer_save_jinja_files is_preprocess axolotl_config_path local_rank low_cpu_mem_usage gc_steps "
         "gc_collect_steps torch_empty_cache_steps sample_packing_bin_size sample_packing_group_size "
         "sample_packing_eff_est sample_packing_mp_start_method eval_sample_packing total_num_tokens "
-        "total_supervised_tokens"
+        "total_supervised_tokens dataloader_pin_memory dataloader_prefetch_factor"
     ).split()},
     **{k: "a hint axolotl no longer reads" for k in (
         "is_llama_derived_model is_mistral_derived_model is_falcon_derived_model is_qwen_derived_model"

@@ -170,3 +170,9 @@ def test_the_cli_refuses_with_one_line_per_key_and_a_non_zero_exit(tmp_path):
     assert lines[0].startswith("error: invalid config") and len(lines) == 3
     assert lines[1].startswith("  rl: preference and reinforcement training")
     assert lines[2].startswith("  use_kernels: use_kernels downloads compiled kernels")
+
+
+def test_class_names_the_auto_classes_would_pick_anyway_are_accepted():
+    parse_config(BASE + "model_type: LlamaForCausalLM\ntokenizer_type: LlamaTokenizerFast\nbase_model_config: tiny\n")
+    errors = errors_of(BASE + "model_type: AutoModelForSequenceClassification\nbase_model_config: other\n")
+    assert [p for p, _ in errors] == ["model_type", "base_model_config"]
