@@ -74,3 +74,10 @@ def write_hub_standins(root: Path, rows: int = 50) -> dict[str, Path]:
         write_parquet(folder / "data" / "train-00000-of-00001.parquet", make(rows))
         out[hub_id] = folder
     return out
+
+
+def point_at_standins(datasets: list[dict], root: Path, rows: int = 50) -> list[dict]:
+    """A config's `datasets:` entries with each known Hub id replaced by its local stand-in folder
+    (every other key, `split` included, kept)."""
+    folders = write_hub_standins(root, rows)
+    return [{**d, "path": str(folders[d["path"]])} if d.get("path") in folders else d for d in datasets]
