@@ -565,6 +565,14 @@ def test_cut_cross_entropy_is_refused_without_cuda_and_gives_the_same_loss_with_
     summed = cce.compute_loss(model, dict(batch), num_items_in_batch=7)
     assert summed.item() == pytest.approx(standard.item(), rel=1e-5)  # 7 trained tokens in the batch
     assert seen[0] == (2, 5, model.config.hidden_size)
+    # Under a LoRA adapter (PEFT wraps the model) the same.
+    lora = config_of(tiny_model_dir, plugins=plugin, adapter="lora", lora_target_linear=True)
+    model = load_model(lora, load_tokenizer(lora))
+    standard = Trainer(model=model, args=args).compute_loss(model, dict(batch))
+    loss = trainer_class(lora)(model=model, args=args).compute_loss(model, dict(batch))
+    assert loss.item() == pytest.approx(standard.item(), rel=1e-5)
+    loss.backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
 
 
 THOUGHT_TEMPLATE = (
