@@ -658,8 +658,9 @@ def _optimizer_problem(name: str) -> str | None:
 def _config_warnings(config: TrainConfig) -> list[str]:
     """Settings that are valid but do nothing in this config, said once at validation (never silently)."""
     warnings = []
-    if config.evals_per_epoch and not config.val_set_size:
-        warnings.append("evals_per_epoch: no evaluation set (val_set_size is 0), so no evaluation runs")
+    for key in ("evals_per_epoch", "eval_steps", "eval_strategy", "eval_batch_size"):
+        if getattr(config, key) and not config.val_set_size:
+            warnings.append(f"{key}: no evaluation set (val_set_size is 0), so no evaluation runs")
     if config.gradient_checkpointing_kwargs and not config.gradient_checkpointing:
         warnings.append("gradient_checkpointing_kwargs: gradient_checkpointing is off, so they are not used")
     if config.profiler_steps_start and not config.profiler_steps:
