@@ -297,8 +297,8 @@ REFUSED: dict[str, Refusal] = {
         off_when=lambda value, _: isinstance(value, str) and value.endswith(("Tokenizer", "TokenizerFast")),
     ),
     "tokenizer_use_mistral_common": Refusal(
-        "the mistral-common tokenizer is not wired into Trainyard (its tekken.json comes from the Hub, and the "
-        "encoder needs a Hugging Face tokenizer to mask labels)",
+        "the mistral-common tokenizer can't be used: transformers' MistralCommonBackend has no offsets mapping, "
+        "which Trainyard's encoder needs to turn trained characters into labels",
         "remove it; the model's tokenizer.json is used (Ministral ships one)",
     ),
     **_family(
