@@ -37,11 +37,6 @@ ROW_DEVIATIONS = {
     # (EXAONE's leading empty system turn ends there). We train nothing for an empty turn.
     ("tpl_exaone_empty_content", 0): "axolotl trains the end token of the leading system turn for an empty turn",
     ("tpl_exaone_empty_content", 1): "axolotl trains the end token of the leading system turn for an empty turn",
-    # Axolotl takes an end token within 3 *tokens* of the turn's end; the format only sees text, so
-    # it counts special-looking tags, words and punctuation instead. EXAONE 4's `"}</tool_result>`
-    # is 3 such pieces, and more tokens with a tokenizer that has no <tool_result> token.
-    ("tpl_exaone4_tools_roles_at", 0): "end-token distance counted on text, not tokens",
-    ("tpl_exaone4_tools_roles_at", 1): "end-token distance counted on text, not tokens",
 }
 
 

@@ -676,8 +676,8 @@ class _Skeleton:
         # after it, each (offset after the content's end, length) or None.
         self.end_offsets = [
             (
-                _near(literal, 0, _first(literal, eot_tokens)),
-                _near(literal, 0, _first(literal, [eos_token] if eos_token else [])),
+                _near(literal, 0, _first(literal, eot_tokens), eot_tokens),
+                _near(literal, 0, _first(literal, [eos_token] if eos_token else []), eot_tokens),
             )
             for literal in self.literals[1:]
         ]
@@ -784,22 +784,24 @@ def _end_positions(text: str, regions, eot_tokens: list[str], eos_token: str | N
             following += 1
         limit = starts[following][0] if following < len(starts) else len(text)
         eot_at, eos_at = _first(text, eot_tokens, end, limit), _first(text, eos, end, limit)
-        out.append((_near(text, end, eot_at), _near(text, end, eos_at)))
+        out.append((_near(text, end, eot_at, eot_tokens), _near(text, end, eos_at, eot_tokens)))
     return out
 
 
-# Axolotl takes an end token only within 3 tokens of the turn's end; counted here on the text as
-# special tokens, words, single punctuation and whitespace runs (what a BPE keeps whole, mostly).
+# Axolotl takes an end token only within 3 tokens of the turn's end. The format sees text, not
+# tokens, so it counts what a BPE mostly keeps whole: words, whitespace runs, single punctuation,
+# an end token as one, and another tag (<|...|>, [...]) as two, as a tokenizer without it splits it.
 _GAP_PIECES = re.compile(r"<[^<>\s]{1,40}>|\[[^\[\]\s]{1,40}\]|\s+|\w+|[^\w\s]")
 
 
-def _near(text: str, end: int, found: tuple[int, int] | None) -> tuple[int, int] | None:
+def _near(text: str, end: int, found: tuple[int, int] | None, end_tokens) -> tuple[int, int] | None:
     if found is None or found[0] == 0:
         return found
     gap = text[end : end + found[0]]
-    if len(gap) > 64 or len(_GAP_PIECES.findall(gap)) > 3:
+    if len(gap) > 64:
         return None
-    return found
+    pieces = sum(1 if p in end_tokens or p[0] not in "<[" or len(p) == 1 else 2 for p in _GAP_PIECES.findall(gap))
+    return found if pieces <= 3 else None
 
 
 FORMAT = ChatTemplate()
