@@ -250,6 +250,7 @@ def test_api_upload_reports_problems_and_previews_rows(alice_client, chat_file, 
             "line": 2,
             "field": "",
             "message": "invalid JSON: Expecting property name enclosed in double quotes at column 2",
+            "unit": "line",
         }
     ]
     ok = alice_client.post("/api/datasets/", {"file": chat_file()})
@@ -429,6 +430,12 @@ def test_api_upload_takes_parquet(alice_client):
     upload = SimpleUploadedFile("api.parquet", _parquet_bytes([_chat(i) for i in range(3)]))
     response = alice_client.post("/api/datasets/", {"file": upload})
     assert response.status_code == 201 and response.json()["dataset"]["rows"] == 3
+    assert response.json()["dataset"]["original_filename"] == "api.parquet"
+    rows = [_chat(i) for i in range(4)]
+    rows[3] = {"messages": []}
+    bad = alice_client.post("/api/datasets/", {"file": SimpleUploadedFile("b.parquet", _parquet_bytes(rows))})
+    assert bad.status_code == 400
+    assert bad.json()["problems"] == [{"line": 4, "field": "messages", "message": "empty message list", "unit": "row"}]
 
 
 def test_a_parquet_upload_streams_by_record_batch(alice, tmp_path):

@@ -22,6 +22,7 @@ class DatasetOut(Schema):
     id: int
     name: str
     format: str
+    original_filename: str  # as uploaded: a Parquet or CSV file is stored as JSONL rows
     rows: int
     rejected_rows: int
     size: int
@@ -33,6 +34,7 @@ class Problem(Schema):
     line: int
     field: str
     message: str
+    unit: str = "line"  # how `line` counts: "line" (JSONL, JSON array items) or "row" (Parquet, CSV)
 
 
 class UploadOut(Schema):
@@ -83,7 +85,8 @@ def upload(
             message=str(exc),
             valid_rows=report.rows if report else 0,
             problems=[
-                Problem(line=p.line, field=p.field, message=p.message) for p in (report.problems if report else [])
+                Problem(line=p.line, field=p.field, message=p.message, unit=p.unit)
+                for p in (report.problems if report else [])
             ],
             counts=dict(report.counts) if report else {},
         )
