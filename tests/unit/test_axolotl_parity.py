@@ -32,9 +32,11 @@ REFUSED_BY_DESIGN: tuple[str, ...] = ()
 # when the template trims leading spaces (llama3): we map them onto the rendered text instead.
 ROW_DEVIATIONS = {
     ("chat_training_detail_llama3", 3): "axolotl's training_detail is shifted by llama3's trim",
-    # Axolotl looks for the end token of a turn it can't locate (an empty content) from token -1: it
-    # trains the row's last token if that is an end token, else one in the first three tokens
-    # (EXAONE's leading empty system turn ends there). We train nothing for an empty turn.
+    # Axolotl looks for the end token of a turn it can't locate (an empty content) from token index
+    # -1: unless the row's last token is an end token, it takes the row's first end token if that is
+    # among its first three tokens. EXAONE's template opens with an empty system turn whose end token
+    # is token 1, so an empty assistant turn trains the system turn's end. An index bug: we train
+    # nothing for an empty turn (the row is kept, with a note), on every template.
     ("tpl_exaone_empty_content", 0): "axolotl trains the end token of the leading system turn for an empty turn",
     ("tpl_exaone_empty_content", 1): "axolotl trains the end token of the leading system turn for an empty turn",
 }
