@@ -87,8 +87,8 @@ def load_model(config: TrainConfig, tokenizer):
         unfreeze_only(model, config.unfrozen_parameters)
     if config.gradient_checkpointing:
         # Non-reentrant unless the config says otherwise: it works with frozen inputs (LoRA) and packing.
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False, **(config.gradient_checkpointing_kwargs or {})}
+        model.activation_checkpointing_enable(  # transformers 5's name for gradient_checkpointing_enable
+            activation_checkpointing_kwargs={"use_reentrant": False, **(config.gradient_checkpointing_kwargs or {})}
         )
         if config.adapter or config.unfrozen_parameters:
             model.enable_input_require_grads()

@@ -280,6 +280,7 @@ def training_arguments(config: TrainConfig, run_dir: Path, *, train_rows: int, h
         seed=config.seed,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only speeds copies to a GPU
         disable_tqdm=True,
     )
     if config.optimizer:

@@ -294,18 +294,18 @@ def test_gradient_checkpointing_kwargs_are_passed_through(tiny_model_dir, monkey
     from transformers import PreTrainedModel
 
     seen = []
-    original = PreTrainedModel.gradient_checkpointing_enable
+    original = PreTrainedModel.activation_checkpointing_enable
 
-    def spy(self, gradient_checkpointing_kwargs=None):
-        seen.append(gradient_checkpointing_kwargs)
-        return original(self, gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def spy(self, activation_checkpointing_kwargs=None, **kwargs):
+        seen.append(activation_checkpointing_kwargs)
+        return original(self, activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
 
-    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", spy)
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", spy)
     model, _ = _model(tiny_model_dir, gradient_checkpointing=True)
     _model(tiny_model_dir, gradient_checkpointing=True,
            gradient_checkpointing_kwargs={"use_reentrant": True, "preserve_rng_state": False})
     assert seen == [{"use_reentrant": False}, {"use_reentrant": True, "preserve_rng_state": False}]
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     with pytest.raises(ConfigInvalid, match="gradient_checkpointing_kwargs nope unknown"):
         config_of("m", gradient_checkpointing_kwargs={"nope": 1})
 
