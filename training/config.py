@@ -618,12 +618,17 @@ def _liger_problems(config: TrainConfig, cuda_available: bool) -> list[ConfigErr
     model's patch takes; anything else is refused here rather than skipped when the model loads."""
     path = f"plugins[{config.plugins.index(LIGER_PLUGIN)}]"
     if not cuda_available:
+        # The plugin and each flag it would apply, so removing exactly the refused keys leaves a valid config.
         return [
             ConfigError(
                 path,
                 "Liger kernels are Triton kernels that need a CUDA GPU (measured: they fail on the CPU); "
                 "remove it from plugins and the liger_* flags",
             )
+        ] + [
+            ConfigError(flag, "a Liger kernel, which needs a CUDA GPU (Triton); set it false or remove it")
+            for flag in LIGER_FLAGS
+            if getattr(config, flag)
         ]
     if importlib.util.find_spec("liger_kernel") is None:
         return [ConfigError(path, "the Liger plugin needs the liger-kernel package: pip install liger-kernel")]

@@ -490,8 +490,9 @@ def test_liger_is_refused_without_cuda_and_applied_as_the_flags_say_with_it(tiny
     plugin = ["axolotl.integrations.liger.LigerPlugin"]
     keys = dict(plugins=plugin, liger_rope=True, liger_rms_norm=True, liger_glu_activation=True)
     config = config_of(tiny_model_dir, **keys)
-    (problem,) = check_environment(config, cuda_available=False)  # measured: Triton has no CPU driver
-    assert problem.path == "plugins[0]" and "need a CUDA GPU" in problem.message
+    problems = check_environment(config, cuda_available=False)  # measured: Triton has no CPU driver
+    assert [p.path for p in problems] == ["plugins[0]", "liger_rope", "liger_rms_norm", "liger_glu_activation"]
+    assert all("CUDA GPU" in p.message for p in problems)
     with pytest.raises(ConfigInvalid, match="liger_rope: Liger flags need plugins"):
         config_of("m", liger_rope=True)
     assert config_of("m", plugins=plugin, liger_swiglu=True).liger_glu_activation  # axolotl's old name
