@@ -319,7 +319,29 @@ class ChatTemplate:
 
     def render(self, row, spec, options) -> Rendered:
         plan = _plan(spec, options.train_on_inputs, options)
-        messages = plan.messages(row)
+        try:
+            return self._render(row, plan.messages(row), plan, options)
+        except Exception as exc:
+            # Axolotl passes a template only the message keys it reads off `message`; some templates
+            # need others (Gemma 4 finds a tool's name by tool_call_id) and fail on every such row,
+            # which fails axolotl's whole dataset. We drop the row, saying which keys it lacked:
+            # rendering it with them would train what axolotl never does (Gemma 4 puts the tool's
+            # response inside the model's turn).
+            given = plan.messages(row)
+            every = plan.messages(row, every_field=True)
+            missing = sorted({k for m, g in zip(every, given) for k in m.extra if k not in g.extra})
+            if not missing:
+                raise
+            try:
+                self._render(row, every, plan, options)
+            except Exception:
+                raise exc from None
+            raise ValueError(
+                f"{exc}: the template needs message keys axolotl doesn't pass it ({', '.join(missing)}); "
+                "axolotl fails on this row too"
+            ) from None
+
+    def _render(self, row, messages, plan, options) -> Rendered:
         if any(m.extra for m in messages):
             return self._render_by_diff(row, messages, plan, options)
         contents = [m.content for m in messages]
@@ -537,7 +559,7 @@ class _Plan:
         self.simple_roles = set(self.lookup) | set(self.lookup.values()) | STANDARD_ROLES
         self.shapes: dict = {}
 
-    def messages(self, row) -> list[Message]:
+    def messages(self, row, every_field: bool = False) -> list[Message]:
         raw = row[self.field]
         out = []
         system = row.get(self.system_key)
@@ -562,7 +584,7 @@ class _Plan:
             extra = {k: v for k, v in msg.items() if k not in self.reserved and v is not None} if len(msg) > 2 else {}
             if extra:
                 thinking = extra.get(self.thinking_field) if self.maps_thinking else None
-                if self.fields is not None:
+                if self.fields is not None and not every_field:
                     extra = {k: v for k, v in extra.items() if k in self.fields}
                 if thinking is not None:
                     extra[self.thinking_key] = thinking
