@@ -89,8 +89,10 @@ def main() -> None:
     print(f"ratio {figures['ratio']} (goal >= 0.75)")
     if args.process_repeats:
         figures.update(whole_process(model_dir, rows, texts, args.process_repeats))
-        print(f"whole process: trainyard preprocess {figures['process_ours_s']} s, bare tokenizers process "
-              f"{figures['process_bare_s']} s: ratio {figures['process_ratio']} (goal <= 1.5)")
+        print(
+            f"whole process: trainyard preprocess {figures['process_ours_s']} s, bare tokenizers process "
+            f"{figures['process_bare_s']} s: ratio {figures['process_ratio']} (goal <= 1.5)"
+        )
     print(json.dumps(figures))
 
 

@@ -116,7 +116,10 @@ def main() -> None:
         "peak_rss_mb": round(peak["mb"], 1),
         "goal_peak_rss_mb": GOAL_MB,
     }
-    print(f"uploaded {figures['size_mb']} MB of {args.format} ({rows} rows) in {figures['seconds']} s, HTTP {response.status} -> {location}")
+    print(
+        f"uploaded {figures['size_mb']} MB of {args.format} ({rows} rows) in {figures['seconds']} s, "
+        f"HTTP {response.status} -> {location}"
+    )
     print(f"web process RSS: idle {figures['idle_rss_mb']} MB, peak {figures['peak_rss_mb']} MB (goal < {GOAL_MB})")
     print(json.dumps(figures))
 

@@ -97,7 +97,8 @@ def cmd_preprocess(args) -> int:
                 all_samples.append(outcome)
                 if out:
                     out.write(
-                        json.dumps({"row": outcome.row, "input_ids": outcome.input_ids, "labels": outcome.labels}) + "\n"
+                        json.dumps({"row": outcome.row, "input_ids": outcome.input_ids, "labels": outcome.labels})
+                        + "\n"
                     )
                 if args.debug and shown < args.rows:
                     shown += 1

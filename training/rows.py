@@ -149,7 +149,9 @@ def _array_items(f: IO[bytes], gz: bool, inflated_limit: int | None) -> Iterator
             raise FileRefused(f"the .gz file is damaged: {exc}") from None
         inflated += len(chunk)
         if inflated_limit is not None and inflated > inflated_limit:
-            raise FileRefused(f"the .gz file inflates to more than {inflated_limit:,} bytes: refused as an archive bomb")
+            raise FileRefused(
+                f"the .gz file inflates to more than {inflated_limit:,} bytes: refused as an archive bomb"
+            )
         eof = not chunk
         buf = buf[pos:] + utf8.decode(chunk, final=eof)
         pos = 0
@@ -171,7 +173,10 @@ def _array_items(f: IO[bytes], gz: bool, inflated_limit: int | None) -> Iterator
                 return
             if not expect_value:
                 if c != ",":
-                    yield item + 1, LineProblem(item + 1, "", f"invalid JSON array: expected ',' or ']' after item {item}")
+                    yield (
+                        item + 1,
+                        LineProblem(item + 1, "", f"invalid JSON array: expected ',' or ']' after item {item}"),
+                    )
                     return
                 pos += 1
                 expect_value = True
@@ -187,8 +192,11 @@ def _array_items(f: IO[bytes], gz: bool, inflated_limit: int | None) -> Iterator
                         yield item + 1, LineProblem(item + 1, "", f"invalid JSON: {exc.msg}")
                         return
                     if len(buf) - pos > MAX_LINE_BYTES:
-                        yield item + 1, LineProblem(
-                            item + 1, "", f"item is over the {MAX_LINE_BYTES:,}-byte limit (or not valid JSON)"
+                        yield (
+                            item + 1,
+                            LineProblem(
+                                item + 1, "", f"item is over the {MAX_LINE_BYTES:,}-byte limit (or not valid JSON)"
+                            ),
                         )
                         return
                     fill()

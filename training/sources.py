@@ -179,8 +179,7 @@ class Source:
 
     def _hub_rows(self) -> Iterator[tuple[int, dict | LineProblem]]:
         dataset = load_hub_dataset(self.hub_id, self.raw_split, self.data_files, self.cache_dir)
-        for number, row in enumerate(dataset, start=1):
-            yield number, row
+        yield from enumerate(dataset, start=1)
 
 
 def default_cache_dir() -> Path | None:
@@ -202,7 +201,7 @@ def open_source(spec, base_dir: Path | None = None, cache_dir: Path | None = Non
         return Source(str(path), slices, {"train": [(path, _kind(path, ds_type))]})
     if path.is_dir():
         return _open_folder(path, ds_type, data_files, slices, base_dir)
-    if HUB_ID.match(spec.path) and not Path(spec.path).suffix.lower() in EXTENSIONS:
+    if HUB_ID.match(spec.path) and Path(spec.path).suffix.lower() not in EXTENSIONS:
         cache = check_hub_cache(spec.path, cache_dir or default_cache_dir())
         return Source(spec.path, slices, hub_id=spec.path, data_files=data_files, raw_split=spec.split, cache_dir=cache)
     raise SourceError(f"file {spec.path!r} not found")
@@ -455,7 +454,9 @@ def check_hub_cache(hub_id: str, cache_dir: Path | None) -> Path | None:
     if cache_dir is not None and (Path(cache_dir) / folder).exists():
         return cache_dir
     hub_cache = Path(os.environ.get("HF_HUB_CACHE") or Path(ds_config.HF_CACHE_HOME) / "hub")
-    if (Path(ds_config.HF_DATASETS_CACHE) / folder).exists() or (hub_cache / f"datasets--{hub_id.replace('/', '--')}").exists():
+    if (Path(ds_config.HF_DATASETS_CACHE) / folder).exists() or (
+        hub_cache / f"datasets--{hub_id.replace('/', '--')}"
+    ).exists():
         return None  # datasets' default cache
     raise SourceError(
         f"dataset {hub_id!r} is not in the local cache (offline: HF_HUB_OFFLINE is set) and is not a local "

@@ -134,7 +134,9 @@ def test_preprocess_reads_a_parquet_standin_of_a_hub_dataset_with_a_split(tmp_pa
     assert main(["preprocess", str(config)]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "4 rows read, 4 samples kept" in out  # 10% of 40, every row trained
-    config.write_text(config.read_text().replace(f"path: {folder.name}", f"path: {folder.name}/data/train-00000-of-00001.parquet"))
+    config.write_text(
+        config.read_text().replace(f"path: {folder.name}", f"path: {folder.name}/data/train-00000-of-00001.parquet")
+    )
     assert main(["preprocess", str(config)]) == 0
     assert "4 rows read, 4 samples kept" in capsys.readouterr().out
 
@@ -144,9 +146,13 @@ def test_preprocess_reads_a_file_with_a_bom_and_csv(project, capsys):
     chat.write_bytes(b"\xef\xbb\xbf" + chat.read_bytes())
     assert main(["preprocess", str(project / "config.yaml")]) == 0, capsys.readouterr().err
     assert "3 rows read, 2 samples kept" in capsys.readouterr().out
-    (project / "alpaca.csv").write_text('instruction,input,output\n"Say hi","","Hi!"\n"Add","1 and 2","3"\n', encoding="utf-8-sig")
+    (project / "alpaca.csv").write_text(
+        'instruction,input,output\n"Say hi","","Hi!"\n"Add","1 and 2","3"\n', encoding="utf-8-sig"
+    )
     config = project / "config.yaml"
-    config.write_text(config.read_text().replace("path: chat.jsonl\n    type: chat_template", "path: alpaca.csv\n    type: alpaca"))
+    config.write_text(
+        config.read_text().replace("path: chat.jsonl\n    type: chat_template", "path: alpaca.csv\n    type: alpaca")
+    )
     assert main(["preprocess", str(config)]) == 0, capsys.readouterr().err
     assert "2 rows read, 2 samples kept" in capsys.readouterr().out
 

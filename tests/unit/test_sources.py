@@ -21,7 +21,9 @@ ROWS = [{"text": f"row number {i}", "n": i} for i in range(37)]
 
 
 def spec(path, **kw):
-    return SimpleNamespace(path=str(path), split=kw.get("split"), ds_type=kw.get("ds_type"), data_files=kw.get("data_files"))
+    return SimpleNamespace(
+        path=str(path), split=kw.get("split"), ds_type=kw.get("ds_type"), data_files=kw.get("data_files")
+    )
 
 
 def read(path, **kw):
@@ -67,7 +69,9 @@ def test_split_slices_are_the_rows_datasets_reads(text, total):
     assert ours == list(range(total))[want.from_ : want.to]
 
 
-@pytest.mark.parametrize("bad", ["train[:10%", "train[a:b]", "train[:200%]", "[0:10]", "train[10%:20]", "train[:5](closest)"])
+@pytest.mark.parametrize(
+    "bad", ["train[:10%", "train[a:b]", "train[:200%]", "[0:10]", "train[10%:20]", "train[:5](closest)"]
+)
 def test_a_split_datasets_would_not_understand_is_refused_at_validation(bad):
     with pytest.raises(ValueError, match="split"):
         validate_split(bad)
@@ -259,7 +263,7 @@ def test_a_parquet_file_with_one_big_row_group_is_read_a_batch_at_a_time(tmp_pat
     del rows
     assert pq.ParquetFile(path).metadata.num_row_groups == 1 and path.stat().st_size > 15e6
     peak, count = 0, 0
-    for _, row in open_source(spec(path)).rows():  # lazily: measured while reading
+    for _ in open_source(spec(path)).rows():  # lazily: measured while reading
         count += 1
         if count % 200 == 0:
             peak = max(peak, pa.total_allocated_bytes())
@@ -302,7 +306,9 @@ def test_seed_dataset_standins_have_the_hub_columns_and_read_with_a_split(tmp_pa
     fine = read(folders["mlabonne/FineTome-100k"], split="train[:10%]")
     assert len(fine) == 5 and set(fine[0][1]) == {"conversations", "source", "score"}
     assert fine[0][1]["conversations"][1] == finetome_rows(1)[0]["conversations"][1]
-    alpaca = read(folders["fozziethebeat/alpaca_messages_2k_test"] / "data" / "train-00000-of-00001.parquet", ds_type="parquet")
+    alpaca = read(
+        folders["fozziethebeat/alpaca_messages_2k_test"] / "data" / "train-00000-of-00001.parquet", ds_type="parquet"
+    )
     assert [row for _, row in alpaca] == alpaca_messages_rows(50)
 
 
@@ -314,10 +320,14 @@ def test_the_trainer_reads_a_parquet_slice_and_numbers_a_bad_row(tmp_path, tiny_
     from training.modeling import load_tokenizer
     from training.train import DataInvalid, encode_dataset
 
-    chat = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]} for i in range(20)]
+    chat = [
+        {"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]}
+        for i in range(20)
+    ]
     write_parquet(tmp_path / "chat.parquet", chat)
     config = parse_config(
-        f"base_model: {tiny_model_dir}\nsequence_len: 64\ndatasets:\n  - path: chat.parquet\n    split: train[25%:50%]\n"
+        f"base_model: {tiny_model_dir}\nsequence_len: 64\n"
+        "datasets:\n  - path: chat.parquet\n    split: train[25%:50%]\n"
     )
     tokenizer = load_tokenizer(config)
     samples, stats, _ = encode_dataset(config, tokenizer, 0, tmp_path)
@@ -346,7 +356,9 @@ def test_offline_a_hub_dataset_in_the_data_dirs_cache_is_loaded_from_there(tmp_p
     calls = []
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(datasets, "load_dataset", lambda path, **kw: calls.append(kw) or datasets.Dataset.from_list(ROWS[:2]))
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda path, **kw: calls.append(kw) or datasets.Dataset.from_list(ROWS[:2])
+    )
     (tmp_path / "cache" / "org___data").mkdir(parents=True)  # as load_dataset(cache_dir=...) leaves it
     source = open_source(spec("org/data", split="train[:1%]"), cache_dir=tmp_path / "cache")
     assert texts(source.rows()) == [r["text"] for r in ROWS[:2]]

@@ -372,7 +372,9 @@ def _parquet_bytes(rows, row_group_size=None) -> bytes:
 
 
 def _chat(i):
-    return {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
+    return {
+        "messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+    }
 
 
 def test_a_parquet_upload_is_stored_as_jsonl_rows_the_preview_reads(alice_client, tiny_model_dir):
@@ -382,7 +384,10 @@ def test_a_parquet_upload_is_stored_as_jsonl_rows_the_preview_reads(alice_client
     dataset = Dataset.objects.get()
     assert response.status_code == 302, response.content.decode()[:2000]
     assert (dataset.rows, dataset.format, dataset.name, dataset.original_filename) == (
-        25, "chat_template", "chats", "chats.parquet"
+        25,
+        "chat_template",
+        "chats",
+        "chats.parquet",
     )
     assert read_row(dataset, 17) == rows[17]  # by the line-offset index, as any upload
     assert dataset.path.read_bytes().count(b"\n") == 25
@@ -398,14 +403,16 @@ def test_a_bad_parquet_row_is_reported_by_row_number(alice_client):
     page = response.content.decode()
     assert response.status_code == 400 and "1 invalid row(s)" in page
     assert "<td>5</td>" in page and "empty message list" in page
-    kept = alice_client.post("/datasets/", {"file": SimpleUploadedFile("c.parquet", _parquet_bytes(rows)), "keep_valid": "on"})
+    kept = alice_client.post(
+        "/datasets/", {"file": SimpleUploadedFile("c.parquet", _parquet_bytes(rows)), "keep_valid": "on"}
+    )
     dataset = Dataset.objects.get()
     assert kept.status_code == 302 and dataset.rows == 5
     dataset.rejected_path.unlink()  # kept per dataset id, and ids are reused after a test's rollback
 
 
 def test_a_csv_upload_with_a_bom_is_validated_by_row(alice_client):
-    text = "instruction,input,output\nSay hi,,Hi!\n\"Add, please\",1 and 2,3\nOnly an instruction\n"
+    text = 'instruction,input,output\nSay hi,,Hi!\n"Add, please",1 and 2,3\nOnly an instruction\n'
     upload = SimpleUploadedFile("alpaca.csv", b"\xef\xbb\xbf" + text.encode())
     response = alice_client.post("/datasets/", {"file": upload, "format": "alpaca"})
     page = response.content.decode()

@@ -48,7 +48,8 @@ def dataset_list(request):
                 elif result.report.invalid:
                     messages.warning(
                         request,
-                        f"Stored {result.report.rows} valid rows; {result.report.invalid} invalid {result.report.unit}s were left out.",
+                        f"Stored {result.report.rows} valid rows; "
+                        f"{result.report.invalid} invalid {result.report.unit}s were left out.",
                     )
                 else:
                     messages.success(request, f"Uploaded {result.dataset.rows} rows ({result.dataset.format}).")
