@@ -31,12 +31,12 @@ def test_upload_preview_configure_train_watch_and_download(server, browser, tmp_
 
     rows = [json.dumps(r) for r in chat_rows(80)]
     bad = tmp_path / "broken.jsonl"
-    bad.write_text("\n".join(rows[:4] + ['{"messages": [{"role": "user", "content": ""}]}'] + rows[4:]) + "\n")
+    bad.write_text("\n".join(rows[:4] + ['{"messages": [{"role": "user"}]}'] + rows[4:]) + "\n")
     page.goto(server.url + "/datasets/")
     page.set_input_files("input[name=file]", str(bad))
     page.click("#upload-form button.primary")
     page.wait_for_selector("#upload-errors")
-    assert re.search(r"5\s+messages\[0\]\.content\s+empty content", page.inner_text("#upload-errors"))
+    assert re.search(r"5\s+messages\[0\]\.content\s+missing", page.inner_text("#upload-errors"))
 
     # The valid file: stored, rows shown.
     good = tmp_path / "chat.jsonl"
