@@ -439,7 +439,9 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"{key} applies to an adapter: set adapter: lora (or qlora), or remove {key}")
         if self.bnb_config_kwargs:
             if not (self.load_in_4bit or self.load_in_8bit):
-                raise ValueError("bnb_config_kwargs applies to quantized loading: set load_in_4bit/load_in_8bit or remove it")
+                raise ValueError(
+                    "bnb_config_kwargs applies to quantized loading: set load_in_4bit/load_in_8bit or remove it"
+                )
             unknown = sorted(set(self.bnb_config_kwargs) - BNB_OPTIONS)
             if unknown:
                 raise ValueError(f"bnb_config_kwargs {', '.join(unknown)} unknown; BitsAndBytesConfig takes "
@@ -579,7 +581,9 @@ def check_environment(
     if config.fp16 and not cuda_available:
         errors.append(ConfigError("fp16", "fp16 training needs a CUDA GPU; remove fp16 (bf16: auto picks what works)"))
     if config.tf32 and cuda_available and not tf32_available:
-        errors.append(ConfigError("tf32", "tf32: true needs an Ampere or newer GPU (this one has no tf32); set tf32: false"))
+        errors.append(
+            ConfigError("tf32", "tf32: true needs an Ampere or newer GPU (this one has no tf32); set tf32: false")
+        )
     # The CPU trains in bf16 (torch's CPU kernels); only a CUDA GPU without bf16 (T4, V100) can't.
     if config.bf16 is True and cuda_available and not bf16_available:
         errors.append(ConfigError("bf16", "bf16: true needs a GPU with bf16 support here; use bf16: auto"))
@@ -596,13 +600,17 @@ def check_environment(
                 )
             )
         elif importlib.util.find_spec("cut_cross_entropy") is None:
-            errors.append(ConfigError(path, "the plugin needs the cut-cross-entropy package: pip install cut-cross-entropy"))
+            errors.append(
+                ConfigError(path, "the plugin needs the cut-cross-entropy package: pip install cut-cross-entropy")
+            )
     if config.optimizer in TORCHAO_OPTIMIZERS and importlib.util.find_spec("torchao") is None:
         errors.append(ConfigError("optimizer", f"{config.optimizer} needs the torchao package (pip install torchao)"))
     elif config.optimizer and config.optimizer not in OPTIMIZERS_THAT_BUILD_HERE:
         problem = _optimizer_problem(config.optimizer)
         if problem:
-            errors.append(ConfigError("optimizer", f"{config.optimizer} can't be built here: {problem}; use adamw_torch"))
+            errors.append(
+                ConfigError("optimizer", f"{config.optimizer} can't be built here: {problem}; use adamw_torch")
+            )
     errors += [
         ConfigError(key, reason)
         for key, reason in sharding.environment_problems(config, devices=devices, cuda_available=cuda_available)

@@ -188,6 +188,7 @@ def _same_as_base_model(value: Any, data: dict) -> bool:
 
 
 REMOVE = "remove it"
+_RESUME = "remove it; resume the run from its page or `trainyard train --resume`"
 REFUSED: dict[str, Refusal] = {
     "fsdp_final_state_dict_type": Refusal("the old place of this FSDP option", "write fsdp_config.state_dict_type"),
     **_family(
@@ -237,7 +238,8 @@ REFUSED: dict[str, Refusal] = {
         "xformers_attention s2_attention sage_attention flash_attn_cross_entropy flash_attn_rms_norm "
         "flash_attn_fuse_mlp flash_attn_d512 fused_attn_kernel large_head_attention sdpa_varlen "
         "fa_varlen_kwargs_in_collator scaling_softmax scaling_softmax_factor scaling_softmax_bias "
-        "flex_attn_compile_kwargs flash_optimum gemma4_hybrid_attn_impl chunked_cross_entropy chunked_cross_entropy_num_chunks "
+        "flex_attn_compile_kwargs flash_optimum gemma4_hybrid_attn_impl chunked_cross_entropy "
+        "chunked_cross_entropy_num_chunks "
         "tiled_mlp tiled_mlp_num_shards tiled_mlp_use_original_mlp llama4_linearized_experts ple_cpu_offload "
         "layer_offloading",
         "this attention or kernel patch of axolotl is not implemented in Trainyard",
@@ -289,7 +291,8 @@ REFUSED: dict[str, Refusal] = {
     "model_type": Refusal(
         "Trainyard loads the model with AutoModelForCausalLM (the class its config.json names)",
         "remove it",
-        off_when=lambda value, _: isinstance(value, str) and value.endswith(("ForCausalLM", "ForConditionalGeneration")),
+        off_when=lambda value, _: isinstance(value, str)
+        and value.endswith(("ForCausalLM", "ForConditionalGeneration")),
     ),
     "tokenizer_type": Refusal(
         "Trainyard loads the tokenizer with AutoTokenizer (the class its files name)",
@@ -314,12 +317,8 @@ REFUSED: dict[str, Refusal] = {
         "this option of axolotl is not implemented in Trainyard",
         "remove it",
     ),
-    "resume_from_checkpoint": Refusal(
-        "a run resumes from its own checkpoints", "remove it; resume the run from its page or `trainyard train --resume`"
-    ),
-    "auto_resume_from_checkpoints": Refusal(
-        "a run resumes from its own checkpoints", "remove it; resume the run from its page or `trainyard train --resume`"
-    ),
+    "resume_from_checkpoint": Refusal("a run resumes from its own checkpoints", _RESUME),
+    "auto_resume_from_checkpoints": Refusal("a run resumes from its own checkpoints", _RESUME),
     "load_best_model_at_end": Refusal(
         "the saved model is the last step's", "remove it; pick a checkpoint from the run's checkpoints instead"
     ),

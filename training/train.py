@@ -23,7 +23,6 @@ from training.packing import pack, packing_efficiency
 from training.rows import LineProblem
 from training.sources import SourceError, open_source
 
-
 # torchao (the low-bit optimizers, imported by peft) warns at import that its CUDA-only libraries don't load
 # on a machine without CUDA: true, and no concern of the run's.
 logging.getLogger("torchao").setLevel(logging.ERROR)
@@ -216,7 +215,8 @@ def steps_per_epoch(config: TrainConfig, train_rows: int) -> int:
     """Optimizer steps in one epoch, as the Trainer counts them (one process per device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rows = train_rows / world
-    batches = rows // config.micro_batch_size if config.dataloader_drop_last else math.ceil(rows / config.micro_batch_size)
+    size = config.micro_batch_size
+    batches = rows // size if config.dataloader_drop_last else math.ceil(rows / size)
     return max(1, int(batches) // config.gradient_accumulation_steps)
 
 
@@ -243,7 +243,8 @@ def training_arguments(config: TrainConfig, run_dir: Path, *, train_rows: int, h
     scheduler, scheduler_kwargs = config.lr_scheduler, dict(config.lr_scheduler_kwargs or {})
     if scheduler == "cosine" and config.cosine_min_lr_ratio is not None:
         # axolotl's cosine with a floor: the same curve as transformers' cosine_with_min_lr.
-        scheduler, scheduler_kwargs = "cosine_with_min_lr", {**scheduler_kwargs, "min_lr_rate": config.cosine_min_lr_ratio}
+        scheduler = "cosine_with_min_lr"
+        scheduler_kwargs = {**scheduler_kwargs, "min_lr_rate": config.cosine_min_lr_ratio}
     kwargs: dict = dict(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=config.micro_batch_size,
@@ -365,7 +366,8 @@ def extra_callbacks(config: TrainConfig, run_dir: Path, sink: EventSink) -> list
                     return
                 self.above = self.above + 1 if loss > threshold else 0
                 if self.above >= patience:
-                    sink.emit("log", message=f"loss watchdog: loss {loss:.3f} above {threshold} for {patience} steps; stopping")
+                    message = f"loss watchdog: loss {loss:.3f} above {threshold} for {patience} steps; stopping"
+                    sink.emit("log", message=message)
                     control.should_training_stop = True
 
         callbacks.append(LossWatchdog())

@@ -1,4 +1,4 @@
-"""The config contract: every axolotl key is honoured (with a test that proves it), refused with a reason, or harmless."""
+"""The config contract: every axolotl key is honoured (a test proves it), refused with a reason, or harmless."""
 
 from __future__ import annotations
 
@@ -21,11 +21,8 @@ def sets_of(key: str, *, dataset: bool = False) -> list[str]:
     if dataset:
         return [name for name, keys in (("honoured", contract.HONOURED_DATASET), ("refused", contract.REFUSED_DATASET))
                 if key in keys]
-    return [
-        name
-        for name, keys in (("honoured", contract.HONOURED), ("refused", contract.REFUSED), ("harmless", contract.HARMLESS))
-        if key in keys
-    ]
+    sets = (("honoured", contract.HONOURED), ("refused", contract.REFUSED), ("harmless", contract.HARMLESS))
+    return [name for name, keys in sets if key in keys]
 
 
 def test_the_key_list_is_axolotls_schema():

@@ -181,7 +181,9 @@ def test_schedulers_follow_axolotl(tmp_path):
             config_of("m", **keys)
 
 
-@pytest.mark.parametrize("optimizer, state", [("adamw_torch_8bit", "OptimState8bit"), ("adamw_torch_4bit", "OptimState4bit")])
+@pytest.mark.parametrize(
+    "optimizer, state", [("adamw_torch_8bit", "OptimState8bit"), ("adamw_torch_4bit", "OptimState4bit")]
+)
 def test_torchao_low_bit_optimizers_step_on_the_cpu(tmp_path, optimizer, state):
     import torch
     from transformers import Trainer
@@ -392,10 +394,9 @@ def test_data_keys_shape_the_batches():
 
 def test_bf16_true_trains_in_bf16_on_the_cpu(tiny_model_dir, demo_data, tmp_path):
     import torch
+    from safetensors.torch import load_file
 
     from training.modeling import pick_dtype
-
-    from safetensors.torch import load_file
 
     config = config_of(tiny_model_dir, demo_data, bf16=True, max_steps=2)  # a full fine-tune: every weight
     assert check_environment(config, cuda_available=False) == []
@@ -427,7 +428,10 @@ def test_profiler_steps_keep_a_trace_as_a_run_artifact(tiny_model_dir, demo_data
         (
             {"type": "chat_template", "message_field_role": "speaker", "message_field_content": "text",
              "field_system": "sys"},
-            {"sys": "Be brief.", "messages": [{"speaker": "user", "text": "Hi"}, {"speaker": "assistant", "text": "Yo"}]},
+            {
+                "sys": "Be brief.",
+                "messages": [{"speaker": "user", "text": "Hi"}, {"speaker": "assistant", "text": "Yo"}],
+            },
             ["Be brief.", "Hi", "Yo"],
         ),
         ({"type": "completion", "field": "body"}, {"body": "Once upon a time"}, ["Once upon a time"]),
@@ -454,8 +458,8 @@ def test_dataset_field_names_are_read(tokenizer, entry, row, words):
 
 
 def test_base_model_and_datasets_are_what_trains(tiny_model_dir, demo_data, tmp_path):
-    from training.train import prepare_data
     from training.modeling import load_tokenizer
+    from training.train import prepare_data
 
     model, config = _model(tiny_model_dir)
     assert model.name_or_path == str(tiny_model_dir.resolve())  # base_model
@@ -512,7 +516,9 @@ def test_liger_is_refused_without_cuda_and_applied_as_the_flags_say_with_it(tiny
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", fake)
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "liger_kernel" else real_find_spec(n, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: object() if n == "liger_kernel" else real_find_spec(n, *a)
+    )
     assert check_environment(config, cuda_available=True) == []
     load_model(config, load_tokenizer(config))
     assert calls == [dict(rope=True, cross_entropy=False, rms_norm=True, swiglu=True, fused_linear_cross_entropy=False,
@@ -555,7 +561,8 @@ def test_cut_cross_entropy_is_refused_without_cuda_and_gives_the_same_loss_with_
             logits, targets = logits[:, :-1], targets[:, 1:]
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
 
-    monkeypatch.setitem(sys.modules, "cut_cross_entropy", types.SimpleNamespace(linear_cross_entropy=linear_cross_entropy))
+    stand_in = types.SimpleNamespace(linear_cross_entropy=linear_cross_entropy)
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", stand_in)
     model = load_model(config, load_tokenizer(config))
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]]),
