@@ -739,14 +739,19 @@ _SENTINEL_CHARS = {s: frozenset(s) for s in _SENTINELS}
 
 def _turn_region(template, chat: list[dict], i: int, text: str, kwargs: dict) -> tuple[int, int] | None:
     """Characters of `text` that change when message i is only its role and a placeholder content;
-    None when nothing changes (an empty turn) or the template refuses the placeholder turn."""
+    None when nothing changes (an empty turn). ValueError when the template refuses that turn."""
     starts, ends = [], []
     for sentinel in _SENTINELS:
         dummy = [*chat[:i], {"role": chat[i]["role"], "content": sentinel}, *chat[i + 1 :]]
         try:
             other = template.render(messages=dummy, add_generation_prompt=False, **kwargs)
-        except Exception:
-            return None
+        except Exception as exc:
+            # Mistral's templates refuse an assistant turn without its tool calls where one with
+            # them is fine: axolotl fails there too, so the row can't be trained as axolotl does.
+            raise ValueError(
+                f"the template refuses turn {i} reduced to its role and content, which is how axolotl "
+                f"finds what a turn trains ({exc}); axolotl fails on this row too"
+            ) from None
         limit = min(len(text), len(other))
         start = _common_prefix(text, other, limit)
         suffix = _common_prefix(text[::-1], other[::-1], limit - start)
