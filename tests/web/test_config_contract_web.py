@@ -1,0 +1,36 @@
+"""The config page and API show the contract's refusals at their key paths, one per key."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+from tests.helpers import GOOD
+from webapp.workspaces.services import create_api_token
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def api(alice):
+    _, raw = create_api_token(alice[0], alice[1], "test")
+    return Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
+
+
+def test_refused_axolotl_keys_are_listed_at_their_paths(api, alice_dataset):
+    yaml_text = GOOD.format(steps=5) + (
+        "plugins:\n  - axolotl.integrations.kernels.KernelsPlugin\n"
+        "rl: dpo\nlora_qkv_kernel: true\nlora_mlp_kernel: false\nwandb_project: x\n"
+    )
+    answer = api.post("/api/configs/validate", {"yaml": yaml_text}, content_type="application/json")
+    assert answer.status_code == 422
+    paths = [e["path"] for e in answer.json()["errors"]]
+    assert paths == ["plugins[0]", "rl", "lora_qkv_kernel"]
+    assert all("\n" not in e["message"] and "; " in e["message"] for e in answer.json()["errors"])
+    # Off values and harmless keys are accepted; a machine limit (Liger without CUDA) is said at its path.
+    ok = GOOD.format(steps=5) + "lora_mlp_kernel: false\nwandb_project: x\nsaves_per_epoch: 1\n"
+    assert api.post("/api/configs/validate", {"yaml": ok}, content_type="application/json").json()["valid"]
+    liger = GOOD.format(steps=5) + "plugins:\n  - axolotl.integrations.liger.LigerPlugin\nliger_rope: true\n"
+    refused = api.post("/api/configs/validate", {"yaml": liger}, content_type="application/json").json()
+    assert [e["path"] for e in refused["errors"]] == ["plugins[0]", "liger_rope"]
+    assert "CUDA GPU" in refused["errors"][0]["message"]
