@@ -267,6 +267,9 @@ REFUSED: dict[str, Refusal] = {
         "starting from an existing adapter is not supported yet", "remove it; train a new adapter from base_model"
     ),
     "peft_autocast_adapter_dtype": Refusal("adapter dtype casting is left to PEFT's default", REMOVE, off=(True,)),
+    "peft_init_lora_weights": Refusal(
+        "LoRA weights start as PEFT's default (B = 0); other initialisations are not passed", REMOVE, off=(True,)
+    ),
     **_family(
         "test_datasets pretraining_dataset streaming streaming_multipack_buffer_size preprocess_iterable "
         "pretrain_multipack_attn pretrain_multipack_buffer_size pretraining_sample_concatenation curriculum_sampling "
