@@ -545,6 +545,33 @@ def language_model_linear_regex(model) -> str | None:
     return "^(?:" + "|".join(parts) + ")$" if parts else None
 
 
+def _flatten_int8_inputs(model) -> int:
+    """bitsandbytes 0.50's int8 matmul on the CPU takes row statistics over dim 1, so a 4-D input (GLM-4.7's
+    latent attention feeds kv_b_proj [batch, 1, seq, rank]) fails with a shape error. Only on the CPU: the
+    input is seen as 3-D and the output given its shape back. Returns the number of layers wrapped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 0
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear8bitLt"]
+
+    def flatten(_module, args):
+        x = args[0]
+        if x.dim() <= 3:
+            return None
+        _module._trainyard_lead = x.shape[:-1]
+        return (x.reshape(-1, x.shape[-2], x.shape[-1]), *args[1:])
+
+    def restore(_module, _args, output):
+        lead = _module.__dict__.pop("_trainyard_lead", None)
+        return output if lead is None else output.reshape(*lead, output.shape[-1])
+
+    for layer in layers:
+        layer.register_forward_pre_hook(flatten)
+        layer.register_forward_hook(restore)
+    return len(layers)
+
+
 def prepare_model(model, config: TrainConfig) -> list[str]:
     """The architecture fixes for a freshly loaded model, before any adapter; returns what was done, as
     log lines (also kept on the model as `trainyard_notes`)."""
@@ -552,6 +579,8 @@ def prepare_model(model, config: TrainConfig) -> list[str]:
     patched = isolate_packed_linear_attention(model)
     if patched:
         notes.append(f"architecture: {patched} Gated DeltaNet layer(s) restart their state at each packed sample")
+    if config.load_in_8bit and _flatten_int8_inputs(model):
+        notes.append("architecture: 8-bit layers given 4-D inputs see them as 3-D (bitsandbytes' CPU int8 path)")
     if getattr(config, "quantize_moe_experts", False):
         bits = 4 if config.load_in_4bit else 8
         count = quantize_moe_experts(model, bits)
