@@ -615,10 +615,26 @@ def check_environment(
         ConfigError(key, reason)
         for key, reason in sharding.environment_problems(config, devices=devices, cuda_available=cuda_available)
     ]
+    if config.unfrozen_parameters:
+        errors += _unfrozen_problems(config)
     from training.architectures import check_against_model  # reads the model's config.json only
 
     errors += check_against_model(config)
     return errors
+
+
+def _unfrozen_problems(config: TrainConfig) -> list[ConfigError]:
+    """unfrozen_parameters patterns that match no parameter of the model (read on the meta device, no weights)."""
+    from training.modeling import parameter_names, unfrozen_regex
+
+    names = parameter_names(config.base_model, config.trust_remote_code)
+    if names is None:
+        return []  # the model can't be read here: the loader says so before training
+    return [
+        ConfigError("unfrozen_parameters", f"{pattern!r} matches no parameter of the model (e.g. {names[0]})")
+        for pattern in config.unfrozen_parameters
+        if not any(unfrozen_regex(pattern).match(n) for n in names)
+    ]
 
 
 def _liger_problems(config: TrainConfig, cuda_available: bool) -> list[ConfigError]:

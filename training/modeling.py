@@ -205,6 +205,20 @@ def apply_liger(model, config: TrainConfig) -> None:
     apply(model=model, **kwargs)
 
 
+def parameter_names(base_model: str, trust_remote_code: bool = False) -> list[str] | None:
+    """The model's parameter names, from its config alone (built on the meta device); None if it can't be read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        model_config = AutoConfig.from_pretrained(_source(base_model), trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    except Exception:  # not local, not cached, or not a causal LM the Auto class builds from its config
+        return None
+    return [name for name, _ in model.named_parameters()]
+
+
 def unfrozen_regex(pattern: str):
     import re
 

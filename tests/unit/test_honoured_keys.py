@@ -263,6 +263,9 @@ def test_unfrozen_parameters_leave_only_matching_weights_trainable(tiny_model_di
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("model.layers.1.mlp.", "model.norm.weight")) for n in trainable)
     assert "model.layers.1.mlp.down_proj.weight" in trainable
+    # A pattern that matches nothing is refused at validation, from the model's config (no weights loaded).
+    problems = check_environment(config_of(tiny_model_dir, unfrozen_parameters=["model.layers.1.mlp", "nothing"]))
+    assert [(p.path, p.message.split(" matches")[0]) for p in problems] == [("unfrozen_parameters", "'nothing'")]
     with pytest.raises(ConfigInvalid, match="index range"):
         config_of("m", unfrozen_parameters=["model.embed_tokens.weight[:100]"])
     with pytest.raises(ConfigInvalid, match="full fine-tune"):
