@@ -615,26 +615,34 @@ def check_environment(
         ConfigError(key, reason)
         for key, reason in sharding.environment_problems(config, devices=devices, cuda_available=cuda_available)
     ]
-    if config.unfrozen_parameters:
-        errors += _unfrozen_problems(config)
+    if config.unfrozen_parameters or config.lora_modules_to_save:
+        errors += _parameter_name_problems(config)
     from training.architectures import check_against_model  # reads the model's config.json only
 
     errors += check_against_model(config)
     return errors
 
 
-def _unfrozen_problems(config: TrainConfig) -> list[ConfigError]:
-    """unfrozen_parameters patterns that match no parameter of the model (read on the meta device, no weights)."""
+def _parameter_name_problems(config: TrainConfig) -> list[ConfigError]:
+    """unfrozen_parameters patterns and lora_modules_to_save names that match nothing in the model (read on the
+    meta device: no weights), found before the model loads."""
     from training.modeling import parameter_names, unfrozen_regex
 
     names = parameter_names(config.base_model, config.trust_remote_code)
     if names is None:
         return []  # the model can't be read here: the loader says so before training
-    return [
+    errors = [
         ConfigError("unfrozen_parameters", f"{pattern!r} matches no parameter of the model (e.g. {names[0]})")
-        for pattern in config.unfrozen_parameters
+        for pattern in config.unfrozen_parameters or []
         if not any(unfrozen_regex(pattern).match(n) for n in names)
     ]
+    modules = {n.rsplit(".", 1)[0] for n in names}
+    errors += [
+        ConfigError("lora_modules_to_save", f"{name!r} is no module of the model (e.g. {sorted(modules)[0]})")
+        for name in config.lora_modules_to_save or []
+        if not any(m == name or m.endswith("." + name) for m in modules)
+    ]
+    return errors
 
 
 def _liger_problems(config: TrainConfig, cuda_available: bool) -> list[ConfigError]:

@@ -253,6 +253,8 @@ def test_lora_keys_shape_the_adapter(tiny_model_dir):
     assert not any("lora_A" in n for n in names if "q_proj" not in n)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(4))  # rsLoRA: alpha / sqrt(r)
+    problems = check_environment(config_of(tiny_model_dir, adapter="lora", lora_modules_to_save=["norm", "nope"]))
+    assert [(p.path, p.message.split(" is")[0]) for p in problems] == [("lora_modules_to_save", "'nope'")]
     model, _ = _model(tiny_model_dir, adapter="lora", lora_target_linear=True)
     adapted = {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n}
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= adapted
