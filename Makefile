@@ -7,7 +7,7 @@ PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/trainyard
 REDIS_TEST_URL ?= redis://127.0.0.1:6379/15
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test test-unit test-web test-postgres test-e2e bench clean
+.PHONY: install run test lint test-unit test-e2e bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,10 +24,16 @@ run: install
 	$(PY) manage.py setup_demo
 	$(PY) manage.py serve --port $(PORT) --login "demo / trainyard"
 
-# Every test on the embedded default (SQLite + SqliteHuey), then the web tests again on PostgreSQL + Redis.
-test: install
+# The import contracts (pyproject's [tool.importlinter]: layers point down, training/ imports no web
+# code) and ruff, then every test on the embedded default (SQLite + SqliteHuey), then the web tests
+# again on PostgreSQL + Redis.
+test: install lint
 	$(PY) -m pytest -q tests
 	DATABASE_URL=$(PG_TEST_URL) REDIS_URL=$(REDIS_TEST_URL) $(PY) -m pytest -q tests/web
+
+lint: install
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit

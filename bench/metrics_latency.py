@@ -35,7 +35,7 @@ with open(path, "a") as f:
 FAKE_WORKER = """
 import subprocess, sys, django
 django.setup()
-from webapp.runs import tasks
+from webapp.runs import supervisor
 from webapp.runs.models import Run
 from webapp.workspaces.models import Workspace
 run = Run.objects.create(workspace=Workspace.objects.get(name="Demo"), name="latency", config_yaml="x",
@@ -44,7 +44,7 @@ run.run_dir.mkdir(parents=True, exist_ok=True)
 print(run.pk, flush=True)
 events = run.run_dir / "events.jsonl"
 trainer = subprocess.Popen([sys.executable, "-c", {trainer!r}, str(events), "{start_delay}", "{rate}", "{seconds}"])
-tasks._watch(run.pk, trainer, 0, events)  # the worker's own loop: tail, record, publish
+supervisor._watch(run.pk, trainer, 0, events)  # the worker's own loop: tail, record, publish
 """
 
 

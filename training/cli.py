@@ -141,9 +141,10 @@ def cmd_preprocess(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from training import events as ev
     from training import sharding
     from training.config import check_environment
-    from training.events import JsonlEventSink, NullEventSink, process_rank
+    from training.events import JsonlEventSink, NullEventSink, StopRequested, process_rank
     from training.train import train
 
     config = _load_config(args.config, args.allow_trust_remote_code)
@@ -158,13 +159,13 @@ def cmd_train(args) -> int:
     problems = check_environment(config, devices=args.processes if launching else sharding.world_size())
     if problems:
         reason = "; ".join(str(p) for p in problems)
-        sink.emit("status", state="failed", message=f"invalid config: {reason}")
+        sink.emit(ev.STATUS, state=ev.FAILED, message=f"invalid config: {reason}")
         lines = "\n".join(f"  {p}" for p in problems)  # one line per key, as for parse_config's errors
         print(f"error: invalid config {args.config}:\n{lines}", file=sys.stderr)
         return 2
     if launching:
         return _launch_processes(args, config, run_dir)
-    stop_file = run_dir / "STOP"
+    stop_file = run_dir / ev.STOP_FILE  # a watcher (the web worker on cancel) asks for a stop at the next step
     try:
         summary = train(
             config,
@@ -175,17 +176,17 @@ def cmd_train(args) -> int:
             resume_from=Path(args.resume) if args.resume else None,
         )
     except BaseException as exc:  # every way out leaves a readable reason behind
-        if isinstance(exc, KeyboardInterrupt):
-            sink.emit("status", state="cancelled", message="stopped by the user")
+        if isinstance(exc, (KeyboardInterrupt, StopRequested)):
+            sink.emit(ev.STATUS, state=ev.CANCELLED, message=str(exc) or "stopped by the user")
             return 130
         reason = explain_failure(exc)
-        sink.emit("status", state="failed", message=reason)
+        sink.emit(ev.STATUS, state=ev.FAILED, message=reason)
         import traceback
 
         traceback.print_exc()
         print(f"error: {reason}", file=sys.stderr)
         return 1
-    sink.emit("status", state="succeeded", message=f"train loss {summary['train_loss']:.4f}", summary=summary)
+    sink.emit(ev.STATUS, state=ev.SUCCEEDED, message=f"train loss {summary['train_loss']:.4f}", summary=summary)
     print(json.dumps(summary))
     return 0
 

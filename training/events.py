@@ -1,7 +1,9 @@
 """Events a training process writes (JSON lines): the seam between `training/` and whatever watches it.
 
-Events: `status` (state, total_steps, message), `metric` (step, values), `log` (message),
-`data` (encoding stats), `artifact` (kind, path relative to the run directory).
+The vocabulary is typed here, once, for both sides: the trainer writes these kinds and states
+(`training/train.py`, `training/cli.py`), the web worker reads them (`webapp/runs/recording.py`).
+A watcher asks a trainer to stop by creating `STOP_FILE` in the run directory: the trainer stops at
+the next step boundary (its `should_stop` callable) and ends `cancelled`.
 """
 
 from __future__ import annotations
@@ -10,11 +12,81 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Literal, Protocol, TypedDict
+
+# -- kinds ----------------------------------------------------------------------------------------
+STATUS: Final = "status"  # the trainer's state changed
+METRIC: Final = "metric"  # one logged step's values
+LOG: Final = "log"  # a line for the run's log
+DATA: Final = "data"  # what encoding the datasets gave (rows, tokens, drops)
+ARTIFACT: Final = "artifact"  # a file or folder written in the run directory
+RANKS: Final = "ranks"  # several processes: what each rank holds
+EventKind = Literal["status", "metric", "log", "data", "artifact", "ranks"]
+
+# -- states a `status` event carries ------------------------------------------------------------------
+PREPARING: Final = "preparing"  # loading the tokenizer, encoding the data, loading the model
+RUNNING: Final = "running"  # the training loop has begun (total_steps known)
+SUCCEEDED: Final = "succeeded"
+FAILED: Final = "failed"
+CANCELLED: Final = "cancelled"  # asked to stop (STOP_FILE, Ctrl-C)
+TrainingState = Literal["preparing", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATES: Final = frozenset({SUCCEEDED, FAILED, CANCELLED})  # the trainer writes nothing after these
+
+STOP_FILE: Final = "STOP"  # created in the run directory to ask the trainer to stop at the next step
+
+
+class StatusEvent(TypedDict, total=False):
+    event: Literal["status"]
+    time: float
+    state: TrainingState
+    message: str
+    total_steps: int  # with `running`
+    num_epochs: float  # with `running`
+    summary: dict  # with `succeeded`: train_loss, steps, seconds, peak_memory_mb
+
+
+class MetricEvent(TypedDict):
+    event: Literal["metric"]
+    time: float
+    step: int
+    values: dict[str, float | str]  # non-finite floats as "nan" / "inf" / "-inf"
+
+
+class LogEvent(TypedDict):
+    event: Literal["log"]
+    time: float
+    message: str
+
+
+class DataEvent(TypedDict, total=False):
+    event: Literal["data"]
+    time: float  # the rest: encoding statistics, shown on the run page as they are
+
+
+class ArtifactEvent(TypedDict, total=False):
+    event: Literal["artifact"]
+    time: float
+    kind: Literal["checkpoint", "adapter", "model", "merged", "profile"]
+    path: str  # relative to the run directory
+    step: int  # with `checkpoint`
+
+
+class RanksEvent(TypedDict):
+    event: Literal["ranks"]
+    time: float
+    ranks: list[dict]  # rank, local_params, total_params, memory_mb, param_share
+
+
+Event = StatusEvent | MetricEvent | LogEvent | DataEvent | ArtifactEvent | RanksEvent
+
+
+class StopRequested(Exception):
+    """Raised by the trainer when `should_stop` stopped the loop: the run ends `cancelled`, with the
+    checkpoints it saved and no final artifact."""
 
 
 class EventSink(Protocol):
-    def emit(self, event: str, **fields) -> None: ...
+    def emit(self, event: EventKind, **fields) -> None: ...
 
 
 def _finite(value):
@@ -70,7 +142,7 @@ class ListEventSink:
         self.events.append({"event": event, "time": time.time(), **fields})
 
 
-def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+def read_events(path: Path, offset: int = 0) -> tuple[list[Event], int]:
     """Complete lines from byte `offset` on, and the offset after the last complete line."""
     path = Path(path)
     try:
@@ -88,5 +160,5 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
             try:
                 events.append(json.loads(line))
             except json.JSONDecodeError:
-                events.append({"event": "log", "message": f"unreadable event: {line[:200]!r}"})
+                events.append(LogEvent(event=LOG, time=time.time(), message=f"unreadable event: {line[:200]!r}"))
     return events, offset + end

@@ -15,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from training import events as ev
 from training import sharding
 from training.config import TrainConfig
 from training.encode import IGNORE_INDEX, Encoded, Encoder, EncodeStats
-from training.events import EventSink
+from training.events import EventSink, StopRequested
 from training.packing import pack, packing_efficiency
 from training.rows import LineProblem
 from training.sources import SourceError, open_source
@@ -158,7 +159,7 @@ def _make_callback(sink: EventSink, collator: Collator, should_stop: Callable[[]
             self.last_step = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            sink.emit("status", state="running", total_steps=state.max_steps, num_epochs=args.num_train_epochs)
+            sink.emit(ev.STATUS, state=ev.RUNNING, total_steps=state.max_steps, num_epochs=args.num_train_epochs)
             self.last_time = time.time()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -434,7 +435,7 @@ def train(
         torch.set_num_threads(int(os.environ.get("TRAINYARD_CPU_THREADS", "1")))
 
     # -- setup: data ---------------------------------------------------------------------------
-    sink.emit("status", state="preparing", message="loading tokenizer and encoding datasets")
+    sink.emit(ev.STATUS, state=ev.PREPARING, message="loading tokenizer and encoding datasets")
     set_seed(config.seed)
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer, base_dir)
@@ -461,7 +462,7 @@ def train(
     )
 
     # -- setup: model --------------------------------------------------------------------------
-    sink.emit("status", state="preparing", message="loading model")
+    sink.emit(ev.STATUS, state=ev.PREPARING, message="loading model")
     model = load_model(config, tokenizer)
     trainable, total = count_parameters(model)
     sink.emit(
@@ -492,6 +493,8 @@ def train(
     # -- train ---------------------------------------------------------------------------------
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if should_stop():  # stopped at a step boundary (cancel): its checkpoints stay, no final artifact
+        raise StopRequested(f"stopped by the user at step {result.global_step}")
     _emit_rank_shares(sink, trainer, result.global_step)
 
     # -- cleanup: artifacts --------------------------------------------------------------------

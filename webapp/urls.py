@@ -4,6 +4,7 @@ from django.urls import path
 
 from webapp.api.api import api
 from webapp.datasets import views as datasets
+from webapp.runs import config_views as configs
 from webapp.runs import views as runs
 from webapp.workspaces import members
 from webapp.workspaces import views as workspaces
@@ -24,11 +25,11 @@ urlpatterns = [
     path("datasets/<int:pk>/delete/", runs.delete_view, {"kind": "datasets"}, name="dataset-delete"),
     path("configs/<int:pk>/delete/", runs.delete_view, {"kind": "configs"}, name="config-delete"),
     path("runs/<int:pk>/delete/", runs.delete_view, {"kind": "runs"}, name="run-delete"),
-    path("configs/", runs.config_list, name="config-list"),
-    path("configs/new/", runs.config_edit, name="config-new"),
-    path("configs/<int:pk>/", runs.config_edit, name="config-edit"),
-    path("configs/<int:pk>/run/", runs.config_run, name="config-run"),
-    path("configs/<int:pk>/export.yaml", runs.config_export, name="config-export"),
+    path("configs/", configs.config_list, name="config-list"),
+    path("configs/new/", configs.config_edit, name="config-new"),
+    path("configs/<int:pk>/", configs.config_edit, name="config-edit"),
+    path("configs/<int:pk>/run/", configs.config_run, name="config-run"),
+    path("configs/<int:pk>/export.yaml", configs.config_export, name="config-export"),
     path("runs/", runs.run_list, name="run-list"),
     path("runs/compare/", runs.run_compare, name="run-compare"),
     path("runs/<int:pk>/", runs.run_detail, name="run-detail"),

@@ -131,7 +131,6 @@ def test_upload_preview_configure_train_watch_and_download(server, browser, tmp_
 
 PLANT = """
 from webapp.runs.models import Run
-from webapp.runs import services
 from webapp.workspaces.models import Workspace
 run = Run.objects.create(workspace=Workspace.objects.get(name="Demo"), name="planted", config_yaml="x",
                          status="running")
@@ -140,11 +139,11 @@ print(run.pk)
 """
 
 NAN = """
-from webapp.runs import services
+from webapp.runs import recording
 events = [{"event": "metric", "step": i, "time": float(i), "values": {"loss": 3.0 - i / 10, "grad_norm": 1.0}}
           for i in range(1, 6)]
 events.append({"event": "metric", "step": 6, "time": 6.0, "values": {"loss": "nan", "grad_norm": "nan"}})
-services.record_events(RUN_ID, events, 1)
+recording.record_events(RUN_ID, events, 1)
 """
 
 

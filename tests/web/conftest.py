@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from tests.conftest import require_service
+from tests.helpers import CHAT_ROW, jsonl
 from webapp.workspaces.services import create_user_with_workspace
 
 
@@ -44,18 +44,6 @@ def bob_client(bob):
     c = Client()
     c.force_login(bob[0])
     return c
-
-
-def jsonl(rows) -> bytes:
-    return "".join(
-        json.dumps(r) if not isinstance(r, str) else r
-        for r in [(json.dumps(r) if not isinstance(r, str) else r) + "\n" for r in rows]
-    ).encode()
-
-
-CHAT_ROW = {
-    "messages": [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "2 plus 2 is 4."}]
-}
 
 
 @pytest.fixture

@@ -8,9 +8,8 @@ import zipfile
 import pytest
 from django.test import Client
 
+from tests.helpers import GOOD
 from webapp.workspaces.services import create_api_token
-
-from .test_runs import GOOD
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -9,10 +9,9 @@ import shutil
 import pytest
 from django.test import Client
 
+from tests.helpers import GOOD
 from webapp.runs.models import Run, TrainingConfig
 from webapp.workspaces.services import create_api_token
-
-from .test_runs import GOOD
 
 pytestmark = pytest.mark.django_db
 
@@ -98,7 +97,7 @@ def test_the_admin_signs_in_through_the_rate_limited_login(db):
 
 @pytest.mark.django_db(transaction=True)
 def test_pages_opening_at_once_share_one_tail(alice, things):
-    from webapp.runs.consumers import RunTail
+    from webapp.runs.tail import RunTail
 
     _, run = things
 

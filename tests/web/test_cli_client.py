@@ -7,11 +7,9 @@ import zipfile
 
 import pytest
 
+from tests.helpers import CHAT_ROW, GOOD
 from training.cli import main
 from webapp.workspaces.services import create_api_token
-
-from .conftest import CHAT_ROW
-from .test_runs import GOOD
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
@@ -72,9 +74,9 @@ async def test_history_then_live_points_then_final_status(alice):
 async def test_the_final_status_comes_after_every_point(alice, monkeypatch):
     """A run that writes its last points and ends between two polls of a slow tail: the page still
     has the whole chart when it reads the final status."""
-    from webapp.runs import consumers
+    from webapp.runs import tail
 
-    monkeypatch.setattr(consumers, "tail_seconds", lambda: 60.0)
+    monkeypatch.setattr(tail, "tail_seconds", lambda: 60.0)
     run = await make_run(alice[1], points=3)
     comm = communicator(alice[0], run.pk)
     assert (await comm.connect())[0]
@@ -118,7 +120,7 @@ async def test_with_redis_points_arrive_through_the_channel_layer(alice, setting
     import uuid
 
     from tests.conftest import require_service
-    from webapp.runs import consumers, realtime
+    from webapp.runs import realtime, tail
 
     url = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/15")
     require_service(url, "Redis")
@@ -129,7 +131,7 @@ async def test_with_redis_points_arrive_through_the_channel_layer(alice, setting
             "CONFIG": {"hosts": [url], "prefix": uuid.uuid4().hex[:8]},
         }
     }
-    monkeypatch.setattr(consumers, "tail_seconds", lambda: 60.0)  # only the publish can deliver in time
+    monkeypatch.setattr(tail, "tail_seconds", lambda: 60.0)  # only the publish can deliver in time
     run = await make_run(alice[1], points=2)
     comm = communicator(alice[0], run.pk)
     assert (await comm.connect())[0]
@@ -143,11 +145,9 @@ async def test_with_redis_points_arrive_through_the_channel_layer(alice, setting
 
 async def test_the_live_channel_joins_again_after_a_redis_error(alice, monkeypatch, settings):
     """A blocking read that times out (seen with channels_redis) must not end live delivery."""
-    import asyncio
-
     import channels.layers
 
-    from webapp.runs import consumers
+    from webapp.runs import tail
 
     class Flaky:
         def __init__(self):
@@ -172,10 +172,29 @@ async def test_the_live_channel_joins_again_after_a_redis_error(alice, monkeypat
 
     layer = Flaky()
     monkeypatch.setattr(channels.layers, "get_channel_layer", lambda alias="default": layer)
-    monkeypatch.setattr(consumers, "tail_seconds", lambda: 3600.0)
+    monkeypatch.setattr(tail, "tail_seconds", lambda: 3600.0)
     settings.REDIS_URL = "redis://unused"
     run = await make_run(alice[1], points=0)
-    queue = await consumers.RunTail.subscribe(run.pk)
+    queue = await tail.RunTail.subscribe(run.pk)
     points = await asyncio.wait_for(queue.get(), timeout=5)
     assert [p["seq"] for p in points] == [0] and layer.joined == 2
-    consumers.RunTail.unsubscribe(run.pk, queue)
+    tail.RunTail.unsubscribe(run.pk, queue)
+
+
+async def test_a_page_open_on_a_run_with_a_dead_worker_writes_nothing(alice, settings):
+    """The consumer only reads: a run whose worker stopped beating stays as the database says
+    until the reaper (tasks.py) ends it, however long a page watches it."""
+    from django.utils import timezone
+
+    settings.TRAINYARD_HEARTBEAT_TIMEOUT = 0
+    run = await make_run(alice[1], points=1)
+    stale = timezone.now() - timezone.timedelta(hours=1)
+    await sync_to_async(Run.objects.filter(pk=run.pk).update)(heartbeat_at=stale)
+    comm = communicator(alice[0], run.pk)
+    assert (await comm.connect())[0]
+    first = await receive_until(comm, "status")
+    await asyncio.sleep(2.5)  # two more status reads
+    await comm.disconnect()
+    row = await sync_to_async(Run.objects.get)(pk=run.pk)
+    assert first["status"] == "running" and not first["final"]
+    assert (row.status, row.heartbeat_at, row.finished_at) == (RunStatus.RUNNING, stale, None)

@@ -11,10 +11,9 @@ import re
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
+from tests.helpers import CHAT_ROW, jsonl
 from webapp.datasets.models import Dataset, dataset_dir
 from webapp.datasets.services import read_row
-
-from .conftest import CHAT_ROW, jsonl
 
 pytestmark = pytest.mark.django_db
 
@@ -338,7 +337,7 @@ SHAREGPT = {
 def test_sharegpt_files_upload_preview_and_start_configs_that_read_them(alice_client, alice, tiny_model_dir):
     """`conversations` with from/value: detected at upload, previewed with its layout, and a config
     entry is told which axolotl keys it needs (the starter config has them)."""
-    from webapp.runs.services import validate_config
+    from webapp.runs.configs import validate_config
 
     upload = SimpleUploadedFile("share.jsonl", jsonl([SHAREGPT] * 3))
     assert alice_client.post("/datasets/", {"file": upload}).status_code == 302

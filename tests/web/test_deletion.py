@@ -6,13 +6,12 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
+from tests.helpers import CHAT_ROW, jsonl
 from webapp.datasets.models import Dataset
 from webapp.datasets.services import upload_dataset
 from webapp.runs.models import MetricPoint, Run, RunStatus, TrainingConfig
 from webapp.workspaces.models import Membership, Role
 from webapp.workspaces.services import create_api_token
-
-from .conftest import CHAT_ROW, jsonl
 
 pytestmark = pytest.mark.django_db
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from webapp.runs import gpus, services, tasks
+from webapp.runs import gpus, services, supervisor, tasks
 from webapp.runs.models import DeviceLease, Run, RunStatus
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -109,7 +109,7 @@ def test_the_worker_task_waits_in_line_then_starts_the_gang(alice, four_gpus, mo
     """tasks._execute_run: a run that can't have its devices is looked at again later and holds
     none; once they are free it is supervised with all of them and they are released after."""
     started, again = [], []
-    monkeypatch.setattr(tasks, "supervise", lambda run_id, devices: started.append((run_id, list(devices))))
+    monkeypatch.setattr(supervisor, "supervise", lambda run_id, devices: started.append((run_id, list(devices))))
     monkeypatch.setattr(tasks._execute_run, "schedule", lambda args, delay: again.append(args[0]))
     blocker = queued(alice[1], 2)
     assert start(blocker)
@@ -157,7 +157,7 @@ def test_a_sharded_run_launches_through_accelerate_with_its_generated_config(ali
     user, workspace = alice
     config = TrainingConfig.objects.create(workspace=workspace, name="c", yaml=FSDP_YAML)
     run = services.enqueue_run(workspace, user, config, gpus=2)
-    command = tasks.command(run, ["h:cuda:0", "h:cuda:1"])
+    command = supervisor.command(run, ["h:cuda:0", "h:cuda:1"])
     assert command[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
     generated = yaml.safe_load(Path(command[4]).read_text())
     assert generated["distributed_type"] == "FSDP" and generated["num_processes"] == 2
@@ -187,9 +187,9 @@ def _launch_ranks(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     cmd += ["--main_process_port"]
-    cmd += [str(tasks._free_port()), str(script), str(tmp_path)]
+    cmd += [str(supervisor._free_port()), str(script), str(tmp_path)]
     proc = subprocess.Popen(
-        cmd, env=env, start_new_session=True, preexec_fn=tasks._die_with_parent,
+        cmd, env=env, start_new_session=True, preexec_fn=supervisor._die_with_parent,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 60
@@ -221,7 +221,7 @@ def _gone(pids: list[int], within: float = 15) -> bool:
 @pytest.mark.slow
 def test_cancel_stops_every_rank(tmp_path):
     proc, pids = _launch_ranks(tmp_path)
-    tasks._kill_group(proc)  # what the supervisor does on cancel
+    supervisor._kill_group(proc)  # what the supervisor does on cancel
     assert _gone(pids)
 
 
@@ -258,13 +258,12 @@ def test_a_sharded_run_trains_through_the_worker_on_two_fake_devices(alice, alic
 def test_cancelling_a_sharded_run_stops_both_ranks_and_frees_both_devices(alice, alice_dataset, monkeypatch, settings):
     import threading
 
+    from tests.helpers import trainer_pids
     from webapp.runs.models import TrainingConfig
-
-    from .test_lifecycle import trainer_pids
 
     settings.TRAINYARD_GPUS = "0,1"
     monkeypatch.setattr(tasks, "execute_run", lambda run_id: None)
-    monkeypatch.setattr(tasks, "HEARTBEAT_SECONDS", 0.5)
+    monkeypatch.setattr(supervisor, "HEARTBEAT_SECONDS", 0.5)
     user, workspace = alice
     yaml_text = FSDP_YAML + "sequence_len: 128\nmicro_batch_size: 1\nmax_steps: 5000\nlearning_rate: 0.001\n"
     config = TrainingConfig.objects.create(workspace=workspace, name="c", yaml=yaml_text)

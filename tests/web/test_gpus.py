@@ -6,7 +6,7 @@ import pytest
 
 from webapp.runs import gpus
 from webapp.runs.models import DeviceLease, Run, RunStatus
-from webapp.runs.tasks import command
+from webapp.runs.supervisor import command
 
 pytestmark = pytest.mark.django_db
 

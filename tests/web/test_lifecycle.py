@@ -8,35 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from django.db import connection
 
-from webapp.runs import services
+from tests.helpers import GOOD, ROOT, trainer_pids, worker_env
+from webapp.runs import recording, services
 from webapp.runs.models import MetricPoint, RunStatus, TrainingConfig
 
-from .test_runs import GOOD
-
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-ROOT = Path(__file__).parents[2]
-
 CONFIG = GOOD.format(steps=300) + "save_steps: 20\n"
-
-
-def worker_env() -> dict:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    db = connection.settings_dict
-    if db["ENGINE"].endswith("sqlite3"):
-        env["TRAINYARD_SQLITE_PATH"] = str(db["NAME"])
-    else:
-        env["DATABASE_URL"] = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-    return env
-
-
-def trainer_pids(run) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"training train {run.run_dir}/config.yaml"], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
 
 
 def test_killed_worker_leaves_run_interrupted_and_resume_finishes(alice, alice_dataset, monkeypatch):
@@ -50,7 +30,7 @@ def test_killed_worker_leaves_run_interrupted_and_resume_finishes(alice, alice_d
         [
             sys.executable,
             "-c",
-            "import django; django.setup(); from webapp.runs.tasks import supervise; "
+            "import django; django.setup(); from webapp.runs.supervisor import supervise; "
             f"supervise({run.pk}, ['test:cpu'])",
         ],
         cwd=ROOT,
@@ -72,7 +52,7 @@ def test_killed_worker_leaves_run_interrupted_and_resume_finishes(alice, alice_d
 
     run.refresh_from_db()
     assert run.status == RunStatus.RUNNING  # nobody has noticed yet
-    assert services.mark_stale_runs_interrupted(max_age_seconds=0) == 1
+    assert recording.mark_stale_runs_interrupted(max_age_seconds=0) == 1
     run.refresh_from_db()
     assert run.status == RunStatus.INTERRUPTED and "resume it" in run.message
     recorded = MetricPoint.objects.filter(run=run).count()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from webapp.runs import realtime, services
+from webapp.runs import realtime, recording
 from webapp.runs.models import MetricPoint, Run, RunStatus
 
 pytestmark = pytest.mark.django_db
@@ -24,7 +24,7 @@ def test_a_planted_nan_raises_a_health_alert_on_the_page(alice_client, running):
         {"event": "metric", "step": i, "time": float(i), "values": {"loss": 3.0, "grad_norm": 1.0}} for i in range(1, 5)
     ]
     events.append({"event": "metric", "step": 5, "time": 5.0, "values": {"loss": "nan", "grad_norm": "nan"}})
-    services.record_events(running.pk, events, 100)
+    recording.record_events(running.pk, events, 100)
     running.refresh_from_db()
     assert [a["code"] for a in running.health] == ["nonfinite"]
     page = alice_client.get(f"/runs/{running.pk}/").content.decode()
@@ -81,7 +81,7 @@ def test_compare_overlays_runs_and_diffs_their_configs(alice_client, alice, bob_
 
 
 def test_resume_skips_a_checkpoint_left_half_written(running):
-    from webapp.runs.services import latest_checkpoint
+    from webapp.runs.artifacts import latest_checkpoint
 
     for step, complete in ((10, True), (20, False)):
         folder = running.run_dir / "checkpoints" / f"checkpoint-{step}"

@@ -13,23 +13,11 @@ import zipfile
 import pytest
 from django.utils import timezone
 
-from webapp.runs import services
+from tests.helpers import GOOD, trainer_pids
+from webapp.runs import lifecycle, recording, services
 from webapp.runs.models import Artifact, MetricPoint, Run, RunStatus, TrainingConfig
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-GOOD = """\
-base_model: tiny-chat
-datasets:
-  - path: chat
-    type: chat_template
-sequence_len: 128
-adapter: lora
-lora_target_linear: true
-micro_batch_size: 4
-max_steps: {steps}
-learning_rate: 0.003
-"""
 
 
 def save(client, yaml_text, action="save", name="c1"):
@@ -105,12 +93,12 @@ def test_cancel_a_queued_run(alice, alice_dataset):
     assert services.cancel_run(run)
     run.refresh_from_db()
     assert run.status == RunStatus.CANCELLED and run.finished_at
-    assert not services.transition(run.pk, [RunStatus.QUEUED], RunStatus.STARTING)  # a late worker can't take it
+    assert not lifecycle.transition(run.pk, [RunStatus.QUEUED], RunStatus.STARTING)  # a late worker can't take it
 
 
 @pytest.mark.slow
 def test_killed_training_process_leaves_run_interrupted_with_its_metrics(alice, alice_dataset, monkeypatch):
-    from webapp.runs import tasks
+    from webapp.runs import supervisor, tasks
 
     user, workspace = alice
     config = TrainingConfig.objects.create(workspace=workspace, name="c", yaml=GOOD.format(steps=400))
@@ -118,7 +106,7 @@ def test_killed_training_process_leaves_run_interrupted_with_its_metrics(alice, 
     run = services.enqueue_run(workspace, user, config)
     killer = threading.Thread(target=_kill_after_first_points, args=(run,))
     killer.start()
-    tasks.supervise(run.pk, ["test:cpu"])
+    supervisor.supervise(run.pk, ["test:cpu"])
     killer.join()
     run.refresh_from_db()
     assert run.status == RunStatus.INTERRUPTED and "SIGKILL" in run.message
@@ -132,8 +120,6 @@ def _kill_after_first_points(run):
         if events.exists() and events.read_text().count('"metric"') >= 3:
             break
         time.sleep(0.2)
-    from .test_lifecycle import trainer_pids
-
     for pid in trainer_pids(run):
         os.kill(pid, signal.SIGKILL)
 
@@ -147,7 +133,7 @@ def test_worker_that_stops_beating_leaves_run_interrupted(alice):
         status=RunStatus.RUNNING,
         heartbeat_at=timezone.now() - timezone.timedelta(seconds=300),
     )
-    assert services.mark_stale_runs_interrupted() == 1
+    assert recording.mark_stale_runs_interrupted() == 1
     run.refresh_from_db()
     assert run.status == RunStatus.INTERRUPTED and "stopped reporting" in run.message
 
@@ -235,14 +221,15 @@ def test_presets_start_new_configs(alice_client, alice_dataset):
 
 @pytest.mark.slow
 def test_cancel_a_running_run_kills_its_process_and_frees_the_device(alice, alice_dataset, monkeypatch, settings):
-    from webapp.runs import gpus, tasks
+    from training.events import read_events
+    from webapp.runs import gpus, supervisor, tasks
     from webapp.runs.models import DeviceLease
 
     settings.TRAINYARD_GPUS = ""
     user, workspace = alice
     config = TrainingConfig.objects.create(workspace=workspace, name="c", yaml=GOOD.format(steps=2000))
     monkeypatch.setattr(tasks, "execute_run", lambda run_id: None)
-    monkeypatch.setattr(tasks, "HEARTBEAT_SECONDS", 0.5)
+    monkeypatch.setattr(supervisor, "HEARTBEAT_SECONDS", 0.5)
     run = services.enqueue_run(workspace, user, config)
 
     def cancel_when_running():
@@ -261,9 +248,10 @@ def test_cancel_a_running_run_kills_its_process_and_frees_the_device(alice, alic
     run.refresh_from_db()
     assert run.status == RunStatus.CANCELLED and run.current_step < 2000
     assert not DeviceLease.objects.exists() and gpus.allocate_gpus(run, 1)
-    from .test_lifecycle import trainer_pids
-
     assert trainer_pids(run) == []
+    # Stopped gracefully at a step boundary (the STOP file), not killed: it said so, and wrote no final adapter.
+    states = [e.get("state") for e in read_events(run.run_dir / "events.jsonl")[0] if e["event"] == "status"]
+    assert states[-1] == "cancelled" and not (run.run_dir / "adapter").exists()
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import time
 import pytest
 from django.utils import timezone
 
-from webapp.runs import services, tasks
+from webapp.runs import recording, supervisor, tasks
 from webapp.runs.models import MetricPoint, Run, RunStatus
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -30,7 +30,7 @@ def test_a_failing_write_is_retried_and_nothing_is_lost(alice, monkeypatch):
     run = Run.objects.create(workspace=alice[1], name="r", config_yaml="x", status=RunStatus.RUNNING)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     events = run.run_dir / "events.jsonl"
-    real, calls = services.record_events, []
+    real, calls = recording.record_events, []
 
     def flaky(run_id, batch, offset):
         calls.append(len(batch))
@@ -38,9 +38,9 @@ def test_a_failing_write_is_retried_and_nothing_is_lost(alice, monkeypatch):
             raise RuntimeError("database is locked")
         real(run_id, batch, offset)
 
-    monkeypatch.setattr(services, "record_events", flaky)
+    monkeypatch.setattr(recording, "record_events", flaky)
     proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(events)])
-    returncode, cancelled, final = tasks._watch(run.pk, proc, 0, events)
+    returncode, cancelled, final = supervisor._watch(run.pk, proc, 0, events)
     assert (returncode, cancelled, final["state"]) == (0, False, "succeeded")
     assert len(calls) >= 2
     assert list(MetricPoint.objects.filter(run=run).values_list("step", flat=True)) == [1, 2, 3, 4, 5]
@@ -50,12 +50,12 @@ def test_packaging_keeps_the_run_alive(alice, monkeypatch):
     run = Run.objects.create(workspace=alice[1], name="r", config_yaml="x", status=RunStatus.RUNNING)
     old = timezone.now() - timezone.timedelta(hours=1)
     Run.objects.filter(pk=run.pk).update(heartbeat_at=old)
-    monkeypatch.setattr(tasks, "HEARTBEAT_SECONDS", 0.05)
-    with tasks._beating(run.pk):
+    monkeypatch.setattr(supervisor, "HEARTBEAT_SECONDS", 0.05)
+    with supervisor._beating(run.pk):
         time.sleep(0.4)  # a long zip
     run.refresh_from_db()
     assert run.heartbeat_at > old + timezone.timedelta(minutes=59)
-    assert services.mark_stale_runs_interrupted(max_age_seconds=30) == 0
+    assert recording.mark_stale_runs_interrupted(max_age_seconds=30) == 0
 
 
 def test_a_queued_run_without_a_task_is_handed_to_the_queue_again(alice, monkeypatch):
@@ -89,7 +89,7 @@ def test_health_sees_streaks_across_batches_and_trends_when_the_run_ends(alice):
     run = Run.objects.create(workspace=alice[1], name="r", config_yaml="x", status=RunStatus.RUNNING)
     for step in range(1, 5):  # the worker records a point or two at a time
         event = {"event": "metric", "step": step, "time": float(step), "values": {"loss": 2.0, "grad_norm": 0.0}}
-        services.record_events(run.pk, [event], step)
+        recording.record_events(run.pk, [event], step)
     run.refresh_from_db()
     assert "zero_grad" in {a["code"] for a in run.health}
 
@@ -97,9 +97,34 @@ def test_health_sees_streaks_across_batches_and_trends_when_the_run_ends(alice):
     steps = MIN_STEPS_FOR_TRENDS + 5  # far fewer points than a periodic trend check waits for
     for step in range(1, steps + 1):
         event = {"event": "metric", "step": step, "time": float(step), "values": {"loss": 2.0, "grad_norm": 1.0}}
-        services.record_events(flat.pk, [event], step)
+        recording.record_events(flat.pk, [event], step)
     flat.refresh_from_db()
     assert "flat_loss" not in {a["code"] for a in flat.health}
-    services.record_events(flat.pk, [{"event": "status", "state": "succeeded"}], steps + 1)
+    recording.record_events(flat.pk, [{"event": "status", "state": "succeeded"}], steps + 1)
     flat.refresh_from_db()
     assert "flat_loss" in {a["code"] for a in flat.health}
+
+
+def test_a_dead_workers_run_is_interrupted_by_the_reaper_with_no_page_open(alice):
+    """No page is involved (pages only read): the periodic reaper, due every few seconds in every
+    worker, records what the dead worker left unread, ends the run interrupted and frees its device."""
+    import datetime
+
+    from huey.consumer import Scheduler
+
+    from webapp.runs.models import DeviceLease
+
+    assert Scheduler.periodic_task_seconds == tasks.REAP_SECONDS <= 5  # huey's own default is 60
+    for second in (0, 7, 31, 59):  # due at every look of the scheduler, not once a minute
+        now = datetime.datetime(2026, 1, 1, 12, 0, second)
+        assert "_reap_stale_runs" in [t.name for t in tasks.HUEY.read_periodic(now)]
+    run = Run.objects.create(workspace=alice[1], name="r", config_yaml="x", status=RunStatus.RUNNING)
+    Run.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now() - timezone.timedelta(minutes=5))
+    DeviceLease.objects.create(device="test:cpu", run=run)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "events.jsonl").write_text('{"event": "metric", "step": 7, "time": 1.0, "values": {"loss": 1.0}}\n')
+    tasks._reap_stale_runs.call_local()
+    run.refresh_from_db()
+    assert run.status == RunStatus.INTERRUPTED and "stopped reporting" in run.message
+    assert list(MetricPoint.objects.filter(run=run).values_list("step", flat=True)) == [7]
+    assert not DeviceLease.objects.exists()

@@ -13,11 +13,9 @@ import uuid
 import pytest
 from django.conf import settings
 
+from tests.helpers import GOOD, ROOT, worker_env
 from webapp.runs import services
 from webapp.runs.models import Run, RunStatus, TrainingConfig
-
-from .test_lifecycle import ROOT, worker_env
-from .test_runs import GOOD
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 

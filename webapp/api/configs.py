@@ -11,7 +11,7 @@ from ninja import Router, Schema
 from training.config import ConfigInvalid
 from webapp.api.access import visible
 from webapp.http import download_name
-from webapp.runs import services
+from webapp.runs import configs
 from webapp.runs.models import TrainingConfig
 from webapp.workspaces.services import current_workspace, require_writer
 
@@ -56,10 +56,10 @@ def _invalid(exc: ConfigInvalid) -> Invalid:
 @router.post("/validate", response={200: Valid, 422: Invalid})
 def validate(request, body: YamlIn):
     try:
-        config, resolved = services.validate_config(current_workspace(request), body.yaml)
+        config, resolved = configs.validate_config(current_workspace(request), body.yaml)
     except ConfigInvalid as exc:
         return 422, _invalid(exc)
-    estimate = services.memory_estimate(config, resolved)
+    estimate = configs.memory_estimate(config, resolved)
     return Valid(valid=True, memory_estimate_gib=estimate.total_gib if estimate else None)
 
 
@@ -68,7 +68,7 @@ def create(request, body: ConfigIn):
     workspace = current_workspace(request)
     require_writer(request.user, workspace)
     try:
-        return 201, services.save_config(workspace, request.user, body.name, body.yaml)
+        return 201, configs.save_config(workspace, request.user, body.name, body.yaml)
     except ConfigInvalid as exc:
         return 422, _invalid(exc)
 

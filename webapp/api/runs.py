@@ -11,6 +11,7 @@ from ninja import Field, Router, Schema
 from training.config import ConfigInvalid
 from webapp.api.access import visible
 from webapp.runs import realtime, services
+from webapp.runs.artifacts import download as download_artifact
 from webapp.runs.models import Run, TrainingConfig
 from webapp.workspaces.services import require_writer
 
@@ -122,10 +123,8 @@ def artifacts(request, run_id: int):
 
 @router.get("/{run_id}/artifacts/{artifact_id}/download", response={200: None})
 def download(request, run_id: int, artifact_id: int):
-    from webapp.runs.views import artifact_file
-
     run = get_object_or_404(visible(request, Run.objects), pk=run_id)
-    return artifact_file(run, get_object_or_404(run.artifacts, pk=artifact_id))
+    return download_artifact(run, get_object_or_404(run.artifacts, pk=artifact_id))
 
 
 @router.get("/{run_id}", response=RunOut)

@@ -134,7 +134,8 @@ class CommonKeysForm(forms.Form):
             try:
                 value = kind(raw) if kind is not str else raw
             except ValueError:
-                errors.append(ConfigError(key, f"{raw!r} is not a valid {getattr(kind, '__name__', 'value').strip('_')}"))
+                what = getattr(kind, "__name__", "value").strip("_")
+                errors.append(ConfigError(key, f"{raw!r} is not a valid {what}"))
                 continue
             if data.get(key) == value or _shown(data.get(key), kind) == raw:
                 continue  # unchanged: keep the text as written

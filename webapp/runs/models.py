@@ -29,7 +29,7 @@ class TrainingConfig(models.Model):
 
 
 class RunStatus(models.TextChoices):
-    """Allowed transitions, made only by `webapp.runs.services` with conditional UPDATEs:
+    """Allowed transitions, made only by `webapp.runs.lifecycle` with conditional UPDATEs:
 
     queued -> starting | cancelled
     starting -> running | failed | cancelled | interrupted

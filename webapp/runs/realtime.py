@@ -1,4 +1,5 @@
-"""Typed payloads a run page receives over its websocket, and the queries that feed them.
+"""Typed payloads a run page receives over its websocket, the one place that publishes points to a
+run's group (after the worker's commit), and the queries that feed them. Fan-out: tail.py.
 
 Embedded mode needs no server between the worker and the web process: the consumer reads what the
 worker wrote (metric rows by `seq`, the log file by byte offset), so every process sees the same history.
@@ -6,7 +7,7 @@ worker wrote (metric rows by `seq`, the log file by byte offset), so every proce
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Literal, TypedDict
 
 from webapp.runs.gpus import queue_position
 from webapp.runs.models import MetricPoint, Run
@@ -23,14 +24,14 @@ class Point(TypedDict):
 
 
 class PointsPayload(TypedDict):
-    type: str  # "points"
+    type: Literal["points"]
     history: bool  # true for the first batch after connecting
     points: list[Point]
 
 
 class StatusPayload(TypedDict):
-    type: str  # "status"
-    status: str
+    type: Literal["status"]
+    status: Literal["queued", "starting", "running", "succeeded", "failed", "cancelled", "interrupted"]
     message: str
     current_step: int
     total_steps: int | None
@@ -42,9 +43,16 @@ class StatusPayload(TypedDict):
 
 
 class LogPayload(TypedDict):
-    type: str  # "log"
+    type: Literal["log"]
     text: str
     offset: int  # byte offset after this text: reconnect with it to resume
+
+
+class PointsMessage(TypedDict):
+    """What the worker sends to a run's channel-layer group (Redis mode), read by its RunTail."""
+
+    type: Literal["run.points"]
+    points: list[Point]
 
 
 def group_name(run_id: int) -> str:
@@ -60,7 +68,8 @@ def publish_points(run_id: int, points: list[Point]) -> None:
 
     if not settings.REDIS_URL or not points:
         return
-    async_to_sync(get_channel_layer().group_send)(group_name(run_id), {"type": "run.points", "points": points})
+    message = PointsMessage(type="run.points", points=points)
+    async_to_sync(get_channel_layer().group_send)(group_name(run_id), message)
 
 
 def points_after(run_id: int, after_seq: int, limit: int = 5000) -> list[Point]:

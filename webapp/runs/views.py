@@ -1,141 +1,24 @@
-"""Config and run pages: thin handlers (parse, authorize, one service call, render)."""
+"""Run pages: thin handlers (parse, authorize, one service call, render). Config pages: config_views.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from django.contrib import messages
-from django.http import FileResponse, Http404, HttpResponse, JsonResponse
+from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from training.config import ConfigInvalid
 from webapp.datasets.models import Dataset
-from webapp.http import download_name, parse_id, parse_ids, safe_next
-from webapp.runs import gpus, realtime, services
-from webapp.runs.base_models import available_models
-from webapp.runs.forms import CommonKeysForm
+from webapp.http import parse_id, parse_ids, safe_next
+from webapp.runs import artifacts, configs, gpus, realtime, services
 from webapp.runs.models import Run, RunNote, TrainingConfig
-from webapp.runs.presets import PRESETS
 from webapp.workspaces.services import can_write, current_workspace, require_writer
-
-STARTER_PRESET = "lora-small"
 
 
 def home(request):
     return redirect("run-list")
-
-
-def config_list(request):
-    workspace = current_workspace(request)
-    return render(request, "runs/config_list.html", {"configs": TrainingConfig.objects.filter(workspace=workspace)})
-
-
-def _starter_yaml(workspace, preset: str = STARTER_PRESET) -> str:
-    dataset = Dataset.objects.filter(workspace=workspace).first()
-    models = available_models()
-    template = PRESETS.get(preset, PRESETS[STARTER_PRESET])[1]
-    options = dataset.format_options if dataset else {}  # e.g. ShareGPT: field_messages, role/content keys
-    layout = "".join(f"\n    {line}" for line in yaml.safe_dump(options).splitlines()) if options else ""
-    return template.format(
-        model=models[0] if models else "owner/model-id",
-        dataset=dataset.name if dataset else "my-dataset",
-        type=(dataset.format if dataset else "chat_template") + layout,
-    )
-
-
-def config_edit(request, pk: int | None = None):
-    workspace = current_workspace(request)
-    instance = get_object_or_404(TrainingConfig.objects.visible_to(request.user), pk=pk) if pk else None
-    workspace = instance.workspace if instance else workspace
-    name = instance.name if instance else ""
-    yaml_text = instance.yaml if instance else _starter_yaml(workspace, request.GET.get("preset", STARTER_PRESET))
-    source = (
-        Run.objects.visible_to(request.user).filter(pk=parse_id(request.GET.get("from_run", ""))).first()
-        if parse_id(request.GET.get("from_run", ""))
-        else None
-    )
-    if source and not instance:  # "clone as new run": start from that run's config
-        yaml_text, name = source.config_yaml, f"{source.name}-copy"
-    errors, status, estimate = [], 200, None
-    if request.method == "POST":
-        name, yaml_text = request.POST.get("name", ""), request.POST.get("yaml", "")
-        action = request.POST.get("action")
-        try:
-            if action == "apply_form":
-                yaml_text = CommonKeysForm(yaml_text, request.POST).apply()
-                messages.info(request, "The form's values are in the YAML below (not saved yet).")
-            elif action == "validate":
-                config, resolved = services.validate_config(workspace, yaml_text)
-                estimate = services.memory_estimate(config, resolved)
-                messages.success(request, "The config is valid.")
-            else:
-                require_writer(request.user, workspace)
-                saved = services.save_config(workspace, request.user, name, yaml_text, instance)
-                if action == "run":
-                    run = services.enqueue_run(
-                        workspace,
-                        request.user,
-                        saved,
-                        priority=_int(request.POST, "priority"),
-                        gpus=_int(request.POST, "gpus", 1),
-                    )
-                    return redirect("run-detail", pk=run.pk)
-                messages.success(request, f"Saved “{saved.name}”.")
-                return redirect("config-edit", pk=saved.pk)
-        except ConfigInvalid as exc:
-            errors, status = exc.errors, 400
-    elif instance:
-        try:
-            config, resolved = services.validate_config(workspace, yaml_text)
-            estimate = services.memory_estimate(config, resolved)
-        except ConfigInvalid as exc:
-            errors = exc.errors
-    return render(
-        request,
-        "runs/config_edit.html",
-        {
-            "can_write": can_write(request.user, workspace),
-            "config": instance,
-            "name": name,
-            "yaml": yaml_text,
-            "errors": errors,
-            "estimate": estimate,
-            "datasets": Dataset.objects.filter(workspace=workspace),
-            "models": available_models(),
-            "presets": [(key, label) for key, (label, _) in PRESETS.items()],
-            "form": CommonKeysForm(yaml_text),
-        },
-        status=status,
-    )
-
-
-def _int(data, key: str, default: int = 0) -> int:
-    try:
-        return int(data.get(key, default))
-    except (TypeError, ValueError):
-        return default
-
-
-def config_export(request, pk: int):
-    config = get_object_or_404(TrainingConfig.objects.visible_to(request.user), pk=pk)
-    response = HttpResponse(config.yaml, content_type="application/yaml")
-    response["Content-Disposition"] = f'attachment; filename="{download_name(config.name)}.yaml"'
-    return response
-
-
-@require_POST
-def config_run(request, pk: int):
-    config = get_object_or_404(TrainingConfig.objects.visible_to(request.user), pk=pk)
-    require_writer(request.user, config.workspace)
-    try:
-        run = services.enqueue_run(config.workspace, request.user, config)
-    except ConfigInvalid as exc:
-        messages.error(request, f"Can't start: {exc}")
-        return redirect("config-edit", pk=config.pk)
-    return redirect("run-detail", pk=run.pk)
 
 
 def run_list(request):
@@ -159,13 +42,13 @@ def run_detail(request, pk: int):
             "can_write": can_write(request.user, run.workspace),
             "others": others,
             "diff_with": diff_with,
-            "config_diff": services.config_diff(diff_with, run) if diff_with else None,
+            "config_diff": configs.config_diff(diff_with, run) if diff_with else None,
             "notes": run.notes.select_related("author"),
             "generations": run.generations.all()[:5],
             "has_adapter": (run.run_dir / "adapter").is_dir(),
             "has_merged": run.artifacts.filter(kind="merged").exists(),
             "examples": run.data_summary.get("examples", []),
-            "base_model": services.run_base_model(run),
+            "base_model": configs.run_base_model(run),
             "run": run,
             "status": realtime.status_of(run),
             "log_text": log["text"] if log else "",
@@ -177,8 +60,8 @@ def run_detail(request, pk: int):
             },
             "artifacts": run.artifacts.all(),
             "queue_position": gpus.queue_position(run) if run.status == "queued" else None,
-            "can_resume": run.status in ("interrupted", "failed", "cancelled") and services.latest_checkpoint(run),
-            "estimate": services.run_memory_estimate(run),
+            "can_resume": run.status in ("interrupted", "failed", "cancelled") and artifacts.latest_checkpoint(run),
+            "estimate": configs.run_memory_estimate(run),
             "peak_memory_mb": max(
                 (p.values.get("memory_mb", 0) for p in run.points.all() if "memory_mb" in p.values), default=None
             ),
@@ -201,7 +84,7 @@ def run_compare(request):
             "chosen": chosen,
             "ids": ids,
             "series": series,
-            "config_diff": services.config_diff(chosen[0], chosen[1]) if len(chosen) >= 2 else None,
+            "config_diff": configs.config_diff(chosen[0], chosen[1]) if len(chosen) >= 2 else None,
         },
     )
 
@@ -225,7 +108,7 @@ def run_playground(request, pk: int):
     require_writer(request.user, run.workspace)
     try:
         generation = services.ask_playground(run, request.user, request.POST.get("prompt", ""))
-    except services.NothingToTry as exc:
+    except artifacts.NothingToTry as exc:
         return JsonResponse({"error": str(exc)}, status=400)
     return JsonResponse({"id": generation.pk, "status": generation.status})
 
@@ -311,15 +194,4 @@ def delete_view(request, kind: str, pk: int):
 
 def artifact_download(request, pk: int, artifact_id: int):
     run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
-    return artifact_file(run, get_object_or_404(run.artifacts, pk=artifact_id))
-
-
-def artifact_file(run: Run, artifact) -> FileResponse:
-    """The artifact as a download (shared by the page and the API); folders are zipped once."""
-    path = (run.run_dir / artifact.path).resolve()
-    if not path.is_relative_to(run.run_dir.resolve()) or not path.exists():
-        raise Http404("artifact file missing")
-    if path.is_dir():  # a checkpoint: zipped on first download, then served from disk
-        target = path.with_name(path.name + ".zip")
-        path = target if target.exists() else services.zip_folder(path, target, path.name)
-    return FileResponse(path.open("rb"), as_attachment=True, filename=f"run-{run.pk}-{path.name}")
+    return artifacts.download(run, get_object_or_404(run.artifacts, pk=artifact_id))
