@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -615,7 +616,7 @@ def check_environment(
         ConfigError(key, reason)
         for key, reason in sharding.environment_problems(config, devices=devices, cuda_available=cuda_available)
     ]
-    if config.unfrozen_parameters or config.lora_modules_to_save:
+    if config.unfrozen_parameters or config.lora_modules_to_save or (config.adapter and config.lora_target_modules):
         errors += _parameter_name_problems(config)
     from training.architectures import check_against_model  # reads the model's config.json only
 
@@ -642,6 +643,16 @@ def _parameter_name_problems(config: TrainConfig) -> list[ConfigError]:
         for name in config.lora_modules_to_save or []
         if not any(m == name or m.endswith("." + name) for m in modules)
     ]
+    targets = config.lora_target_modules if config.adapter and not config.lora_target_linear else None
+    if isinstance(targets, str):  # PEFT: a string is a regex matched against whole module names
+        if not any(re.fullmatch(targets, m) for m in modules):
+            errors.append(ConfigError("lora_target_modules", f"the regex {targets!r} matches no module of the model"))
+    elif targets:
+        missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+        if missing:
+            errors.append(
+                ConfigError("lora_target_modules", f"{', '.join(missing)}: no such module in the model")
+            )
     return errors
 
 

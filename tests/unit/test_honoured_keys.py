@@ -255,6 +255,10 @@ def test_lora_keys_shape_the_adapter(tiny_model_dir):
     assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(4))  # rsLoRA: alpha / sqrt(r)
     problems = check_environment(config_of(tiny_model_dir, adapter="lora", lora_modules_to_save=["norm", "nope"]))
     assert [(p.path, p.message.split(" is")[0]) for p in problems] == [("lora_modules_to_save", "'nope'")]
+    for targets in (["q_proj", "qkv_proj"], r".*\.qkv"):  # names and a regex that match nothing: refused up front
+        (problem,) = check_environment(config_of(tiny_model_dir, adapter="lora", lora_target_modules=targets))
+        assert problem.path == "lora_target_modules"
+    assert check_environment(config_of(tiny_model_dir, adapter="lora", lora_target_modules=r".*\.q_proj")) == []
     model, _ = _model(tiny_model_dir, adapter="lora", lora_target_linear=True)
     adapted = {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n}
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= adapted
