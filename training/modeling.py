@@ -210,13 +210,24 @@ def parameter_names(base_model: str, trust_remote_code: bool = False) -> list[st
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from training.architectures import read_model_config  # a local folder or the hub cache: never the network
+
+    raw = read_model_config(base_model)
+    if raw is None or "model_type" not in raw:
+        return None
     try:
-        model_config = AutoConfig.from_pretrained(_source(base_model), trust_remote_code=trust_remote_code)
+        raw = dict(raw)
+        model_config = AutoConfig.for_model(raw.pop("model_type"), **raw)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
     except Exception:  # not local, not cached, or not a causal LM the Auto class builds from its config
         return None
-    return [name for name, _ in model.named_parameters()]
+    names = [name for name, _ in model.named_parameters()]
+    if getattr(model_config.get_text_config(), "tie_word_embeddings", False) and model.get_output_embeddings():
+        # Tied on load: the loaded model lists the output embedding under the input embedding's name only.
+        head = model.get_output_embeddings().weight
+        names = [name for name, p in model.named_parameters() if p is not head]
+    return names
 
 
 def unfrozen_regex(pattern: str):
