@@ -15,7 +15,7 @@ import re
 from bisect import bisect_left
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from training.formats.base import Piece, Rendered, RowProblem, Span
@@ -29,7 +29,7 @@ SPECIAL_CHOICES = ("tokenizer_default", "jinja")
 FALLBACK_PREFIX = "tokenizer_default_fallback_"
 
 
-@lru_cache(maxsize=None)
+@cache
 def named_template(name: str) -> str:
     """The jinja text of a named template (KeyError for an unknown name)."""
     if name not in TEMPLATE_NAMES:
@@ -98,6 +98,7 @@ def read_template_jinja(value: str, base_dir: Path | None = None) -> str:
     if value.strip().endswith((".jinja", ".j2")):
         raise ValueError(f"chat_template_jinja: template file {value!r} not found")
     return value
+
 
 # Axolotl's default role names: the template's role -> names a dataset may use for it.
 DEFAULT_ROLES = {
