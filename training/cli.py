@@ -78,7 +78,7 @@ def cmd_preprocess(args) -> int:
     for index, source in enumerate(sources):
         path = Path(source.label)
         try:
-            encoder = Encoder.from_config(tokenizer, config, index)
+            encoder = Encoder.from_config(tokenizer, config, index, base_dir)
         except ValueError as exc:
             print(f"error: datasets[{index}]: {exc}", file=sys.stderr)
             return 2

@@ -59,7 +59,7 @@ def encode_dataset(config: TrainConfig, tokenizer, index: int, base_dir: Path | 
     except SourceError as exc:
         raise DataInvalid(f"datasets[{index}].path: {exc}") from None
     path, unit = source.label, source.unit
-    encoder = Encoder.from_config(tokenizer, config, index)
+    encoder = Encoder.from_config(tokenizer, config, index, base_dir)
     stats, samples, problems = EncodeStats(), [], []
     try:
         for outcome in encoder.encode_numbered(source.rows(), stats):

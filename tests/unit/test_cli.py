@@ -169,3 +169,32 @@ def test_preprocess_says_a_hub_dataset_is_not_cached_offline_before_loading_anyt
     assert main(["preprocess", str(config)]) == 2
     err = capsys.readouterr().err
     assert "dataset 'mlabonne/FineTome-100k' is not in the local cache (offline" in err and "Traceback" not in err
+
+
+CHATML_JINJA = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_chat_template_jinja_file_beside_the_config_is_read_from_any_working_directory(
+    project, tmp_path_factory, monkeypatch, capsys, tokenizer
+):
+    from training.config import parse_config
+    from training.train import encode_dataset
+
+    (project / "my_template.jinja").write_text(CHATML_JINJA)
+    config = project / "config.yaml"
+    config.write_text(config.read_text() + "chat_template: jinja\nchat_template_jinja: my_template.jinja\n")
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))  # the file is not beside the working directory
+    out_file = project / "out.jsonl"
+    assert main(["preprocess", str(config), "--jsonl", str(out_file)]) == 0, capsys.readouterr().err
+    assert "3 rows read, 2 samples kept" in capsys.readouterr().out
+    first = json.loads(out_file.read_text().splitlines()[0])
+    assert (
+        tokenizer.decode(first["input_ids"])
+        == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+    )
+    # The trainer reads the same file through the config's folder.
+    samples, stats, _ = encode_dataset(parse_config(config.read_text()), tokenizer, 0, project)
+    assert [s.input_ids for s in samples][0] == first["input_ids"] and stats.samples == 2
