@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from training.config import ConfigError, TrainConfig
 
+# The named chat templates (axolotl's, as training/formats ships them); GLM-4.7's own is not among them.
+_NAMED_TEMPLATES = Path(__file__).parent / "formats" / "templates"
 _TEMPLATES = Path(__file__).parent / "tiny_templates"
 
 # FA2 kernels (flash-attn 2) support head dims up to 256; Gemma 4's global layers use 512.
@@ -42,7 +44,7 @@ class Family:
     special_tokens: tuple[str, ...]
     eos: str
     pad: str
-    template: str  # file in tiny_templates/
+    template: str  # file in formats/templates/ (or tiny_templates/)
     bos: str | None = None
 
 
@@ -209,7 +211,8 @@ def build_tokenizer(family_name: str):
         clean_up_tokenization_spaces=False,
         model_max_length=4096,
     )
-    fast.chat_template = (_TEMPLATES / family.template).read_text()
+    named = _NAMED_TEMPLATES / family.template
+    fast.chat_template = (named if named.exists() else _TEMPLATES / family.template).read_text()
     return fast
 
 
@@ -263,6 +266,23 @@ def read_model_config(model_dir_or_id: str | Path) -> dict | None:
     except Exception:  # not a valid repo id, no cache: nothing to check against
         return None
     return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+
+
+# Vision-language checkpoints for which AutoModelForCausalLM builds a text-only class with other module paths
+# (Qwen3.5: `model.layers` where the checkpoint and the seed configs say `model.language_model.layers`) or no
+# class at all (Mistral3): these load with AutoModelForImageTextToText, as axolotl does, so regexes and
+# `unfrozen_parameters: model.language_model.*` name real modules (the vision tower stays frozen/un-adapted).
+FULL_MODEL_TYPES = {"qwen3_5", "qwen3_5_moe", "mistral3"}
+
+
+def auto_model_class(model_dir_or_id: str | Path):
+    """The transformers Auto class Trainyard loads this model with (reads config.json when it is here)."""
+    import transformers
+
+    model_config = read_model_config(model_dir_or_id) or {}
+    if model_config.get("model_type") in FULL_MODEL_TYPES:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
 
 
 def text_config(model_config: dict) -> dict:

@@ -9,7 +9,9 @@ def generate_pair(base_model: str, adapter_dir: Path, prompt: str, max_new_token
     """(base answer, fine-tuned answer), greedy, with the tokenizer's chat template when it has one."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from training.architectures import auto_model_class  # the class the trainer loaded (adapter module names)
 
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir if (adapter_dir / "tokenizer.json").exists() else base_model)
@@ -20,7 +22,7 @@ def generate_pair(base_model: str, adapter_dir: Path, prompt: str, max_new_token
     else:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
-    base = AutoModelForCausalLM.from_pretrained(base_model)
+    base = auto_model_class(base_model).from_pretrained(base_model)
     model = PeftModel.from_pretrained(base, adapter_dir) if (adapter_dir / "adapter_config.json").exists() else None
     settings = {
         "max_new_tokens": max_new_tokens,
@@ -35,7 +37,7 @@ def generate_pair(base_model: str, adapter_dir: Path, prompt: str, max_new_token
         return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     if model is None:  # a full fine-tune: the folder is the tuned model
-        tuned = AutoModelForCausalLM.from_pretrained(adapter_dir)
+        tuned = auto_model_class(adapter_dir).from_pretrained(adapter_dir)
         return run(base), run(tuned)
     with model.disable_adapter():
         base_text = run(model)

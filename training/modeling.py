@@ -54,7 +54,7 @@ def pick_dtype(config: TrainConfig):
 
 
 def load_model(config: TrainConfig, tokenizer):
-    from transformers import AutoModelForCausalLM
+    from training.architectures import auto_model_class
 
     dtype = pick_dtype(config)
     kwargs: dict = {
@@ -68,7 +68,7 @@ def load_model(config: TrainConfig, tokenizer):
         kwargs["quantization_config"] = quantization_config(config, dtype)
     source = _source(config.base_model)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = auto_model_class(source).from_pretrained(source, **kwargs)  # VLM checkpoints: the whole model
     except (OSError, ValueError) as exc:
         raise ModelNotFound(
             f"base_model: can't load a model from {config.base_model!r}: {str(exc).splitlines()[0]}"
@@ -208,9 +208,10 @@ def apply_liger(model, config: TrainConfig) -> None:
 def parameter_names(base_model: str, trust_remote_code: bool = False) -> list[str] | None:
     """The model's parameter names, from its config alone (built on the meta device); None if it can't be read."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from training.architectures import read_model_config  # a local folder or the hub cache: never the network
+    # a local folder or the hub cache: never the network
+    from training.architectures import auto_model_class, read_model_config
 
     raw = read_model_config(base_model)
     if raw is None or "model_type" not in raw:
@@ -219,7 +220,7 @@ def parameter_names(base_model: str, trust_remote_code: bool = False) -> list[st
         raw = dict(raw)
         model_config = AutoConfig.for_model(raw.pop("model_type"), **raw)
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+            model = auto_model_class(base_model).from_config(model_config, trust_remote_code=trust_remote_code)
     except Exception:  # not local, not cached, or not a causal LM the Auto class builds from its config
         return None
     names = [name for name, _ in model.named_parameters()]
@@ -245,9 +246,11 @@ def count_parameters(model) -> tuple[int, int]:
 def merge_adapter_into_base(base_model: str, adapter_dir: Path, out_dir: Path) -> Path:
     """Base model + LoRA adapter -> one plain model folder (with the tokenizer), loadable without peft."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(_source(base_model))
+    from training.architectures import auto_model_class
+
+    base = auto_model_class(_source(base_model)).from_pretrained(_source(base_model))
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     tmp = Path(str(out_dir) + ".part")
     merged.save_pretrained(tmp)

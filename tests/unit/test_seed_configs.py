@@ -132,17 +132,16 @@ def train_and_reload(config, run_dir: Path) -> Path:
     sink = ListEventSink()
     train(config, run_dir, sink)
     out = run_dir / ("adapter" if config.adapter else "model")
+    from training.architectures import auto_model_class
+
     if config.adapter:
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(config.base_model)
+        base = auto_model_class(config.base_model).from_pretrained(config.base_model)
         loaded = PeftModel.from_pretrained(base, out)
         assert any("lora_" in n for n, _ in loaded.named_parameters())
     else:
-        from transformers import AutoModelForCausalLM
-
-        AutoModelForCausalLM.from_pretrained(out)
+        auto_model_class(out).from_pretrained(out)
     return out
 
 
