@@ -352,7 +352,8 @@ def check_against_model(config: TrainConfig, model_dir_or_id: str | Path | None 
             ConfigError("quantize_moe_experts", "quantizes experts like the rest of the model: set load_in_4bit "
                         "(adapter: qlora) or load_in_8bit")
         )
-    if config.lora_target_parameters and not num_experts(model_config):
+    expert_targets = [t for t in (config.lora_target_parameters or []) if "experts" in t]
+    if expert_targets and not num_experts(model_config):
         errors.append(
             ConfigError(
                 "lora_target_parameters",
