@@ -49,20 +49,96 @@ class Family:
 
 
 FAMILIES = {
-    "mistral": Family(("<s>", "</s>", "<unk>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-                       "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[IMG]", "<pad>"),
-                      eos="</s>", pad="<pad>", bos="<s>", template="mistral_v3_tekken.jinja"),
-    "gemma4": Family(("<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel>", "<channel|>",
-                      "<|think|>", "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
-                      "<tool_response|>", '<|"|>', "<|image|>", "<|audio|>", "<|video|>", "<|image>", "<image|>"),
-                     eos="<turn|>", pad="<pad>", bos="<bos>", template="gemma4.jinja"),
-    "glm4": Family(("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-                    "<|assistant|>", "<|observation|>", "<think>", "</think>", "<tool_call>", "</tool_call>"),
-                   eos="<|endoftext|>", pad="<|endoftext|>", template="glm4_7.jinja"),
-    "qwen3_5": Family(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                       "<|image_pad|>", "<|video_pad|>", "<think>", "</think>", "<tool_call>", "</tool_call>",
-                       "<tool_response>", "</tool_response>"),
-                      eos="<|im_end|>", pad="<|endoftext|>", template="qwen3_5.jinja"),
+    "mistral": Family(
+        (
+            "<s>",
+            "</s>",
+            "<unk>",
+            "[INST]",
+            "[/INST]",
+            "[AVAILABLE_TOOLS]",
+            "[/AVAILABLE_TOOLS]",
+            "[TOOL_CALLS]",
+            "[TOOL_RESULTS]",
+            "[/TOOL_RESULTS]",
+            "[IMG]",
+            "<pad>",
+        ),
+        eos="</s>",
+        pad="<pad>",
+        bos="<s>",
+        template="mistral_v3_tekken.jinja",
+    ),
+    "gemma4": Family(
+        (
+            "<pad>",
+            "<eos>",
+            "<bos>",
+            "<unk>",
+            "<|turn>",
+            "<turn|>",
+            "<|channel>",
+            "<channel|>",
+            "<|think|>",
+            "<|tool>",
+            "<tool|>",
+            "<|tool_call>",
+            "<tool_call|>",
+            "<|tool_response>",
+            "<tool_response|>",
+            '<|"|>',
+            "<|image|>",
+            "<|audio|>",
+            "<|video|>",
+            "<|image>",
+            "<image|>",
+        ),
+        eos="<turn|>",
+        pad="<pad>",
+        bos="<bos>",
+        template="gemma4.jinja",
+    ),
+    "glm4": Family(
+        (
+            "<|endoftext|>",
+            "[MASK]",
+            "[gMASK]",
+            "[sMASK]",
+            "<sop>",
+            "<eop>",
+            "<|system|>",
+            "<|user|>",
+            "<|assistant|>",
+            "<|observation|>",
+            "<think>",
+            "</think>",
+            "<tool_call>",
+            "</tool_call>",
+        ),
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        template="glm4_7.jinja",
+    ),
+    "qwen3_5": Family(
+        (
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+            "<think>",
+            "</think>",
+            "<tool_call>",
+            "</tool_call>",
+            "<tool_response>",
+            "</tool_response>",
+        ),
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        template="qwen3_5.jinja",
+    ),
 }
 
 # arch name -> (family, transformers class name of the saved model)
@@ -93,8 +169,16 @@ _H = 64  # hidden size of every tiny model
 
 
 def _tiny_vision_pixtral():
-    return {"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "head_dim": 16, "image_size": 64, "patch_size": 16}
+    return {
+        "model_type": "pixtral",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "head_dim": 16,
+        "image_size": 64,
+        "patch_size": 16,
+    }
 
 
 def _model_config(arch: str, tokenizer):
@@ -102,65 +186,150 @@ def _model_config(arch: str, tokenizer):
     import transformers as tf
 
     vocab = len(tokenizer)
-    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "bos_token_id": tokenizer.bos_token_id}
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
     if arch == "ministral":
-        return tf.MistralConfig(vocab_size=vocab, hidden_size=_H, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                max_position_embeddings=4096, initializer_range=0.1, **ids)
+        return tf.MistralConfig(
+            vocab_size=vocab,
+            hidden_size=_H,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=4096,
+            initializer_range=0.1,
+            **ids,
+        )
     if arch == "mistral3":
-        text = {"model_type": "mistral", "vocab_size": vocab, "hidden_size": _H, "intermediate_size": 128,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-                "initializer_range": 0.1, **ids}
-        return tf.Mistral3Config(text_config=text, vision_config=_tiny_vision_pixtral(),
-                                 image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))
+        text = {
+            "model_type": "mistral",
+            "vocab_size": vocab,
+            "hidden_size": _H,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "initializer_range": 0.1,
+            **ids,
+        }
+        return tf.Mistral3Config(
+            text_config=text,
+            vision_config=_tiny_vision_pixtral(),
+            image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        )
     if arch in ("gemma4", "gemma4_moe"):
         text = {
-            "vocab_size": vocab, "hidden_size": _H, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+            "vocab_size": vocab,
+            "hidden_size": _H,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
             # The real values that matter for attention checks: global layers use head_dim 512.
-            "global_head_dim": 512, "num_global_key_value_heads": 1, "attention_k_eq_v": True,
-            "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16,
-            "final_logit_softcapping": 30.0, "hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": vocab,
-            "initializer_range": 0.1, "max_position_embeddings": 4096, **ids,
+            "global_head_dim": 512,
+            "num_global_key_value_heads": 1,
+            "attention_k_eq_v": True,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "sliding_window": 16,
+            "final_logit_softcapping": 30.0,
+            "hidden_size_per_layer_input": 0,
+            "vocab_size_per_layer_input": vocab,
+            "initializer_range": 0.1,
+            "max_position_embeddings": 4096,
+            **ids,
         }
         if arch == "gemma4_moe":
             text.update(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
-        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                  "num_key_value_heads": 2, "head_dim": 16, "patch_size": 8, "position_embedding_size": 64}
-        return tf.Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
-                               image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
-                               boi_token_id=tokenizer.convert_tokens_to_ids("<|image>"),
-                               eoi_token_id=tokenizer.convert_tokens_to_ids("<image|>"),
-                               audio_token_id=tokenizer.convert_tokens_to_ids("<|audio|>"),
-                               video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"))
+        vision = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "patch_size": 8,
+            "position_embedding_size": 64,
+        }
+        return tf.Gemma4Config(
+            text_config=text,
+            vision_config=vision,
+            audio_config=None,
+            image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
+            boi_token_id=tokenizer.convert_tokens_to_ids("<|image>"),
+            eoi_token_id=tokenizer.convert_tokens_to_ids("<image|>"),
+            audio_token_id=tokenizer.convert_tokens_to_ids("<|audio|>"),
+            video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
+        )
     if arch == "glm4_moe_lite":
         return tf.Glm4MoeLiteConfig(
             # bitsandbytes' CPU 4-bit kernels want in-features a multiple of 64 and out-features of 32
-            vocab_size=vocab, hidden_size=_H, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4,
-            num_experts_per_tok=2, kv_lora_rank=64, q_lora_rank=64, qk_rope_head_dim=32, v_head_dim=16,
-            qk_nope_head_dim=32, mlp_layer_types=["dense", "sparse"], max_position_embeddings=4096,
-            initializer_range=0.1, **ids)
+            vocab_size=vocab,
+            hidden_size=_H,
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            n_shared_experts=1,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            kv_lora_rank=64,
+            q_lora_rank=64,
+            qk_rope_head_dim=32,
+            v_head_dim=16,
+            qk_nope_head_dim=32,
+            mlp_layer_types=["dense", "sparse"],
+            max_position_embeddings=4096,
+            initializer_range=0.1,
+            **ids,
+        )
     if arch in ("qwen3_5", "qwen3_5_moe"):
         text = {
-            "vocab_size": vocab, "hidden_size": _H, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "head_dim": 16, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 16,
-            "linear_value_head_dim": 8, "linear_num_key_heads": 2, "linear_num_value_heads": 32,
+            "vocab_size": vocab,
+            "hidden_size": _H,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "linear_conv_kernel_dim": 4,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 8,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 32,
             # one Gated DeltaNet layer, one full-attention layer (the real models: 3 linear, then 1 full)
-            "layer_types": ["linear_attention", "full_attention"], "initializer_range": 0.1,
-            "max_position_embeddings": 4096, **ids,
+            "layer_types": ["linear_attention", "full_attention"],
+            "initializer_range": 0.1,
+            "max_position_embeddings": 4096,
+            **ids,
         }
-        vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 8,
-                  "out_hidden_size": _H, "num_position_embeddings": 64}
-        special = {k: tokenizer.convert_tokens_to_ids(t) for k, t in (
-            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+        vision = {
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 8,
+            "out_hidden_size": _H,
+            "num_position_embeddings": 64,
+        }
+        special = {
+            k: tokenizer.convert_tokens_to_ids(t)
+            for k, t in (
+                ("image_token_id", "<|image_pad|>"),
+                ("video_token_id", "<|video_pad|>"),
+                ("vision_start_token_id", "<|vision_start|>"),
+                ("vision_end_token_id", "<|vision_end|>"),
+            )
+        }
         if arch == "qwen3_5":
             text["intermediate_size"] = 128
             return tf.Qwen3_5Config(text_config=text, vision_config=vision, **special)
-        text.update(moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=4,
-                    num_experts_per_tok=2)
+        text.update(moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
         return tf.Qwen3_5MoeConfig(text_config=text, vision_config=vision, **special)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
@@ -304,7 +473,9 @@ def max_head_dim(model_config: dict) -> int:
 
 def has_linear_attention(model_config: dict) -> bool:
     c = text_config(model_config)
-    return model_config.get("model_type") in LINEAR_ATTENTION_TYPES or "linear_attention" in (c.get("layer_types") or [])
+    return model_config.get("model_type") in LINEAR_ATTENTION_TYPES or "linear_attention" in (
+        c.get("layer_types") or []
+    )
 
 
 def num_experts(model_config: dict) -> int:
@@ -336,8 +507,9 @@ def check_against_model(config: TrainConfig, model_dir_or_id: str | Path | None 
                 f"({model_type}) has attention layers with head_dim {head_dim}; use sdpa or flex_attention",
             )
         )
-    if attn == "flex_attention" and (model_type in NO_FLEX_ATTENTION_TYPES or text_config(model_config).get(
-            "model_type") in NO_FLEX_ATTENTION_TYPES):
+    if attn == "flex_attention" and (
+        model_type in NO_FLEX_ATTENTION_TYPES or text_config(model_config).get("model_type") in NO_FLEX_ATTENTION_TYPES
+    ):
         errors.append(
             ConfigError(
                 "attn_implementation",
@@ -349,8 +521,10 @@ def check_against_model(config: TrainConfig, model_dir_or_id: str | Path | None 
         errors.append(ConfigError("quantize_moe_experts", f"this model ({model_type}) has no MoE experts to quantize"))
     if quantize_experts and not (config.load_in_4bit or config.load_in_8bit):
         errors.append(
-            ConfigError("quantize_moe_experts", "quantizes experts like the rest of the model: set load_in_4bit "
-                        "(adapter: qlora) or load_in_8bit")
+            ConfigError(
+                "quantize_moe_experts",
+                "quantizes experts like the rest of the model: set load_in_4bit (adapter: qlora) or load_in_8bit",
+            )
         )
     expert_targets = [t for t in (config.lora_target_parameters or []) if "experts" in t]
     if expert_targets and not num_experts(model_config):
@@ -397,8 +571,11 @@ def isolate_packed_linear_attention(model) -> int:
     if not layers:
         return 0
     # The text models that own these layers see position_ids; remember the segments for this forward.
-    owners = [m for m in model.modules() if hasattr(m, "layers") and any(
-        getattr(layer, "linear_attn", None) is not None for layer in m.layers)]
+    owners = [
+        m
+        for m in model.modules()
+        if hasattr(m, "layers") and any(getattr(layer, "linear_attn", None) is not None for layer in m.layers)
+    ]
     state: dict = {"segments": None}
 
     def remember(_module, args, kwargs):
@@ -460,8 +637,9 @@ def expert_modules(model) -> list[tuple[str, object]]:
         params = dict(module.named_parameters(recurse=False))
         if hasattr(module, "parametrizations"):
             params.update({k: v.original for k, v in module.parametrizations.items()})
-        if type(module).__name__.endswith("Experts") and any(p.dim() == 3 or k in getattr(
-                module, "parametrizations", {}) for k, p in params.items()):
+        if type(module).__name__.endswith("Experts") and any(
+            p.dim() == 3 or k in getattr(module, "parametrizations", {}) for k, p in params.items()
+        ):
             found.append((name, module))
     return found
 
@@ -547,8 +725,11 @@ def language_model_linear_regex(model) -> str | None:
     the linear layers of the language model only. None for a text-only model (PEFT's all-linear is it)."""
     import torch
 
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ in (
-        "Linear4bit", "Linear8bitLt")]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt")
+    ]
     if not any(_NON_LANGUAGE_PARTS.search(n) for n in names):
         return None
     output = model.get_output_embeddings()
@@ -628,5 +809,27 @@ def lora_targets(model, config: TrainConfig) -> tuple[list[str] | str | None, li
             notes = getattr(model, "trainyard_notes", None)
             if notes is not None:
                 notes.append(f"lora_target_linear: language model only (multimodal model): target_modules {regex}")
-    parameters = expert_parameter_targets(model, config.lora_target_parameters) if config.lora_target_parameters else None
+    parameters = (
+        expert_parameter_targets(model, config.lora_target_parameters) if config.lora_target_parameters else None
+    )
     return targets, parameters
+
+
+def lora_target_linear_regex(model_dir_or_id: str | Path, trust_remote_code: bool = False) -> str | None:
+    """What `lora_target_linear: true` adapts on this model, for the config page: the language-model regex
+    of a multimodal model (built on the meta device from config.json, no weights), None for a text-only
+    model (all linear layers) or a model whose config.json isn't here."""
+    raw = read_model_config(model_dir_or_id)
+    if not raw or "model_type" not in raw:
+        return None
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig
+
+        raw = dict(raw)
+        model_config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+        with init_empty_weights():
+            model = auto_model_class(model_dir_or_id).from_config(model_config, trust_remote_code=trust_remote_code)
+    except Exception:  # an architecture this transformers can't build from its config
+        return None
+    return language_model_linear_regex(model)

@@ -56,14 +56,20 @@ class ModelShape:
         moe_inter = c.get("moe_intermediate_size") or inter
         mlp_types = c.get("mlp_layer_types") or (
             ["dense"] * c.get("first_k_dense_replace", 0) + ["sparse"] * (layers - c.get("first_k_dense_replace", 0))
-            if experts and not c.get("enable_moe_block") else None
+            if experts and not c.get("enable_moe_block")
+            else None
         )
         total = active = expert_total = moe_layers = 0
         for i in range(layers):
             kind = layer_types[i] if i < len(layer_types) else "full_attention"
             override = (c.get("per_layer_config") or {}).get(str(i)) or (c.get("per_layer_config") or {}).get(i) or {}
             attn = _attention_params(
-                c, kind, hidden, heads, override.get("num_key_value_heads", kv), override.get("head_dim", head_dim),
+                c,
+                kind,
+                hidden,
+                heads,
+                override.get("num_key_value_heads", kv),
+                override.get("head_dim", head_dim),
                 overridden=bool(override),
             )
             mlp_dense = 3 * hidden * inter
@@ -77,7 +83,10 @@ class ModelShape:
                 dense = mlp_dense if c.get("enable_moe_block") else 0
                 expert_total += experts * per_expert
                 moe_layers += 1
-                mlp, mlp_active = experts * per_expert + shared + router + dense, top_k * per_expert + shared + router + dense
+                mlp, mlp_active = (
+                    experts * per_expert + shared + router + dense,
+                    top_k * per_expert + shared + router + dense,
+                )
             else:
                 mlp = mlp_active = mlp_dense
             total += attn + mlp + 2 * hidden
@@ -85,11 +94,20 @@ class ModelShape:
         embed = vocab * hidden * (1 if (c.get("tie_word_embeddings", full.get("tie_word_embeddings", False))) else 2)
         vision = _vision_params(full.get("vision_config"))
         return cls(
-            params=total + embed + vision, hidden=hidden, layers=layers, vocab=vocab, intermediate=inter,
-            heads=heads, kv_heads=kv, head_dim=head_dim, expert_params=expert_total,
+            params=total + embed + vision,
+            hidden=hidden,
+            layers=layers,
+            vocab=vocab,
+            intermediate=inter,
+            heads=heads,
+            kv_heads=kv,
+            head_dim=head_dim,
+            expert_params=expert_total,
             active_params=active + embed + vision,
             linear_attention_layers=sum(1 for t in layer_types[:layers] if t == "linear_attention"),
-            experts=experts if moe_layers else 0, moe_layers=moe_layers, moe_intermediate=moe_inter if moe_layers else 0,
+            experts=experts if moe_layers else 0,
+            moe_layers=moe_layers,
+            moe_intermediate=moe_inter if moe_layers else 0,
         )
 
     def linear_shapes(self) -> list[tuple[int, int]]:
@@ -113,7 +131,9 @@ def _attention_params(c: dict, kind: str, hidden: int, heads: int, kv: int, head
         v_heads = c.get("linear_num_value_heads", 32)
         value_dim = c.get("linear_value_head_dim", 128) * v_heads
         conv = (2 * key_dim + value_dim) * c.get("linear_conv_kernel_dim", 4)
-        return hidden * (2 * key_dim + value_dim) + hidden * value_dim + 2 * hidden * v_heads + value_dim * hidden + conv
+        return (
+            hidden * (2 * key_dim + value_dim) + hidden * value_dim + 2 * hidden * v_heads + value_dim * hidden + conv
+        )
     if c.get("kv_lora_rank"):  # multi-head latent attention (GLM-4.7-Flash)
         nope, rope, v = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
         q_rank = c.get("q_lora_rank")
@@ -208,8 +228,10 @@ def estimate(config: TrainConfig, shape: ModelShape, *, bf16: bool = True) -> Me
         trainable = sum(config.lora_r * (i + o) for i, o in targets)
         if config.lora_target_parameters and shape.moe_layers:
             # LoRA on the expert stacks (gate_up: hidden -> 2 x moe_intermediate, down: back), one pair per expert
-            per_stack = {"gate_up_proj": shape.hidden + 2 * shape.moe_intermediate,
-                         "down_proj": shape.moe_intermediate + shape.hidden}
+            per_stack = {
+                "gate_up_proj": shape.hidden + 2 * shape.moe_intermediate,
+                "down_proj": shape.moe_intermediate + shape.hidden,
+            }
             stacks = sum(v for k, v in per_stack.items() if any(t.endswith(k) for t in config.lora_target_parameters))
             trainable += config.lora_r * stacks * shape.experts * shape.moe_layers
         # LoRA weights and grads in fp32, AdamW's two moments (fp32, or 8-/4-bit optimizers).

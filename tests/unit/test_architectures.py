@@ -52,8 +52,11 @@ def _class_names(model) -> set[str]:
         ("gemma4_moe", {"Gemma4TextExperts"}, "model.language_model.layers.1.experts"),
         ("glm4_moe_lite", {"Glm4MoeLiteDecoderLayer", "Glm4MoeLiteExperts"}, "model.layers.1.mlp.experts"),
         ("qwen3_5", {"Qwen3_5DecoderLayer", "Qwen3_5GatedDeltaNet", "Qwen3_5Attention"}, "model.layers.0.linear_attn"),
-        ("qwen3_5_moe", {"Qwen3_5MoeDecoderLayer", "Qwen3_5MoeGatedDeltaNet", "Qwen3_5MoeExperts"},
-         "model.layers.1.mlp.experts"),
+        (
+            "qwen3_5_moe",
+            {"Qwen3_5MoeDecoderLayer", "Qwen3_5MoeGatedDeltaNet", "Qwen3_5MoeExperts"},
+            "model.layers.1.mlp.experts",
+        ),
     ],
 )
 def test_tiny_models_keep_the_real_classes_and_module_paths(tiny_arch, arch, classes, module):
@@ -70,8 +73,14 @@ def test_tiny_models_keep_the_real_classes_and_module_paths(tiny_arch, arch, cla
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5."}], tokenize=False
     )
-    family_marker = {"ministral": "[INST]", "gemma4": "<|turn>", "gemma4_moe": "<|turn>", "glm4_moe_lite": "<|user|>",
-                     "qwen3_5": "<|im_start|>", "qwen3_5_moe": "<|im_start|>"}[arch]
+    family_marker = {
+        "ministral": "[INST]",
+        "gemma4": "<|turn>",
+        "gemma4_moe": "<|turn>",
+        "glm4_moe_lite": "<|user|>",
+        "qwen3_5": "<|im_start|>",
+        "qwen3_5_moe": "<|im_start|>",
+    }[arch]
     assert family_marker in text
     assert tokenizer.convert_tokens_to_ids(family_marker) != tokenizer.unk_token_id  # one special token
 
@@ -89,7 +98,9 @@ def _packed_vs_separate(model) -> float:
         alone_a = model(a, use_cache=False).logits[0]
         alone_b = model(b, use_cache=False).logits[0]
         packed = model(torch.cat([a, b], 1), position_ids=positions, use_cache=False).logits[0]
-    return max((packed[: len(SAMPLE_A)] - alone_a).abs().max().item(), (packed[len(SAMPLE_A):] - alone_b).abs().max().item())
+    return max(
+        (packed[: len(SAMPLE_A)] - alone_a).abs().max().item(), (packed[len(SAMPLE_A) :] - alone_b).abs().max().item()
+    )
 
 
 @pytest.mark.parametrize("arch", CAUSAL_ARCHS)
@@ -122,8 +133,9 @@ def test_gated_deltanet_layers_mix_packed_samples_unless_given_the_boundaries(ti
 
 
 def test_gated_deltanet_boundaries_hold_under_training_with_gradient_checkpointing(tiny_arch):
-    model, _ = _load(tiny_arch("qwen3_5"), adapter="lora", lora_target_linear=True, gradient_checkpointing=True,
-                     sample_packing=True)
+    model, _ = _load(
+        tiny_arch("qwen3_5"), adapter="lora", lora_target_linear=True, gradient_checkpointing=True, sample_packing=True
+    )
     model.train()
     ids = torch.tensor([SAMPLE_A + SAMPLE_B])
     positions = torch.tensor([list(range(len(SAMPLE_A))) + list(range(len(SAMPLE_B)))])
@@ -153,16 +165,27 @@ def test_flex_attention_is_refused_where_transformers_has_no_flex_path(tiny_arch
 def test_refusal_list_matches_the_installed_transformers():
     import transformers
 
-    for name in ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Gemma4ForConditionalGeneration",
-                 "Glm4MoeLiteForCausalLM", "MistralForCausalLM"):
+    for name in (
+        "Qwen3_5ForCausalLM",
+        "Qwen3_5MoeForCausalLM",
+        "Gemma4ForConditionalGeneration",
+        "Glm4MoeLiteForCausalLM",
+        "MistralForCausalLM",
+    ):
         cls = getattr(transformers, name)
         refused = cls.config_class.model_type in NO_FLEX_ATTENTION_TYPES or name.startswith("Qwen3_5")
         assert bool(cls._supports_flex_attn) == (not refused), name
 
 
 def test_moe_keys_on_a_dense_model_are_refused(tiny_arch):
-    errors = check_against_model(_config(tiny_arch("ministral"), adapter="qlora", quantize_moe_experts=True,
-                                         lora_target_parameters=["experts.gate_up_proj"]))
+    errors = check_against_model(
+        _config(
+            tiny_arch("ministral"),
+            adapter="qlora",
+            quantize_moe_experts=True,
+            lora_target_parameters=["experts.gate_up_proj"],
+        )
+    )
     assert {e.path for e in errors} == {"quantize_moe_experts", "lora_target_parameters"}
     errors = check_against_model(_config(tiny_arch("glm4_moe_lite"), adapter="lora", quantize_moe_experts=True))
     assert [e.path for e in errors] == ["quantize_moe_experts"]  # neither load_in_4bit nor load_in_8bit
@@ -172,14 +195,23 @@ def _expert_lora(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if "experts" in n and "lora_" in n and "shared" not in n}
 
 
-@pytest.mark.parametrize("arch, targets", [
-    ("glm4_moe_lite", ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
-    ("qwen3_5_moe", ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
-    ("gemma4_moe", ["experts.gate_up_proj", "experts.down_proj"]),
-])
+@pytest.mark.parametrize(
+    "arch, targets",
+    [
+        ("glm4_moe_lite", ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+        ("qwen3_5_moe", ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+        ("gemma4_moe", ["experts.gate_up_proj", "experts.down_proj"]),
+    ],
+)
 def test_lora_target_parameters_put_lora_on_the_experts(tiny_arch, arch, targets):
-    model, _ = _load(tiny_arch(arch), adapter="lora", lora_target_modules=["o_proj"] if arch != "gemma4_moe" else
-                     r"model.language_model.layers.[\d]+.self_attn.o_proj", lora_target_parameters=targets)
+    model, _ = _load(
+        tiny_arch(arch),
+        adapter="lora",
+        lora_target_modules=["o_proj"]
+        if arch != "gemma4_moe"
+        else r"model.language_model.layers.[\d]+.self_attn.o_proj",
+        lora_target_parameters=targets,
+    )
     lora = _expert_lora(model)
     assert lora and all(p.requires_grad for p in lora.values())
     before = {n: p.detach().clone() for n, p in lora.items()}
@@ -208,8 +240,13 @@ def test_quantize_moe_experts_stores_experts_in_4_bit(tiny_arch, arch):
     full = AutoModelForCausalLM.from_pretrained(tiny_arch(arch))
     expert_weights = {n: p for n, p in full.named_parameters() if p.dim() == 3 and ".experts." in n}
     assert expert_weights
-    model, _ = _load(tiny_arch(arch), adapter="qlora", quantize_moe_experts=True, lora_target_modules=["o_proj"],
-                     lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    model, _ = _load(
+        tiny_arch(arch),
+        adapter="qlora",
+        quantize_moe_experts=True,
+        lora_target_modules=["o_proj"],
+        lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
     stored = {n: p for n, p in model.named_parameters() if ".parametrizations." in n and n.endswith(".original")}
     assert len(stored) == len(expert_weights)
     for packed in stored.values():
@@ -228,8 +265,13 @@ def test_quantize_moe_experts_stores_experts_in_4_bit(tiny_arch, arch):
 
 
 def test_quantize_moe_experts_in_8_bit_with_lora(tiny_arch):
-    model, _ = _load(tiny_arch("glm4_moe_lite"), adapter="lora", load_in_8bit=True, quantize_moe_experts=True,
-                     lora_target_modules=["o_proj"])
+    model, _ = _load(
+        tiny_arch("glm4_moe_lite"),
+        adapter="lora",
+        load_in_8bit=True,
+        quantize_moe_experts=True,
+        lora_target_modules=["o_proj"],
+    )
     stored = [p for n, p in model.named_parameters() if ".parametrizations." in n]
     assert stored and all(p.dtype == torch.uint8 for p in stored)
     assert "quantize_moe_experts: 2 expert weight stack(s) stored in 8-bit" in model.trainyard_notes
@@ -267,3 +309,27 @@ def test_lora_target_linear_through_the_loader_on_gemma4(tiny_arch):
     adapted = {n for n, p in model.named_parameters() if "lora_A" in n}
     assert adapted and not [n for n in adapted if "vision" in n]
     assert any(note.startswith("lora_target_linear: language model only") for note in model.trainyard_notes)
+
+
+def test_the_config_page_can_show_the_language_model_regex_without_loading_weights(tiny_arch):
+    from training.architectures import lora_target_linear_regex
+
+    regex = lora_target_linear_regex(tiny_arch("gemma4"))
+    assert regex and re.fullmatch(regex, "model.language_model.layers.0.self_attn.q_proj")
+    assert not re.fullmatch(regex, "model.vision_tower.encoder.layers.0.self_attn.q_proj.linear")
+    assert lora_target_linear_regex(tiny_arch("ministral")) is None  # text-only: all linear layers
+
+
+def test_flash_attention_2_is_refused_for_the_real_gemma4_config(tmp_path):
+    from tests.fixtures.seed_model_configs import SEED_MODEL_CONFIGS
+
+    for model in ("google/gemma-4-31B", "google/gemma-4-26B-A4B"):
+        folder = tmp_path / model.split("/")[1]
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(SEED_MODEL_CONFIGS[model]))
+        errors = check_against_model(_config(folder, attn_implementation="flash_attention_2"))
+        assert [e.path for e in errors] == ["attn_implementation"] and "head_dim 512" in errors[0].message
+    folder = tmp_path / "glm"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(SEED_MODEL_CONFIGS["zai-org/GLM-4.7-Flash"]))
+    assert check_against_model(_config(folder, attn_implementation="flash_attention_2")) == []

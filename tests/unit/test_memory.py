@@ -101,6 +101,13 @@ def test_qlora_keeps_experts_16_bit_unless_quantize_moe_experts():
     assert plain.weights_gib > 50  # 27.8 B expert weights in bf16: bitsandbytes quantizes nn.Linear only
     assert 15 < quantized.weights_gib < 20  # ~29.9 B x 0.55 bytes
     with_experts = estimate(
-        config(adapter="qlora", quantize_moe_experts=True, lora_target_parameters=["mlp.experts.gate_up_proj",
-               "mlp.experts.down_proj"], sequence_len=2048, gradient_checkpointing=True), shape)
+        config(
+            adapter="qlora",
+            quantize_moe_experts=True,
+            lora_target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            sequence_len=2048,
+            gradient_checkpointing=True,
+        ),
+        shape,
+    )
     assert with_experts.trainable_params > quantized.trainable_params + 100e6  # 64 experts x 46 layers of LoRA

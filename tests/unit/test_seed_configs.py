@@ -37,7 +37,13 @@ _FA2 = {"attn_implementation"}  # flash_attention_2: needs the flash-attn packag
 # otherwise the set of key paths refused for this machine's limits.
 EXPECTED: dict[str, set[str] | None] = {
     "gemma4__26b-a4b-moe-qlora.yaml": {
-        _PLUGIN_CCE, "plugins[1]", "plugins[2]", "use_kernels", "use_scattermoe", "experts_implementation", *_LIGER
+        _PLUGIN_CCE,
+        "plugins[1]",
+        "plugins[2]",
+        "use_kernels",
+        "use_scattermoe",
+        "experts_implementation",
+        *_LIGER,
     },
     # flex_attention: torch 2.13 has no flex backward on the CPU (measured: NotImplementedError)
     "gemma4__31b-qlora-flex.yaml": {_PLUGIN_CCE, "plugins[1]", *_LIGER, "attn_implementation"},
@@ -54,8 +60,15 @@ EXPECTED: dict[str, set[str] | None] = {
     "qwen3.5__27b-qlora.yaml": {_PLUGIN_CCE, *_FA2},
     "qwen3.5__35b-a3b-moe-qlora-fsdp.yaml": {_PLUGIN_CCE, *_FA2, "fsdp_config"},
     "qwen3.5__35b-a3b-moe-qlora.yaml": {
-        _PLUGIN_CCE, "plugins[1]", "plugins[2]", "use_kernels", "use_scattermoe", *_LIGER, "lora_qkv_kernel",
-        "lora_o_kernel", *_FA2,
+        _PLUGIN_CCE,
+        "plugins[1]",
+        "plugins[2]",
+        "use_kernels",
+        "use_scattermoe",
+        *_LIGER,
+        "lora_qkv_kernel",
+        "lora_o_kernel",
+        *_FA2,
     },
     "qwen3.5__9b-fft-vision.yaml": {*_FA2},
     "qwen3.5__9b-lora-vision.yaml": {*_FA2},
