@@ -1,4 +1,4 @@
-"""The 17 seed configs (../shared/seed-configs/, axolotl's examples for Ministral, Gemma 4, GLM-4.7-Flash and
+"""The 17 seed configs (tests/fixtures/seed-configs/, copied from ../shared/seed-configs/; axolotl's examples for Ministral, Gemma 4, GLM-4.7-Flash and
 Qwen3.5) run as written on tiny models of their architectures.
 
 Only `base_model` (-> the tiny model of its architecture), dataset paths (-> small local stand-ins in the same
@@ -22,7 +22,7 @@ import yaml
 from training.architectures import SEED_MODELS
 from training.config import ConfigInvalid, check_environment, parse_config
 
-SEED_DIR = Path(os.environ.get("TRAINYARD_SEED_CONFIGS", Path(__file__).parents[3] / "shared" / "seed-configs"))
+SEED_DIR = Path(os.environ.get("TRAINYARD_SEED_CONFIGS", Path(__file__).parents[1] / "fixtures" / "seed-configs"))
 
 # A refusal is a limit of this machine when it says so (CUDA, a GPU, the flash-attn package, Triton, more
 # processes) and does not also say Trainyard lacks the feature (then it would be refused on a GPU too).
