@@ -1,5 +1,5 @@
-"""The 17 seed configs (tests/fixtures/seed-configs/, copied from ../shared/seed-configs/; axolotl's examples for Ministral, Gemma 4, GLM-4.7-Flash and
-Qwen3.5) run as written on tiny models of their architectures.
+"""The 17 seed configs (tests/fixtures/seed-configs/, copied from ../shared/seed-configs/; axolotl's examples
+for Ministral, Gemma 4, GLM-4.7-Flash and Qwen3.5) run as written on tiny models of their architectures.
 
 Only `base_model` (-> the tiny model of its architecture), dataset paths (-> small local stand-ins in the same
 layout), `output_dir` and resource sizes (sequence_len, steps, accumulation) are changed. Each config is then
