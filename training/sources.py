@@ -464,13 +464,19 @@ def check_hub_cache(hub_id: str, cache_dir: Path | None) -> Path | None:
     )
 
 
-def load_hub_dataset(hub_id: str, split: str | None, data_files, cache_dir: Path | None):
-    """The split (slicing included, as `datasets` reads it) of a Hub dataset, memory-mapped from the cache."""
+def load_hub_dataset(hub_id: str, split: str | None, data_files, cache_dir: Path | None, name: str | None = None):
+    """The split (slicing included, as `datasets` reads it) of a Hub dataset, memory-mapped from the cache;
+    `name` is the dataset's configuration (subset), when it has several."""
     import datasets
 
+    config = {"name": name} if name else {}
     try:
         return datasets.load_dataset(
-            hub_id, split=split or "train", data_files=data_files, cache_dir=str(cache_dir) if cache_dir else None
+            hub_id,
+            split=split or "train",
+            data_files=data_files,
+            cache_dir=str(cache_dir) if cache_dir else None,
+            **config,
         )
     except Exception as exc:
         if offline():

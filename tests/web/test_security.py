@@ -9,7 +9,7 @@ from django.core.management import call_command
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 
-from webapp.datasets.models import Dataset
+from webapp.datasets.models import Dataset, HubImport
 from webapp.runs.models import Artifact, Generation, Run, TrainingConfig
 from webapp.workspaces.models import ApiToken, Membership, Role
 from webapp.workspaces.services import create_api_token, create_user_with_workspace
@@ -22,6 +22,7 @@ OWN_ONLY = {
     "login",
     "logout",
     "dataset-list",
+    "dataset-hub-import",
     "config-list",
     "config-new",
     "run-list",
@@ -54,6 +55,7 @@ def alices_things(alice, alice_dataset):
     (run.run_dir / "adapter.zip").write_bytes(b"zip")
     artifact = Artifact.objects.create(run=run, kind="adapter", path="adapter.zip", size=3)
     generation = Generation.objects.create(run=run, prompt="p", source="x")
+    hub_import = HubImport.objects.create(workspace=workspace, hub_id="org/data", status="failed", error="secret")
     return {
         "datasets": alice_dataset.pk,
         "configs": config.pk,
@@ -64,6 +66,7 @@ def alices_things(alice, alice_dataset):
         "run_id": run.pk,
         "config_id": config.pk,
         "row": 0,
+        "import_id": hub_import.pk,
     }
 
 

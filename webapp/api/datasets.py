@@ -1,4 +1,4 @@
-"""/api/datasets: streamed upload with the validation report, list, get, preview of row N."""
+"""/api/datasets: streamed upload with the validation report, Hub import, list, get, preview of row N."""
 
 from __future__ import annotations
 
@@ -92,6 +92,50 @@ def upload(
         )
     status = 200 if result.duplicate else 201
     return status, UploadOut(dataset=result.dataset, duplicate=result.duplicate, rejected_lines=result.report.invalid)
+
+
+class HubImportIn(Schema):
+    hub_id: str  # owner/name
+    config_name: str = ""  # the dataset's configuration (subset), if it has several
+    split: str = "train"  # datasets' slicing: train[:10%], train[100:200]
+    name: str | None = None  # the dataset's name here (default: from the id)
+
+
+class HubImportOut(Schema):
+    id: int
+    hub_id: str
+    config_name: str
+    split: str
+    status: str  # pending | running | done | failed
+    rows_done: int
+    rows_total: int | None
+    dataset_id: int | None  # the stored dataset, once done
+    error: str
+
+
+@router.post("/import", response={202: HubImportOut, 400: UploadError})
+def import_from_hub(request, payload: HubImportIn):
+    """Queue a copy of a Hub dataset's split into an ordinary dataset (a worker loads and stores it);
+    ask `GET /imports/{id}` until `status` is done. Offline, a dataset in no local cache is refused here."""
+    from webapp.datasets.services import ImportRefused, import_hub_dataset
+
+    workspace = current_workspace(request)
+    require_writer(request.user, workspace)
+    try:
+        job = import_hub_dataset(
+            workspace, request.user, payload.hub_id, config_name=payload.config_name, split=payload.split,
+            name=payload.name,
+        )  # fmt: skip
+    except ImportRefused as exc:
+        return 400, UploadError(message=str(exc))
+    return 202, job
+
+
+@router.get("/imports/{import_id}", response=HubImportOut)
+def get_import(request, import_id: int):
+    from webapp.datasets.models import HubImport
+
+    return get_object_or_404(visible(request, HubImport.objects), pk=import_id)
 
 
 @router.get("/", response=list[DatasetOut])

@@ -80,3 +80,34 @@ class DatasetStats(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["dataset", "key"], name="stats_unique_per_options")]
+
+
+class HubImport(models.Model):
+    """A Hub dataset being copied into an ordinary (immutable, content-addressed) Dataset by a worker."""
+
+    class Status(models.TextChoices):
+        """pending -> running -> done | failed (a failed import is asked again as a new one)."""
+
+        PENDING = "pending"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="hub_imports")
+    hub_id = models.CharField(max_length=200)
+    config_name = models.CharField(max_length=200, blank=True, help_text="the dataset's configuration (subset)")
+    split = models.CharField(max_length=200, default="train")
+    name = models.CharField(max_length=200, blank=True, help_text="the dataset's name here (default: from the id)")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    rows_done = models.IntegerField(default=0)
+    rows_total = models.IntegerField(null=True, blank=True, help_text="known once the split is loaded")
+    dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    error = models.TextField(blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = OwnedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]

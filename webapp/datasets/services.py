@@ -24,7 +24,7 @@ from training.config import DatasetSpec
 from training.formats import FORMATS, detect_format
 from training.formats.chat_template import detect_layout
 from training.rows import LineProblem, parse_line
-from webapp.datasets.models import Dataset, DatasetStats, dataset_dir
+from webapp.datasets.models import Dataset, DatasetStats, HubImport, dataset_dir
 from webapp.http import MAX_NAME, download_name, name_problem
 from webapp.workspaces.models import SiteSettings
 
@@ -222,6 +222,22 @@ def upload_dataset(
         raise UploadRejected(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     filename = os.path.basename(getattr(file, "name", "") or "dataset.jsonl")  # a label, never a path
     file.seek(0)
+    return store_dataset(workspace, user, file, size, filename, name=name, format=format, keep_valid=keep_valid)
+
+
+def store_dataset(
+    workspace,
+    user,
+    file: IO[bytes],
+    size: int,
+    filename: str,
+    *,
+    name: str | None = None,
+    format: str | None = None,
+    keep_valid: bool = False,
+) -> UploadResult:
+    """Validate rows read from `file` and keep them as a content-addressed Dataset (an upload, or a Hub
+    import's rows): nothing is kept unless it is stored whole."""
     report, clean, sha, stored_size, offsets, rejected = validate_and_store(file, size, format, filename)
     try:
         if report.invalid and not keep_valid:
@@ -258,6 +274,50 @@ def upload_dataset(
     finally:
         clean.unlink(missing_ok=True)
         rejected.unlink(missing_ok=True)
+
+
+class ImportRefused(ValueError):
+    pass
+
+
+def import_hub_dataset(
+    workspace, user, hub_id: str, *, config_name: str = "", split: str = "train", name: str | None = None
+) -> HubImport:
+    """Queue a copy of a Hub dataset's split (a worker loads it through training.sources and stores it as
+    an ordinary Dataset). What can be refused now is: a malformed id or split, a bad name, and, offline,
+    a dataset in no local cache (the worker would only find that out)."""
+    from webapp.datasets.tasks import import_from_hub
+
+    hub_id, config_name, split = hub_id.strip(), (config_name or "").strip(), (split or "").strip() or "train"
+    if not sources.HUB_ID.match(hub_id):
+        raise ImportRefused(f"{hub_id!r} is not a Hub dataset id (owner/name, e.g. mlabonne/FineTome-100k)")
+    try:
+        sources.validate_split(split)
+    except ValueError as exc:
+        raise ImportRefused(str(exc)) from None
+    if name and name_problem(name.strip()):
+        raise ImportRefused(f"the dataset name {name_problem(name.strip())}")
+    try:
+        sources.check_hub_cache(hub_id, hub_cache_dir())
+    except sources.SourceError as exc:
+        raise ImportRefused(str(exc)) from None
+    job = HubImport.objects.create(
+        workspace=workspace,
+        created_by=user,
+        hub_id=hub_id,
+        config_name=config_name,
+        split=split,
+        name=(name or "").strip(),
+    )
+    transaction.on_commit(lambda: import_from_hub(job.pk))
+    return job
+
+
+def hub_cache_dir() -> Path:
+    """Where Hub datasets are downloaded (on a host with network access) and read from offline."""
+    from django.conf import settings
+
+    return settings.DATA_DIR / "hub-datasets"
 
 
 def _create_with_unique_name(*, workspace, base: str, **fields) -> Dataset:

@@ -1,4 +1,4 @@
-"""Huey tasks for datasets: statistics over the whole file, with progress, cached per option set."""
+"""Huey tasks for datasets: statistics over the whole file (with progress, cached per option set) and Hub imports."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 from huey.contrib.djhuey import db_task
 
-from webapp.datasets.models import DatasetStats
+from webapp.datasets.models import DatasetStats, HubImport
 
 log = logging.getLogger("trainyard.datasets")
 
@@ -41,3 +41,30 @@ def _compute_dataset_stats(stats_id: int) -> None:
     DatasetStats.objects.filter(pk=stats_id).update(
         status=DatasetStats.Status.DONE, result=result, rows_done=result["rows"]
     )
+
+
+def import_from_hub(import_id: int) -> None:
+    """Public entry: queue a Hub import (after the creating transaction commits)."""
+    _import_from_hub(import_id)
+
+
+@db_task()
+def _import_from_hub(import_id: int) -> None:
+    from training.sources import SourceError
+    from webapp.datasets.hub import run_import
+    from webapp.datasets.services import UploadRejected
+
+    claimed = HubImport.objects.filter(pk=import_id, status=HubImport.Status.PENDING).update(
+        status=HubImport.Status.RUNNING
+    )
+    if not claimed:
+        return  # gone, or another worker has it
+    try:
+        run_import(import_id)
+    except (SourceError, UploadRejected) as exc:  # not in the cache, no valid row, ...: said as it is
+        HubImport.objects.filter(pk=import_id).update(status=HubImport.Status.FAILED, error=str(exc)[:2000])
+    except Exception as exc:
+        log.exception("hub import %s failed", import_id)
+        HubImport.objects.filter(pk=import_id).update(
+            status=HubImport.Status.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000]
+        )

@@ -12,9 +12,17 @@ from django.views.decorators.http import require_http_methods
 
 from training.config import ConfigInvalid, parse_config
 from training.formats import FORMATS
-from webapp.datasets.models import Dataset
+from webapp.datasets.models import Dataset, HubImport
 from webapp.datasets.preview import PreviewOptions, preview_row
-from webapp.datasets.services import UploadRejected, first_rows, request_stats, search_rows, upload_dataset
+from webapp.datasets.services import (
+    ImportRefused,
+    UploadRejected,
+    first_rows,
+    import_hub_dataset,
+    request_stats,
+    search_rows,
+    upload_dataset,
+)
 from webapp.http import download_name, parse_id
 from webapp.runs.base_models import available_models
 from webapp.runs.models import TrainingConfig
@@ -54,18 +62,65 @@ def dataset_list(request):
                 else:
                     messages.success(request, f"Uploaded {result.dataset.rows} rows ({result.dataset.format}).")
                 return redirect("dataset-detail", pk=result.dataset.pk)
-    datasets = Dataset.objects.filter(workspace=workspace)
+    return _list_page(request, workspace, error=error, report=report)
+
+
+def _list_page(request, workspace, **context):
     return render(
         request,
         "datasets/list.html",
         {
-            "datasets": datasets,
-            "report": report,
-            "error": error,
+            "datasets": Dataset.objects.filter(workspace=workspace),
+            "imports": HubImport.objects.filter(workspace=workspace).exclude(status=HubImport.Status.DONE)[:5],
             "formats": list(FORMATS),
+            "form": {},
+            **context,
         },
-        status=400 if error else 200,
+        status=400 if context.get("error") or context.get("import_error") else 200,
     )
+
+
+@require_http_methods(["POST"])
+def hub_import(request):
+    """Queue a copy of a Hub dataset's split; its page shows the worker's progress."""
+    workspace = current_workspace(request)
+    require_writer(request.user, workspace)
+    q = request.POST
+    try:
+        job = import_hub_dataset(
+            workspace,
+            request.user,
+            q.get("hub_id", ""),
+            config_name=q.get("config_name", ""),
+            split=q.get("split", ""),
+            name=q.get("name") or None,
+        )
+    except ImportRefused as exc:
+        return _list_page(request, workspace, import_error=str(exc), form=q)
+    return redirect("dataset-import", import_id=job.pk)
+
+
+def hub_import_detail(request, import_id: int):
+    job = get_object_or_404(HubImport.objects.visible_to(request.user), pk=import_id)
+    return render(request, "datasets/import.html", {"job": job})
+
+
+def hub_import_status(request, import_id: int):
+    """JSON for the import page's progress bar."""
+    job = get_object_or_404(HubImport.objects.visible_to(request.user), pk=import_id)
+    return JsonResponse(import_status(job))
+
+
+def import_status(job: HubImport) -> dict:
+    from django.urls import reverse
+
+    return {
+        "status": job.status,
+        "rows_done": job.rows_done,
+        "rows_total": job.rows_total,
+        "error": job.error,
+        "dataset_url": reverse("dataset-detail", args=[job.dataset_id]) if job.dataset_id else None,
+    }
 
 
 def dataset_detail(request, pk: int):
