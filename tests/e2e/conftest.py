@@ -40,6 +40,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _template_tokenizers(models: Path) -> None:
+    """Tokenizer folders with real chat templates (Qwen3, Gemma 4) for the preview: the tiny family tokenizers
+    of training/architectures.py (their special tokens on a small BPE). The preview loads no weights."""
+    from training.architectures import build_tokenizer
+    from training.formats.chat_template import named_template
+
+    for folder, family, template in (("tiny-qwen3", "qwen3_5", "qwen3"), ("tiny-gemma4", "gemma4", "gemma4")):
+        tokenizer = build_tokenizer(family)
+        tokenizer.chat_template = named_template(template)
+        tokenizer.save_pretrained(models / folder)
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, tiny_model_dir):
     if not Path(CHROMIUM).exists():
@@ -47,6 +59,7 @@ def server(tmp_path_factory, tiny_model_dir):
         pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
     data = tmp_path_factory.mktemp("e2e-data")
     shutil.copytree(tiny_model_dir, data / "models" / "tiny-chat")  # setup_demo reuses it
+    _template_tokenizers(data / "models")
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "TRAINYARD_HUEY_IMMEDIATE")}
     env.update(TRAINYARD_DATA_DIR=str(data), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     manage = [sys.executable, str(ROOT / "manage.py")]
