@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -74,9 +75,18 @@ def _preprocess_tokenizer(config):
         sys.exit(f"error: {exc}")
 
 
+def _one_jsonl_file(source) -> Path | None:
+    """The file of a source that is one whole local JSONL file (what parallel_encode splits), else None."""
+    files = [f for fs in source.splits.values() for f in fs]
+    whole = len(source.slices) == 1 and source.slices[0].whole and source.slices[0].split in source.splits
+    if source.hub_id is None and len(files) == 1 and files[0][1] == "json" and whole:
+        return files[0][0]
+    return None
+
+
 def cmd_preprocess(args) -> int:
     from training.encode import DROP_REASONS, Encoded, Encoder, EncodeStats, SequenceTooLong
-    from training.packing import pack, packing_efficiency
+    from training.parallel_encode import count_bins, encode_file_parallel, jsonl_worth_splitting, merge_stats
     from training.rows import LineProblem
     from training.sources import SourceError, open_source
 
@@ -94,7 +104,7 @@ def cmd_preprocess(args) -> int:
         print(f"note: tokenizer loaded with transformers: {why}", file=sys.stderr)
     color = args.color or (args.color is None and sys.stdout.isatty())
     out = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else None
-    all_samples, failed = [], False
+    lengths, failed = [], False  # tokens per kept sample, all datasets
     for index, source in enumerate(sources):
         path = Path(source.label)
         try:
@@ -103,8 +113,20 @@ def cmd_preprocess(args) -> int:
             print(f"error: datasets[{index}]: {exc}", file=sys.stderr)
             return 2
         stats, problems, shown = EncodeStats(), [], 0
+        big_file = _one_jsonl_file(source)
+        workers = args.jobs or os.cpu_count() or 1
         try:
-            outcomes = encoder.encode_numbered(source.rows(), stats)  # streamed: memory bounded by what is kept
+            if big_file and not args.debug and jsonl_worth_splitting(big_file, workers):
+                for part in encode_file_parallel(encoder, big_file, workers, out is not None):  # in file order
+                    merge_stats(stats, part.stats, part.lengths)
+                    encoder.notes.update(part.notes)
+                    problems += [LineProblem(row, "", message, source.unit) for row, message in part.problems]
+                    if out and part.part:
+                        with open(part.part, encoding="utf-8") as lines:
+                            shutil.copyfileobj(lines, out)
+                outcomes = ()
+            else:
+                outcomes = encoder.encode_numbered(source.rows(), stats)  # streamed: memory bounded by what is kept
             for outcome in outcomes:
                 if not isinstance(outcome, Encoded):
                     if outcome.reason == "invalid":
@@ -114,7 +136,6 @@ def cmd_preprocess(args) -> int:
                         print(f"--- {path.name} row {outcome.row} DROPPED ({outcome.reason}: {outcome.detail})")
                         print(render_debug(tokenizer, outcome.sample, color))
                     continue
-                all_samples.append(outcome)
                 if out:
                     out.write(
                         json.dumps({"row": outcome.row, "input_ids": outcome.input_ids, "labels": outcome.labels})
@@ -133,6 +154,7 @@ def cmd_preprocess(args) -> int:
         except SourceError as exc:
             print(f"error: datasets[{index}].path: {exc}", file=sys.stderr)
             return 2
+        lengths += stats.lengths
         print(
             f"{path}: {stats.rows} rows read, {stats.samples} samples kept, "
             f"{stats.tokens} tokens, {stats.trained_tokens} trained"
@@ -151,11 +173,11 @@ def cmd_preprocess(args) -> int:
                 print(f"error: ... and {len(problems) - 20} more invalid {source.unit}s in {path}", file=sys.stderr)
     if out:
         out.close()
-    if config.sample_packing and all_samples:
-        bins = pack(all_samples, config.sequence_len)
+    if config.sample_packing and lengths:  # pack()'s first-fit decreasing on lengths: no token ids kept
+        bins = count_bins(lengths, config.sequence_len)
         print(
-            f"packing: {len(all_samples)} samples into {len(bins)} bins of {config.sequence_len}, "
-            f"efficiency {packing_efficiency(bins, config.sequence_len):.1%}"
+            f"packing: {len(lengths)} samples into {bins} bins of {config.sequence_len}, "
+            f"efficiency {sum(lengths) / (bins * config.sequence_len):.1%}"
         )
     return 1 if failed else 0
 
@@ -283,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jsonl", help="write {row, input_ids, labels} per kept sample to this file")
     p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--allow-trust-remote-code", action="store_true")
+    p.add_argument(
+        "--jobs", type=int, default=None, help="processes for a JSONL file over 32 MB (default: every core; 1: one)"
+    )
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("train", help="train a model from the config, writing events to the run directory")

@@ -198,3 +198,33 @@ def test_a_chat_template_jinja_file_beside_the_config_is_read_from_any_working_d
     # The trainer reads the same file through the config's folder.
     samples, stats, _ = encode_dataset(parse_config(config.read_text()), tokenizer, 0, project)
     assert [s.input_ids for s in samples][0] == first["input_ids"] and stats.samples == 2
+
+
+def test_a_big_jsonl_file_is_encoded_across_processes_with_the_one_process_output(
+    tmp_path, tiny_model_dir, monkeypatch, capsys
+):
+    from training import parallel_encode
+    from training.demo import chat_rows
+
+    lines = [json.dumps(r) for r in chat_rows(3000, seed=11)]
+    lines[5], lines[1700] = '{"messages": [{"role": "user", "content": 5}]}', "{broken"  # invalid rows
+    lines[900] = ""  # a blank line still counts in the line numbers
+    (tmp_path / "big.jsonl").write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode())
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"base_model: {tiny_model_dir}\ndatasets:\n  - path: big.jsonl\n    type: chat_template\n"
+        "sequence_len: 256\nsample_packing: true\n"
+    )
+    monkeypatch.setattr(parallel_encode, "MIN_BYTES", 0)
+    monkeypatch.setattr(parallel_encode, "CHUNK_BYTES", 64 * 1024)  # ~20 chunks of this 1.3 MB file
+    assert len(parallel_encode.plan_chunks(tmp_path / "big.jsonl", 64 * 1024)) > 10
+    outputs = []
+    for jobs in ("1", "2"):
+        code = main(["preprocess", str(config), "--jsonl", str(tmp_path / f"out{jobs}.jsonl"), "--jobs", jobs])
+        captured = capsys.readouterr()
+        outputs.append((code, captured.out, captured.err, (tmp_path / f"out{jobs}.jsonl").read_bytes()))
+    assert outputs[0] == outputs[1]
+    code, out, err, written = outputs[0]
+    assert code == 1 and "2999 rows read, 2997 samples kept" in out and "packing: 2997 samples" in out
+    assert "big.jsonl:line 6: " in err and "big.jsonl:line 1701: invalid JSON" in err  # numbered from the start
+    assert json.loads(written.splitlines()[-1])["row"] == 2999

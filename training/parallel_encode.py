@@ -1,0 +1,153 @@
+"""Encodes one large JSONL file across processes, in byte-range chunks, with the output in file order.
+
+Python renders ~30k rows/s on one core; the Rust tokenizer alone can't fill the others. For a file over
+`MIN_BYTES`, `trainyard preprocess` forks workers that each hold the parent's Encoder (nothing is
+pickled but the chunk bounds and the results), read their own byte range, number rows from the line
+the range starts on (counted once by the parent), and write their samples to a part file; the parent
+appends the parts in order, so `--jsonl` output, stats and problems equal the one-process run's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.encode import Encoded, Encoder, EncodeStats
+from training.rows import BOM, _bounded_lines, parse_line
+
+MIN_BYTES = 32 * 2**20  # below this a second process costs more (fork, page faults) than it saves
+CHUNK_BYTES = 16 * 2**20  # per task: several per worker, so a slow chunk doesn't idle the others
+READ_BLOCK = 2**22
+
+_ENCODER: Encoder | None = None  # the parent's, inherited by fork
+
+
+@dataclass
+class ChunkResult:
+    stats: EncodeStats
+    problems: list[tuple[int, str]]  # (row number, message) of invalid rows
+    notes: Counter
+    part: str | None  # the part file of `--jsonl` lines, or None
+    lengths: list[int] = field(default_factory=list)  # tokens per kept sample, for packing figures
+
+
+def jsonl_worth_splitting(path: Path, workers: int) -> bool:
+    """A plain (not gzip, not a JSON array) JSONL file big enough to pay for more processes."""
+    if workers < 2 or not path.is_file() or path.stat().st_size < MIN_BYTES:
+        return False
+    with path.open("rb") as f:
+        head = f.read(4096).removeprefix(BOM).lstrip()
+    return not head.startswith((b"\x1f\x8b", b"["))
+
+
+def plan_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> list[tuple[int, int, int]]:
+    """(start, stop, number of the first line) per chunk; chunks end after a newline."""
+    size = path.stat().st_size
+    bounds = [0]
+    with path.open("rb") as f:
+        while bounds[-1] + chunk_bytes < size:
+            f.seek(bounds[-1] + chunk_bytes)
+            f.readline()  # to the end of the line the cut falls in
+            if f.tell() >= size:
+                break
+            bounds.append(f.tell())
+        bounds.append(size)
+        chunks, line = [], 1
+        for start, stop in zip(bounds, bounds[1:]):
+            chunks.append((start, stop, line))
+            f.seek(start)
+            left = stop - start
+            while left > 0:  # newlines in the chunk: the next one's first line number
+                block = f.read(min(READ_BLOCK, left))
+                line += block.count(b"\n")
+                left -= len(block)
+    return chunks
+
+
+def _encode_chunk(task: tuple[str, int, int, int, str | None]) -> ChunkResult:
+    path, start, stop, first_line, part = task
+    encoder = _ENCODER
+    assert encoder is not None, "workers are forked from a parent that set the encoder"
+    notes_before = Counter(encoder.notes)
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(stop - start)
+    if start == 0 and data.startswith(BOM):
+        data = data[len(BOM) :]
+
+    def items():
+        for k, raw in enumerate(_bounded_lines(io.BytesIO(data).readline)):
+            number = first_line + k
+            parsed = parse_line(raw, number)
+            if parsed is not None:  # a blank line
+                yield number, parsed
+
+    stats, problems, lengths = EncodeStats(), [], []
+    out = open(part, "w", encoding="utf-8") if part else None
+    try:
+        for outcome in encoder.encode_numbered(items(), stats):
+            if not isinstance(outcome, Encoded):
+                if outcome.reason == "invalid":
+                    problems.append((outcome.row + 1, outcome.detail))
+                continue
+            lengths.append(len(outcome.input_ids))
+            if out:
+                out.write(
+                    json.dumps({"row": outcome.row, "input_ids": outcome.input_ids, "labels": outcome.labels}) + "\n"
+                )
+    finally:
+        if out:
+            out.close()
+    stats.lengths = []  # sent back once, as `lengths`
+    return ChunkResult(stats, problems, encoder.notes - notes_before, part, lengths)
+
+
+def encode_file_parallel(encoder: Encoder, path: Path, workers: int, jsonl: bool):
+    """ChunkResults in file order, computed by `workers` forked processes."""
+    global _ENCODER
+    chunks = plan_chunks(path)
+    parts = tempfile.mkdtemp(prefix="trainyard-parts-")
+    tasks = [
+        (str(path), start, stop, line, os.path.join(parts, f"{k:06d}.jsonl") if jsonl else None)
+        for k, (start, stop, line) in enumerate(chunks)
+    ]
+    _ENCODER = encoder
+    try:
+        with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+            yield from pool.imap(_encode_chunk, tasks)
+    finally:
+        _ENCODER = None
+        for name in os.listdir(parts):
+            os.unlink(os.path.join(parts, name))
+        os.rmdir(parts)
+
+
+def merge_stats(total: EncodeStats, part: EncodeStats, lengths: list[int]) -> None:
+    total.rows += part.rows
+    total.samples += part.samples
+    total.dropped.update(part.dropped)
+    total.truncated += part.truncated
+    total.tokens += part.tokens
+    total.trained_tokens += part.trained_tokens
+    total.lengths.extend(lengths)
+
+
+def count_bins(lengths: list[int], sequence_len: int) -> int:
+    """How many bins `training.packing.pack` fills with samples of these lengths (its first-fit
+    decreasing, on lengths alone: the CLI's figures need no token ids)."""
+    from training.packing import _Rooms
+
+    rooms, bins = _Rooms(), 0
+    for n in sorted(lengths, reverse=True):
+        b = rooms.leftmost(n)
+        if b < 0:
+            b = rooms.append(sequence_len)
+            bins += 1
+        rooms.take(b, n)
+    return bins
