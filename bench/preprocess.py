@@ -6,6 +6,12 @@ Goal: ours >= 0.75x the baseline's rows/s. Prints a table, then one line of JSON
 A second figure times whole processes, start to exit: `trainyard preprocess` on that dataset (as a
 JSONL file and a config) against a bare Python process that loads the same `tokenizer.json` with
 `tokenizers` and batch-encodes the same rendered texts. Goal: ours <= 1.5x the bare process.
+`trainyard preprocess` reads a plain tokenizer folder with `tokenizers` alone (training/light_tokenizer.py).
+
+The in-process ratio is also reported for Qwen3 (rows with reasoning traces) and Gemma 4: their real
+templates on the tiny family tokenizers of training/architectures.py. `--big-rows N` times
+`trainyard preprocess --jsonl` of a generated N-row file with one process against every core
+(training/parallel_encode.py), and checks that both outputs are the same bytes.
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", help="model folder (default: build the demo model in a temp dir)")
     parser.add_argument("--process-repeats", type=int, default=3, help="whole-process runs of each (0: skip)")
+    parser.add_argument(
+        "--big-rows", type=int, default=0, help="also time preprocess --jsonl of this many rows, 1 process vs all"
+    )
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -96,6 +105,12 @@ def main() -> None:
         print(
             f"whole process: trainyard preprocess {figures['process_ours_s']} s, bare tokenizers process "
             f"{figures['process_bare_s']} s: ratio {figures['process_ratio']} (goal <= 1.5)"
+        )
+    if args.big_rows:
+        figures.update(across_processes(model_dir, args.big_rows, args.process_repeats or 1))
+        print(
+            f"{args.big_rows} rows, --jsonl: one process {figures['big_one_s']} s, {figures['big_jobs']} processes "
+            f"{figures['big_all_s']} s: speed-up {figures['big_speedup']}x"
         )
     print(json.dumps(figures))
 
@@ -169,6 +184,36 @@ def whole_process(model_dir: Path, rows: list[dict], texts: list[str], repeats: 
         "process_bare_s": round(t_bare, 2),
         "process_ratio": round(t_ours / t_bare, 2),
         "process_goal": 1.5,
+    }
+
+
+def across_processes(model_dir: Path, n_rows: int, repeats: int) -> dict:
+    """`trainyard preprocess --jsonl` of a generated n_rows file: --jobs 1 against every core."""
+    work = Path(tempfile.mkdtemp(prefix="trainyard-bench-big-"))
+    with (work / "big.jsonl").open("w", encoding="utf-8") as f:
+        for start in range(0, n_rows, 20_000):  # generated in slices: never all rows in memory
+            f.writelines(json.dumps(r) + "\n" for r in chat_rows(min(20_000, n_rows - start), seed=start))
+    (work / "config.yaml").write_text(
+        f"base_model: {model_dir}\nsequence_len: 4096\ndatasets:\n  - path: big.jsonl\n    type: chat_template\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    jobs = os.cpu_count() or 1
+
+    def run(n):
+        cmd = [sys.executable, "-m", "training", "preprocess", str(work / "config.yaml"), "--jobs", str(n)]
+        cmd += ["--jsonl", str(work / f"out{n}.jsonl")]
+        return lambda: subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
+
+    t_one, t_all = best_of_interleaved(run(1), run(jobs), repeats)
+    same = (work / "out1.jsonl").read_bytes() == (work / f"out{jobs}.jsonl").read_bytes()
+    assert same or jobs == 1, "the parallel output differs from one process's"
+    return {
+        "big_rows": n_rows,
+        "big_mb": round((work / "big.jsonl").stat().st_size / 2**20),
+        "big_jobs": jobs,
+        "big_one_s": round(t_one, 2),
+        "big_all_s": round(t_all, 2),
+        "big_speedup": round(t_one / t_all, 2),
     }
 
 
