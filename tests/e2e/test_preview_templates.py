@@ -84,3 +84,46 @@ def test_qwen3_thinking_and_gemma4_rows_preview_with_their_templates(server, sig
     trained = "".join(t["text"] for t in gemma if t["label"] != -100)
     assert "Eleven" in trained and "Twenty" in trained and "prime number above" not in trained
     assert not any("thinking" in t["classes"] for t in gemma)
+
+
+def test_hub_import_page_polls_the_worker_and_offline_misses_are_said(server, signed_in):
+    """The import page's script (a static file, under the CSP) follows the job to its dataset; offline,
+    a dataset in no cache is refused on the datasets page with the reason."""
+    from tests.helpers import wait_until
+
+    job = server.manage(
+        "shell",
+        "-c",
+        "from webapp.datasets.models import HubImport\nfrom webapp.workspaces.models import Workspace\n"
+        "job = HubImport.objects.create(workspace=Workspace.objects.get(name='Demo'), hub_id='org/chat',"
+        " status='running', rows_total=200, rows_done=80)\nprint(job.pk)",
+    ).split()[-1]
+    page = signed_in(390)
+    problems = []
+    page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+    page.goto(f"{server.url}/datasets/imports/{job}/")
+    wait_until(page, "document.getElementById('import-text').textContent.includes('80 / 200')")
+    server.manage(
+        "shell",
+        "-c",
+        "import json\nfrom django.contrib.auth.models import User\nfrom django.core.files.base import ContentFile\n"
+        "from webapp.datasets.models import HubImport\nfrom webapp.datasets.services import upload_dataset\n"
+        f"job = HubImport.objects.get(pk={job})\n"
+        "row = {'messages': [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]}\n"
+        "ds = upload_dataset(job.workspace, User.objects.get(username='demo'),"
+        " ContentFile(json.dumps(row).encode(), name='hub.jsonl'), name='from-hub').dataset\n"
+        "HubImport.objects.filter(pk=job.pk).update(status='done', rows_done=200, dataset=ds)",
+    )
+    wait_until(page, "!document.getElementById('import-done').hidden")
+    RESULTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(RESULTS / "hub-import-done-390.png"), full_page=True)
+    page.click("#import-dataset-link")
+    page.wait_for_load_state()
+    assert page.inner_text("h1").startswith("from-hub")
+    page.goto(f"{server.url}/datasets/")
+    page.fill("#hub-import-form input[name=hub_id]", "someone/not-cached")
+    page.click("#hub-import-form button")
+    page.wait_for_load_state()
+    assert "is not in the local cache (offline" in page.inner_text("#import-error")
+    page.screenshot(path=str(RESULTS / "hub-import-refused-390.png"), full_page=True)
+    assert problems == [] or all("400" in p for p in problems), problems  # the refusal page answers 400
