@@ -677,6 +677,46 @@ def quantize_moe_experts(model, bits: int = 4) -> int:
     return count
 
 
+def restack_for_plain_base(peft_model, adapter_dir: Path) -> int:
+    """Rewrite a saved adapter so it loads onto the ordinary base model. Several LoRA'd parameters of one
+    module (`experts.gate_up_proj` and `experts.down_proj`) are nested wrappers; PEFT nests them in sorted
+    name order on a parametrized module (our quantized experts) but in definition order on a plain one,
+    so the saved keys (`experts.lora_A`, `experts.base_layer.lora_A`, ...) would land on the wrong
+    parameter when loaded onto the unquantized base (size mismatch). Returns the number of keys moved."""
+    from peft.tuners.lora.layer import ParamWrapper
+    from safetensors.torch import load_file, save_file
+
+    moves: dict[str, dict[int, int]] = {}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, ParamWrapper) or name.endswith(".base_layer"):
+            continue
+        chain, inner = [], module  # outermost wrapper first
+        while isinstance(inner, ParamWrapper):
+            chain.append(inner.parameter_name)
+            inner = inner.base_layer
+        defined = [p for p in getattr(inner, "parametrizations", {}) if p in chain]
+        plain = list(reversed(defined))  # a plain load wraps in definition order: the first is innermost
+        if len(chain) > 1 and sorted(plain) == sorted(chain) and plain != chain:
+            moves[name] = {depth: plain.index(p) for depth, p in enumerate(chain)}
+    if not moves:
+        return 0
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    tensors, renamed, moved = load_file(str(path)), {}, 0
+    for key, tensor in tensors.items():
+        for prefix, depths in moves.items():
+            if not key.startswith(prefix + "."):
+                continue
+            rest, depth = key[len(prefix) + 1 :], 0
+            while rest.startswith("base_layer."):
+                rest, depth = rest[len("base_layer.") :], depth + 1
+            if depth in depths and depths[depth] != depth:
+                key, moved = f"{prefix}.{'base_layer.' * depths[depth]}{rest}", moved + 1
+            break
+        renamed[key] = tensor
+    save_file(renamed, str(path), metadata={"format": "pt"})
+    return moved
+
+
 def _fix_peft_stacked_parametrizations() -> None:
     """peft 0.21.2's ParamWrapper, after each forward, removes its LoRA parametrization from a parameter that
     already had one (our dequantization) only when it is a `_LoraParameterProxy`; for expert stacks it uses
@@ -710,7 +750,9 @@ def expert_parameter_targets(model, targets: list[str]) -> list[str]:
             full = f"{name}.{pname}"
             if any(full == t or full.endswith("." + t) for t in targets):
                 expanded.append(full)
-    return sorted(set(expanded)) or list(targets)
+    # In the module's own parameter order: PEFT nests one wrapper per parameter in this order, and a plain
+    # (unquantized) reload of the adapter nests them in definition order; sorted names loaded back mismatched.
+    return list(dict.fromkeys(expanded)) or list(targets)
 
 
 # Submodules of a multimodal model that are not its language model.

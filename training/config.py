@@ -502,6 +502,13 @@ class ConfigInvalid(ValueError):
         super().__init__("; ".join(str(e) for e in errors))
 
 
+def _named_key(message: str, model: type[BaseModel]) -> str:
+    """A whole-config check's error names its key first ("experts_implementation 'x' is ..."): use it as the path,
+    so every refusal is shown at a key."""
+    match = re.match(r"([a-z_][a-z0-9_]*)\b", message)
+    return match.group(1) if match and match.group(1) in model.model_fields else ""
+
+
 def _key_path(loc: tuple) -> str:
     path = ""
     for part in loc:
@@ -536,7 +543,8 @@ def parse_config(source: str | dict, *, allow_trust_remote_code: bool = False) -
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 message = "unknown key (not an axolotl option Trainyard supports)"
-            errors.append(ConfigError(_key_path(loc), message))
+            path = _key_path(loc) or _named_key(message, TrainConfig)
+            errors.append(ConfigError(path, message.removeprefix(f"{path}: ") if path else message))
         raise ConfigInvalid(errors) from None
     if errors:
         raise ConfigInvalid(errors)
@@ -649,9 +657,15 @@ def _parameter_name_problems(config: TrainConfig) -> list[ConfigError]:
             errors.append(ConfigError("lora_target_modules", f"the regex {targets!r} matches no module of the model"))
     elif targets:
         missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
-        if missing:
-            errors.append(
-                ConfigError("lora_target_modules", f"{', '.join(missing)}: no such module in the model")
+        if len(missing) == len(targets):
+            errors.append(ConfigError("lora_target_modules", f"{', '.join(missing)}: no such module in the model"))
+        elif missing:
+            # As PEFT and axolotl do, the names that exist are adapted; said out loud, not skipped in silence
+            # (GLM-4.7-Flash's guide config lists q/k/v_proj, which its attention doesn't have).
+            siblings = sorted({m.rsplit(".", 1)[-1] for m in modules if m.rsplit(".", 1)[-1].endswith("_proj")})
+            config._warnings.append(
+                f"lora_target_modules: {', '.join(missing)} match no module of this model, so only "
+                f"{', '.join(t for t in targets if t not in missing)} get LoRA (its projections: {', '.join(siblings)})"
             )
     return errors
 

@@ -100,13 +100,38 @@ def quantization_config(config: TrainConfig, dtype):
     import torch
     from transformers import BitsAndBytesConfig
 
+    from training import sharding
+
     options = dict(config.bnb_config_kwargs or {})
     if isinstance(options.get("bnb_4bit_compute_dtype"), str):
         options["bnb_4bit_compute_dtype"] = getattr(torch, options["bnb_4bit_compute_dtype"])
     if config.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True, **options)
-    defaults = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": dtype}
+    defaults = {
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": dtype,
+        **sharding.qlora_quantization_kwargs(config, dtype),  # FSDP2: 4-bit weights stored in the model's dtype
+    }
+    if not torch.cuda.is_available() and "llm_int8_skip_modules" not in options:
+        skip = cpu_unpackable_linears(config.base_model, config.trust_remote_code)
+        if skip:
+            defaults["llm_int8_skip_modules"] = skip
     return BitsAndBytesConfig(load_in_4bit=True, **{**defaults, **options})
+
+
+def cpu_unpackable_linears(base_model: str, trust_remote_code: bool = False) -> list[str] | None:
+    """bitsandbytes' CPU 4-bit kernel packs weights in blocks of 32 output rows: a Linear of another width (an
+    MoE router over 4 experts, say) fails at its first forward, after the model loaded. On the CPU such layers
+    stay unquantized; transformers' own skips (the output embedding) are kept. None: nothing to skip."""
+    import torch
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    model = _meta_model(base_model, trust_remote_code)
+    if model is None:
+        return None
+    odd = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.out_features % 32]
+    return sorted(set(get_keys_to_not_convert(model)) | set(odd)) if odd else None
 
 
 def unfreeze_only(model, patterns: list[str]) -> None:
@@ -205,8 +230,8 @@ def apply_liger(model, config: TrainConfig) -> None:
     apply(model=model, **kwargs)
 
 
-def parameter_names(base_model: str, trust_remote_code: bool = False) -> list[str] | None:
-    """The model's parameter names, from its config alone (built on the meta device); None if it can't be read."""
+def _meta_model(base_model: str, trust_remote_code: bool = False):
+    """The model built from its config alone on the meta device (no weights); None if it can't be read."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -220,9 +245,17 @@ def parameter_names(base_model: str, trust_remote_code: bool = False) -> list[st
         raw = dict(raw)
         model_config = AutoConfig.for_model(raw.pop("model_type"), **raw)
         with init_empty_weights():
-            model = auto_model_class(base_model).from_config(model_config, trust_remote_code=trust_remote_code)
+            return auto_model_class(base_model).from_config(model_config, trust_remote_code=trust_remote_code)
     except Exception:  # not local, not cached, or not a causal LM the Auto class builds from its config
         return None
+
+
+def parameter_names(base_model: str, trust_remote_code: bool = False) -> list[str] | None:
+    """The model's parameter names, from its config alone (built on the meta device); None if it can't be read."""
+    model = _meta_model(base_model, trust_remote_code)
+    if model is None:
+        return None
+    model_config = model.config
     names = [name for name, _ in model.named_parameters()]
     if getattr(model_config.get_text_config(), "tie_word_embeddings", False) and model.get_output_embeddings():
         # Tied on load: the loaded model lists the output embedding under the input embedding's name only.

@@ -436,6 +436,8 @@ def train(
 
     # -- setup: data ---------------------------------------------------------------------------
     sink.emit(ev.STATUS, state=ev.PREPARING, message="loading tokenizer and encoding datasets")
+    for warning in config.warnings:  # settings that do less than they seem: in the run's log, not only the CLI's
+        sink.emit("log", message=f"WARNING config: {warning}")
     set_seed(config.seed)
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer, base_dir)
@@ -510,6 +512,10 @@ def train(
     if trainer.is_world_process_zero():  # several processes (accelerate launch): one writes
         trainer.model.save_pretrained(out, state_dict=state_dict)  # the unwrapped model (DDP keeps its wrapper apart)
         tokenizer.save_pretrained(out)
+        if config.adapter and config.quantize_moe_experts:
+            from training.architectures import restack_for_plain_base
+
+            restack_for_plain_base(trainer.model, out)  # loads onto the ordinary (unquantized) base
     sink.emit("artifact", kind="adapter" if config.adapter else "model", path=out.name)
     if config.adapter and config.merge_lora and trainer.is_world_process_zero():
         merged = trainer.model.merge_and_unload() if not config.load_in_4bit else None

@@ -255,9 +255,13 @@ def test_lora_keys_shape_the_adapter(tiny_model_dir):
     assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(4))  # rsLoRA: alpha / sqrt(r)
     problems = check_environment(config_of(tiny_model_dir, adapter="lora", lora_modules_to_save=["norm", "nope"]))
     assert [(p.path, p.message.split(" is")[0]) for p in problems] == [("lora_modules_to_save", "'nope'")]
-    for targets in (["q_proj", "qkv_proj"], r".*\.qkv"):  # names and a regex that match nothing: refused up front
+    for targets in (["qkv_proj"], r".*\.qkv"):  # names and a regex that match nothing: refused up front
         (problem,) = check_environment(config_of(tiny_model_dir, adapter="lora", lora_target_modules=targets))
         assert problem.path == "lora_target_modules"
+    # Some names exist: those are adapted (as PEFT and axolotl do), the others are named in a warning.
+    partial = config_of(tiny_model_dir, adapter="lora", lora_target_modules=["q_proj", "qkv_proj"])
+    assert check_environment(partial) == []
+    assert any(w.startswith("lora_target_modules: qkv_proj match no module") for w in partial.warnings)
     assert check_environment(config_of(tiny_model_dir, adapter="lora", lora_target_modules=r".*\.q_proj")) == []
     model, _ = _model(tiny_model_dir, adapter="lora", lora_target_linear=True)
     adapted = {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n}
