@@ -138,6 +138,18 @@ class Collator:
         return batch
 
 
+def name_base_model(adapter_config: Path, base_model: str) -> None:
+    """The adapter names its base as a person would find it elsewhere: a hub id as written, or a model
+    folder's name, never this server's absolute path (PEFT stores the path it loaded from)."""
+    import json
+
+    path = Path(base_model)
+    name = path.name if path.is_absolute() else base_model
+    data = json.loads(adapter_config.read_text())
+    data["base_model_name_or_path"] = name
+    adapter_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def _peak_memory_mb() -> float:
     import torch
 
@@ -516,6 +528,8 @@ def train(
             from training.architectures import restack_for_plain_base
 
             restack_for_plain_base(trainer.model, out)  # loads onto the ordinary (unquantized) base
+        if config.adapter:
+            name_base_model(out / "adapter_config.json", config.base_model)
     sink.emit("artifact", kind="adapter" if config.adapter else "model", path=out.name)
     if config.adapter and config.merge_lora and trainer.is_world_process_zero():
         merged = trainer.model.merge_and_unload() if not config.load_in_4bit else None
