@@ -182,6 +182,16 @@ def cmd_preprocess(args) -> int:
     return 1 if failed else 0
 
 
+def _loss_headline(summary: dict) -> str:
+    """Where the loss ended (last logged, and smoothed), then HF's mean over the run, which lags far behind."""
+    if summary.get("final_loss") is None:
+        return f"mean train loss {summary['train_loss']:.4f}"
+    return (
+        f"final loss {summary['final_loss']:.4f} (smoothed {summary['final_loss_smoothed']:.4f}); "
+        f"mean over the run {summary['train_loss']:.4f}"
+    )
+
+
 def cmd_train(args) -> int:
     from training import events as ev
     from training import sharding
@@ -228,7 +238,7 @@ def cmd_train(args) -> int:
         traceback.print_exc()
         print(f"error: {reason}", file=sys.stderr)
         return 1
-    sink.emit(ev.STATUS, state=ev.SUCCEEDED, message=f"train loss {summary['train_loss']:.4f}", summary=summary)
+    sink.emit(ev.STATUS, state=ev.SUCCEEDED, message=_loss_headline(summary), summary=summary)
     print(json.dumps(summary))
     return 0
 

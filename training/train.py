@@ -169,6 +169,8 @@ def _make_callback(sink: EventSink, collator: Collator, should_stop: Callable[[]
             self.last_tokens = 0
             self.last_samples = 0
             self.last_step = 0
+            self.final_loss: float | None = None
+            self.smoothed_loss: float | None = None  # EMA 0.9, as the run page's smoothing slider at 0.9
 
         def on_train_begin(self, args, state, control, **kwargs):
             sink.emit(ev.STATUS, state=ev.RUNNING, total_steps=state.max_steps, num_epochs=args.num_train_epochs)
@@ -189,6 +191,12 @@ def _make_callback(sink: EventSink, collator: Collator, should_stop: Callable[[]
                 self.last_time, self.last_tokens, self.last_step = now, collator.tokens_seen, state.global_step
                 self.last_samples = collator.samples_seen
             values.pop("total_flos", None)
+            if isinstance(values.get("loss"), float) and math.isfinite(values["loss"]):
+                # The headline of a finished run: where the loss ended, not HF's mean over the whole run.
+                self.final_loss = values["loss"]
+                self.smoothed_loss = (
+                    values["loss"] if self.smoothed_loss is None else 0.9 * self.smoothed_loss + 0.1 * values["loss"]
+                )
             sink.emit("metric", step=state.global_step, values=values)
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -495,13 +503,14 @@ def train(
         **training_arguments(config, run_dir, train_rows=len(data.train), has_eval=has_eval, bf16=bf16),
         **sharding.trainer_kwargs(config, base_dir),  # FSDP2 / DeepSpeed: training/sharding.py
     )
+    events_callback = _make_callback(sink, collator, should_stop)
     trainer = trainer_class(config)(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval or None,
         data_collator=collator,
-        callbacks=[_make_callback(sink, collator, should_stop), *extra_callbacks(config, run_dir, sink)],
+        callbacks=[events_callback, *extra_callbacks(config, run_dir, sink)],
     )
 
     # -- train ---------------------------------------------------------------------------------
@@ -544,7 +553,9 @@ def train(
             tokenizer.save_pretrained(run_dir / "merged")
             sink.emit("artifact", kind="merged", path="merged")
     summary = {
-        "train_loss": result.training_loss,
+        "final_loss": events_callback.final_loss,  # the last logged loss: what the chart ends on
+        "final_loss_smoothed": events_callback.smoothed_loss,
+        "train_loss": result.training_loss,  # HF's mean over every step of the run
         "steps": result.global_step,
         "seconds": round(time.time() - started, 2),
         "peak_memory_mb": round(_peak_memory_mb(), 1),

@@ -50,6 +50,12 @@ def test_loss_falls(tiny_model_dir, demo_data, tmp_path, adapter):
     for key in ("learning_rate", "grad_norm", "tokens_per_second", "memory_mb"):
         assert key in metric["values"]
     assert (tmp_path / ("adapter" if adapter else "model") / "tokenizer.json").exists()
+    # The headline is where the curve ends, not HF's mean over the run (which lags far above it).
+    assert summary["final_loss"] == curve[-1] and summary["train_loss"] > summary["final_loss"]
+    smoothed = curve[0]
+    for loss in curve[1:]:
+        smoothed = 0.9 * smoothed + 0.1 * loss
+    assert summary["final_loss_smoothed"] == pytest.approx(smoothed)
 
 
 @pytest.mark.slow
