@@ -17,8 +17,10 @@ templates on the tiny family tokenizers of training/architectures.py. `--big-row
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -198,18 +200,22 @@ def across_processes(model_dir: Path, n_rows: int, repeats: int) -> dict:
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     jobs = os.cpu_count() or 1
+    size_mb = round((work / "big.jsonl").stat().st_size / 2**20)
 
     def run(n):
         cmd = [sys.executable, "-m", "training", "preprocess", str(work / "config.yaml"), "--jobs", str(n)]
         cmd += ["--jsonl", str(work / f"out{n}.jsonl")]
         return lambda: subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
 
-    t_one, t_all = best_of_interleaved(run(1), run(jobs), repeats)
-    same = (work / "out1.jsonl").read_bytes() == (work / f"out{jobs}.jsonl").read_bytes()
+    try:
+        t_one, t_all = best_of_interleaved(run(1), run(jobs), repeats)
+        same = filecmp.cmp(work / "out1.jsonl", work / f"out{jobs}.jsonl", shallow=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the input and two outputs: ~1 GB at 1M rows
     assert same or jobs == 1, "the parallel output differs from one process's"
     return {
         "big_rows": n_rows,
-        "big_mb": round((work / "big.jsonl").stat().st_size / 2**20),
+        "big_mb": size_mb,
         "big_jobs": jobs,
         "big_one_s": round(t_one, 2),
         "big_all_s": round(t_all, 2),
