@@ -17,7 +17,7 @@ from training.config import ConfigInvalid, check_environment, dump_config, parse
 from training.demo import write_datasets
 from training.events import ListEventSink
 
-SEED_CONFIGS = Path(__file__).resolve().parents[3] / "shared" / "seed-configs"
+SEED_CONFIGS = Path(__file__).resolve().parents[1] / "fixtures" / "seed-configs"  # copies of shared/seed-configs
 
 FSDP2 = {
     "fsdp_version": 2,
@@ -138,9 +138,10 @@ def test_accelerate_config_for_fsdp2_and_deepspeed():
     assert sharding.accelerate_config(config(), 2, cpu=False)["distributed_type"] == "MULTI_GPU"
 
 
-@pytest.mark.skipif(not SEED_CONFIGS.is_dir(), reason="the shared seed configs are not beside this checkout")
 def test_seed_fsdp_configs_parse_their_sharding_block():
-    for path in sorted(SEED_CONFIGS.glob("*fsdp*.yaml")):
+    paths = sorted(SEED_CONFIGS.glob("*fsdp*.yaml"))
+    assert len(paths) == 6
+    for path in paths:
         block = yaml.safe_load(path.read_text())["fsdp_config"]
         fsdp = sharding.FsdpConfig.model_validate(block)
         assert fsdp.fsdp_version == 2 and fsdp.layer_classes, path.name
