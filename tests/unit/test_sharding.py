@@ -140,7 +140,7 @@ def test_accelerate_config_for_fsdp2_and_deepspeed():
 
 def test_seed_fsdp_configs_parse_their_sharding_block():
     paths = sorted(SEED_CONFIGS.glob("*fsdp*.yaml"))
-    assert len(paths) == 6
+    assert len(paths) == 5
     for path in paths:
         block = yaml.safe_load(path.read_text())["fsdp_config"]
         fsdp = sharding.FsdpConfig.model_validate(block)
