@@ -72,3 +72,17 @@ def wait_until(page, expression: str, timeout: float = 30.0, interval: float = 0
         if time.monotonic() > deadline:
             raise TimeoutError(f"still false after {timeout:.0f} s: {expression}")
         time.sleep(interval)
+
+
+def trained_runs(tokenizer, sample) -> list[str]:
+    """The trained text, one string per run of consecutive trained tokens."""
+    runs, current = [], []
+    for token_id, label in zip(sample.input_ids, sample.labels):
+        if label != -100:
+            current.append(token_id)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs

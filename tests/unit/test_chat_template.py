@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import trained_runs
 from training.config import DatasetSpec
 from training.encode import Dropped, Encoded, Encoder
 from training.formats.chat_template import LLAMA3
@@ -38,20 +39,6 @@ def encode(tokenizer, row=CONVO, **options) -> Encoded | Dropped:
     encoder = Encoder(tokenizer, DatasetSpec(path="x", **options), **top)
     (outcome,) = encoder.encode_row(row)
     return outcome
-
-
-def trained_runs(tokenizer, sample: Encoded) -> list[str]:
-    """The trained text, one string per run of consecutive trained tokens."""
-    runs, current = [], []
-    for token_id, label in zip(sample.input_ids, sample.labels):
-        if label != -100:
-            current.append(token_id)
-        elif current:
-            runs.append(tokenizer.decode(current))
-            current = []
-    if current:
-        runs.append(tokenizer.decode(current))
-    return runs
 
 
 def test_default_trains_assistant_content_and_its_end_of_turn_only(tokenizer):

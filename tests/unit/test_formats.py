@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import trained_runs
 from training.config import DatasetSpec
 from training.encode import Dropped, Encoded, Encoder, SequenceTooLong
 from training.formats import detect_format
 from training.formats.alpaca import SYSTEM_NO_INPUT, SYSTEM_WITH_INPUT
-
-from .test_chat_template import trained_runs
 
 
 def encode_all(tokenizer, row, type_, **top):
