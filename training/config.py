@@ -624,12 +624,19 @@ def check_environment(
         ConfigError(key, reason)
         for key, reason in sharding.environment_problems(config, devices=devices, cuda_available=cuda_available)
     ]
+    return errors + check_model(config)
+
+
+def check_model(config: TrainConfig) -> list[ConfigError]:
+    """Problems with the model itself (names the config gives that it lacks, attention it can't use), read
+    from its config.json alone: the same on every host, so a web host checks them even when the workers
+    are elsewhere. Partly matching LoRA targets add a warning to `config.warnings` instead."""
+    errors = []
     if config.unfrozen_parameters or config.lora_modules_to_save or (config.adapter and config.lora_target_modules):
         errors += _parameter_name_problems(config)
     from training.architectures import check_against_model  # reads the model's config.json only
 
-    errors += check_against_model(config)
-    return errors
+    return errors + check_against_model(config)
 
 
 def _parameter_name_problems(config: TrainConfig) -> list[ConfigError]:

@@ -36,3 +36,12 @@ def test_refused_axolotl_keys_are_listed_at_their_paths(api, alice_dataset, sett
     refused = api.post("/api/configs/validate", {"yaml": liger}, content_type="application/json").json()
     assert [e["path"] for e in refused["errors"]] == ["plugins[0]", "liger_rope"]
     assert "CUDA GPU" in refused["errors"][0]["message"]
+
+
+def test_the_config_page_shows_what_a_valid_config_does_less_than_it_says(alice_client, alice_dataset):
+    """Targets the model partly lacks: valid (the others are adapted), and the page says which are missing."""
+    text = GOOD.format(steps=5).replace("lora_target_linear: true", "lora_target_modules: [q_proj, qkv_proj]")
+    page = alice_client.post("/configs/new/", {"name": "c", "yaml": text, "action": "validate"}).content.decode()
+    assert "The config is valid." in page
+    warnings = page.split('id="config-warnings"')[1].split("</div>")[0]
+    assert "qkv_proj match no module of this model, so only q_proj get LoRA" in warnings

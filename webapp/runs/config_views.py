@@ -53,7 +53,7 @@ def config_edit(request, pk: int | None = None):
     )
     if source and not instance:  # "clone as new run": start from that run's config
         yaml_text, name = source.config_yaml, f"{source.name}-copy"
-    errors, status, estimate = [], 200, None
+    errors, status, estimate, warnings = [], 200, None, []
     if request.method == "POST":
         name, yaml_text = request.POST.get("name", ""), request.POST.get("yaml", "")
         action = request.POST.get("action")
@@ -63,7 +63,7 @@ def config_edit(request, pk: int | None = None):
                 messages.info(request, "The form's values are in the YAML below (not saved yet).")
             elif action == "validate":
                 config, resolved = configs.validate_config(workspace, yaml_text)
-                estimate = configs.memory_estimate(config, resolved)
+                estimate, warnings = configs.memory_estimate(config, resolved), config.warnings
                 messages.success(request, "The config is valid.")
             else:
                 require_writer(request.user, workspace)
@@ -84,7 +84,7 @@ def config_edit(request, pk: int | None = None):
     elif instance:
         try:
             config, resolved = configs.validate_config(workspace, yaml_text)
-            estimate = configs.memory_estimate(config, resolved)
+            estimate, warnings = configs.memory_estimate(config, resolved), config.warnings
         except ConfigInvalid as exc:
             errors = exc.errors
     return render(
@@ -97,6 +97,7 @@ def config_edit(request, pk: int | None = None):
             "yaml": yaml_text,
             "errors": errors,
             "estimate": estimate,
+            "warnings": warnings,
             "datasets": Dataset.objects.filter(workspace=workspace),
             "models": available_models(),
             "presets": [(key, label) for key, (label, _) in PRESETS.items()],

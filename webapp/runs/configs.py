@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from django.conf import settings
 
-from training.config import ConfigError, ConfigInvalid, TrainConfig, check_environment, parse_config
+from training.config import ConfigError, ConfigInvalid, TrainConfig, check_environment, check_model, parse_config
 from webapp.datasets.models import Dataset
 from webapp.http import name_problem
 from webapp.runs.base_models import resolve_base_model
@@ -53,15 +53,15 @@ def validate_config(workspace, yaml_text: str) -> tuple[TrainConfig, dict]:
             errors += _layout_errors(i, entry, dataset)
             if config:
                 resolved["datasets"][i]["path"] = str(dataset.path)
+    if config and resolved.get("base_model"):
+        config.base_model = resolved["base_model"]  # the checks below read the model's own config.json
     if config and not settings.REDIS_URL:
         # One machine: the web host's GPU and packages are the worker's. Scaled out (Redis), workers
         # may run on other hosts: each checks its own machine when the run starts and fails it with
         # the same message (training.cli.cmd_train), so a CPU-only web host refuses nothing here.
         errors += check_environment(config)
-    if config and resolved.get("base_model"):  # the model's own limits, read from its config.json (resolved folder)
-        from training.architectures import check_against_model
-
-        errors += [e for e in check_against_model(config, resolved["base_model"]) if e not in errors]
+    elif config:
+        errors += check_model(config)  # the machine is each worker's to check; the model is the same everywhere
     if errors:
         raise ConfigInvalid(errors)
     return config, resolved
