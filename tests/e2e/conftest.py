@@ -87,8 +87,10 @@ def server(tmp_path_factory, tiny_model_dir):
     proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Per module, not per session: Playwright's sync API keeps an asyncio loop running in this thread
+    while it is open, which would break later tests that use async_to_sync (tests/web)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
