@@ -184,23 +184,9 @@ LIGER_ARGUMENTS = {
 
 def model_type_of(base_model: str) -> str | None:
     """config.json's model_type of a local folder or a cached hub model, None when it can't be read here."""
-    import json
+    from training.architectures import read_model_config
 
-    path = Path(base_model).expanduser() / "config.json"
-    if not path.exists():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(base_model, "config.json")
-        except Exception:
-            cached = None
-        if not isinstance(cached, str):
-            return None
-        path = Path(cached)
-    try:
-        return json.loads(path.read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
+    return (read_model_config(base_model) or {}).get("model_type")
 
 
 def liger_arguments(config: TrainConfig, model_type: str) -> tuple:

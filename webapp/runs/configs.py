@@ -3,8 +3,6 @@ server, the memory estimate, saving, and the reads of a run's frozen config (bas
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 from django.conf import settings
 
@@ -87,22 +85,14 @@ def _layout_errors(i: int, entry: dict, dataset: Dataset) -> list[ConfigError]:
 
 def memory_estimate(config: TrainConfig, resolved: dict):
     """The GPU memory estimate for a validated config, or None when the model's shape is unknown here."""
+    from training.architectures import read_model_config
     from training.memory import ModelShape, estimate
 
-    source = resolved.get("base_model", config.base_model)
-    path = Path(source) / "config.json"
-    if not path.exists():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(source, "config.json")
-        except Exception:
-            cached = None
-        if not isinstance(cached, str):
-            return None
-        path = Path(cached)
+    model_config = read_model_config(resolved.get("base_model", config.base_model))
+    if model_config is None:
+        return None
     try:
-        return estimate(config, ModelShape.from_config_json(path), bf16=config.bf16 is not False)
+        return estimate(config, ModelShape.from_config(model_config), bf16=config.bf16 is not False)
     except (KeyError, ValueError):
         return None
 
