@@ -29,10 +29,16 @@ def _load_config(path: str, allow_trust_remote_code: bool = False):
         sys.exit(f"error: invalid config {path}:\n{lines}")
     for warning in config.warnings:  # valid but without effect here, or unknown under strict: false
         print(f"warning: {warning}", file=sys.stderr)
-    # A relative base_model folder is read next to the config, as dataset paths are.
-    beside = Path(path).resolve().parent / config.base_model
-    if not Path(config.base_model).is_absolute() and not Path(config.base_model).exists() and beside.is_dir():
-        config.base_model = str(beside)
+    # A relative base_model folder is read next to the config, as dataset paths are, then in the model
+    # directories the server uses (TRAINYARD_MODEL_DIRS, default var/models), so `base_model: tiny-chat`
+    # means the same folder on the command line as in the web app.
+    if not Path(config.base_model).is_absolute() and not Path(config.base_model).exists():
+        roots = [Path(path).resolve().parent] + [
+            Path(p) for p in os.environ.get("TRAINYARD_MODEL_DIRS", str(Path("var") / "models")).split(":") if p
+        ]
+        found = next((root / config.base_model for root in roots if (root / config.base_model).is_dir()), None)
+        if found is not None:
+            config.base_model = str(found.resolve())
     return config
 
 

@@ -228,3 +228,16 @@ def test_a_big_jsonl_file_is_encoded_across_processes_with_the_one_process_outpu
     assert code == 1 and "2999 rows read, 2997 samples kept" in out and "packing: 2997 samples" in out
     assert "big.jsonl:line 6: " in err and "big.jsonl:line 1701: invalid JSON" in err  # numbered from the start
     assert json.loads(written.splitlines()[-1])["row"] == 2999
+
+
+def test_a_model_folder_name_is_found_in_the_model_directories(project, tiny_model_dir, monkeypatch, capsys):
+    """`base_model: tiny-chat` means the same folder on the command line as in the web app."""
+    text = (project / "config.yaml").read_text().replace(f"base_model: {tiny_model_dir}", "base_model: tiny-chat")
+    (project / "by-name.yaml").write_text(text)
+    monkeypatch.chdir(project.parent)
+    monkeypatch.setenv("TRAINYARD_MODEL_DIRS", f"/nonexistent:{tiny_model_dir.parent}")
+    assert main(["preprocess", str(project / "by-name.yaml")]) == 0
+    monkeypatch.setenv("TRAINYARD_MODEL_DIRS", "/nonexistent")
+    with pytest.raises(SystemExit) as refused:
+        main(["preprocess", str(project / "by-name.yaml")])
+    assert "tiny-chat" in str(refused.value) or refused.value.code not in (0, None)
