@@ -240,6 +240,8 @@ def store_dataset(
     import's rows): nothing is kept unless it is stored whole."""
     report, clean, sha, stored_size, offsets, rejected = validate_and_store(file, size, format, filename)
     try:
+        if report.rows == 0 and not report.invalid:  # nothing to fix line by line: no table, no advice
+            raise UploadRejected("no rows in the file: it is empty (or holds only blank lines)")
         if report.invalid and not keep_valid:
             raise UploadRejected(f"{report.invalid} invalid {report.unit}(s)", report)
         if report.rows == 0:
