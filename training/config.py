@@ -734,6 +734,8 @@ def _config_warnings(config: TrainConfig) -> list[str]:
         warnings.append("gradient_checkpointing_kwargs: gradient_checkpointing is off, so they are not used")
     if config.profiler_steps_start and not config.profiler_steps:
         warnings.append("profiler_steps_start: profiler_steps is not set, so nothing is traced")
+    for key in config.fsdp_config.fsdp1_only if config.fsdp_config else []:
+        warnings.append(f"fsdp_config.{key}: an FSDP1 setting; FSDP2 has no such knob, so it does nothing")
     return warnings
 
 

@@ -19,7 +19,7 @@ DEEPSPEED_PRESETS_DIR = Path(__file__).parent / "deepspeed_configs"
 
 # axolotl (and accelerate's config files) spell every fsdp_config key with an `fsdp_` prefix too.
 _LEGACY_PREFIX = "fsdp_"
-# FSDP1 knobs FSDP2 has no use for: accepted (old configs carry them) and ignored.
+# FSDP1 knobs FSDP2 has no use for: accepted (old configs carry them), with a warning that they do nothing.
 _FSDP1_ONLY = {"use_orig_params", "sync_module_states", "forward_prefetch", "backward_prefetch", "limit_all_gathers"}
 
 
@@ -42,13 +42,14 @@ class FsdpConfig(BaseModel):
     )
     reshard_after_forward: bool | None = None
     activation_checkpointing: bool = False
+    fsdp1_only: list[str] = Field(default_factory=list, exclude=True, description="FSDP1 knobs given: no effect")
 
     @model_validator(mode="before")
     @classmethod
     def _legacy_names(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        out = {}
+        out: dict = {"fsdp1_only": []}
         for key, value in data.items():
             name = key[len(_LEGACY_PREFIX) :] if key.startswith(_LEGACY_PREFIX) and key != "fsdp_version" else key
             if name == "version":
@@ -56,6 +57,7 @@ class FsdpConfig(BaseModel):
             if name == "cpu_offload":  # transformers' name for offload_params
                 name = "offload_params"
             if name in _FSDP1_ONLY:
+                out["fsdp1_only"].append(key)
                 continue
             if isinstance(value, str) and name in ("sharding_strategy",) and value[:1].isdigit():
                 value = {"1": "FULL_SHARD", "2": "SHARD_GRAD_OP"}.get(value[:1], value)  # accelerate's numbering

@@ -363,3 +363,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_fsdp1_knobs_are_accepted_with_a_warning_that_they_do_nothing():
+    parsed = config(fsdp_config={**FSDP2, "fsdp_use_orig_params": False, "sync_module_states": True})
+    assert sorted(w.split(":")[0] for w in parsed.warnings) == [
+        "fsdp_config.fsdp_use_orig_params",
+        "fsdp_config.sync_module_states",
+    ]
+    assert "fsdp1_only" not in str(sharding.trainer_kwargs(parsed))
