@@ -341,24 +341,9 @@ def _base_tokenizer():
     """One byte-level BPE (demo.py's recipe, smaller vocab) shared by every family: built once per process."""
     global _BASE_TOKENIZER
     if _BASE_TOKENIZER is None:
-        from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+        from training.demo import byte_level_bpe
 
-        from training.demo import _QWEN2_SPLIT, _corpus
-
-        tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-        tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-        tok.decoder = decoders.ByteLevel()
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        trainer = trainers.BpeTrainer(
-            vocab_size=1024, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-        )
-        tok.train_from_iterator(_corpus(), trainer)
+        tok = byte_level_bpe(1024)
         _BASE_TOKENIZER = tok.to_str()
     return _BASE_TOKENIZER
 

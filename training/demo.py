@@ -147,9 +147,9 @@ def _corpus() -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int = 4096):
+def byte_level_bpe(vocab_size: int, special_tokens: list[str] | None = None):
+    """A byte-level BPE (Qwen2's pre-tokenizer split) trained on the shipped corpus: the same on every machine."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
@@ -163,11 +163,18 @@ def build_tokenizer(vocab_size: int = 4096):
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens or [],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer)
+    return tok
+
+
+def build_tokenizer(vocab_size: int = 4096):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = byte_level_bpe(vocab_size, SPECIAL_TOKENS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
