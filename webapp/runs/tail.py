@@ -108,6 +108,8 @@ class RunTail:
             finally:
                 if channel is not None:
                     try:
-                        await layer.group_discard(group, channel)
-                    except Exception:
+                        # Bounded: on a closing loop (the last page leaving) an unanswered Redis call
+                        # would keep this task, and the loop's shutdown, waiting forever (seen in a test).
+                        await asyncio.wait_for(layer.group_discard(group, channel), timeout=2)
+                    except (Exception, asyncio.CancelledError):
                         pass
