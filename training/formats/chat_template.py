@@ -160,14 +160,11 @@ def check_template(template: str) -> None:
 
 
 def _compile(template: str):
-    try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-    except ImportError:  # transformers moved its private helper: fall back to a plain sandbox
-        import jinja2.sandbox
+    """The compiled template, in the environment transformers' apply_chat_template gives it (our own
+    copy: importing transformers' helper cost more than encoding 20k rows; see jinja_env.py)."""
+    from training.formats.jinja_env import compile_template
 
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(template)
-    return _compile_jinja_template(template)
+    return compile_template(template)
 
 
 @dataclass
