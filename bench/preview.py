@@ -35,9 +35,11 @@ def main() -> None:
     django.setup()
     from django.core.files import File
 
-    from webapp.datasets.preview import PreviewOptions, _tokenizer, preview_row
-    from webapp.datasets.services import read_row, upload_dataset
-    from webapp.runs.base_models import resolve_base_model
+    from webapp.base_models import resolve_base_model
+    from webapp.datasets.encoding import EncodeOptions, _tokenizer
+    from webapp.datasets.preview import preview_row
+    from webapp.datasets.services import upload_dataset
+    from webapp.datasets.storage import read_row
     from webapp.workspaces.models import Workspace
 
     workspace = Workspace.objects.get(name="Demo")
@@ -45,7 +47,7 @@ def main() -> None:
     with path.open("rb") as f:
         dataset = upload_dataset(workspace, None, File(f, name="big.jsonl")).dataset
     upload_s = time.perf_counter() - start
-    options = PreviewOptions(model="tiny-chat")
+    options = EncodeOptions(model="tiny-chat")
     start = time.perf_counter()
     preview_row(dataset, 0, options)  # cold: loads the tokenizer too
     first_s = time.perf_counter() - start

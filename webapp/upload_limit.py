@@ -17,7 +17,7 @@ MULTIPART_SLACK = 64 * 1024  # form fields and boundaries around the file
 
 
 def _limit() -> int:
-    from webapp.datasets.services import upload_limit
+    from webapp.datasets.intake import upload_limit
 
     return upload_limit()
 

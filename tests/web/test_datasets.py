@@ -13,7 +13,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from tests.helpers import CHAT_ROW, jsonl
 from webapp.datasets.models import Dataset, dataset_dir
-from webapp.datasets.services import read_row
+from webapp.datasets.storage import read_row
 
 pytestmark = pytest.mark.django_db
 
@@ -133,12 +133,12 @@ def test_a_line_over_the_size_limit_is_reported_and_the_next_ones_still_read(ali
 
 
 def test_gzip_bomb_is_refused(alice_client, settings):
-    from webapp.datasets import services
+    from webapp.datasets import intake
 
     bomb = gzip.compress(b'{"text": "' + b"a" * (80 * 1024 * 1024) + b'"}\n')
     response = alice_client.post("/datasets/", {"file": SimpleUploadedFile("b.jsonl.gz", bomb)})
     assert response.status_code == 400 and "archive bomb" in response.content.decode()
-    assert services.GZIP_MAX_RATIO > 1 and Dataset.objects.count() == 0
+    assert intake.GZIP_MAX_RATIO > 1 and Dataset.objects.count() == 0
 
 
 def test_filename_is_never_used_as_a_path(alice_client, chat_file):
@@ -193,7 +193,7 @@ def test_preview_compares_two_option_sets_side_by_side(alice_client, alice_datas
 
 
 def test_search_and_dropped_rows_lead_to_rows(alice_client, alice_dataset, django_capture_on_commit_callbacks):
-    from webapp.datasets.services import read_row
+    from webapp.datasets.storage import read_row
 
     page = alice_client.get(f"/datasets/{alice_dataset.pk}/preview/?q=capital+of").content.decode()
     rows = [int(r) for r in re.findall(r'row=(\d+)">\d+</a>', page.split('id="search-results"')[1])]
@@ -301,12 +301,12 @@ def test_preview_from_a_config_uses_its_template_and_every_option(alice_client, 
     assert "###" in page and "im_start" not in page
     # Stats asked for from that page are keyed by the same options (the config's entry included).
     from training.config import parse_config
-    from webapp.datasets.preview import PreviewOptions
+    from webapp.datasets.encoding import EncodeOptions
 
-    options = PreviewOptions.from_config(parse_config(config.yaml), "chat", ["tiny-chat"])
-    carried = PreviewOptions.from_query(options.as_query(), ["tiny-chat"])
+    options = EncodeOptions.from_config(parse_config(config.yaml), "chat", ["tiny-chat"])
+    carried = EncodeOptions.from_query(options.as_query(), ["tiny-chat"])
     assert carried.key() == options.key()
-    assert carried.entry["chat_template_jinja"] == jinja and carried.entry["eot_tokens"] == ["</s>"]
+    assert carried.entry.chat_template_jinja == jinja and carried.entry.eot_tokens == ["</s>"]
 
 
 def test_a_line_over_the_size_limit_is_reported(alice_client, monkeypatch):

@@ -65,7 +65,7 @@ def test_a_hub_split_becomes_a_dataset_with_progress_that_the_preview_reads(
         "dataset_url": f"/datasets/{dataset.pk}/",
     }
     assert (dataset.name, dataset.rows, dataset.format) == ("chat-data-en", 120, "chat_template")
-    from webapp.datasets.services import iter_rows, read_row
+    from webapp.datasets.storage import iter_rows, read_row
 
     assert list(iter_rows(dataset)) == ROWS and read_row(dataset, 7) == ROWS[7]
     page = alice_client.get(f"/datasets/imports/{job.pk}/").content.decode()

@@ -9,10 +9,14 @@ from ninja import File, Form, Query, Router, Schema
 from ninja.files import UploadedFile
 
 from webapp.api.access import visible
-from webapp.datasets.models import Dataset
-from webapp.datasets.preview import PreviewOptions, preview_row
-from webapp.datasets.services import UploadRejected, upload_dataset
-from webapp.runs.base_models import available_models
+from webapp.base_models import available_models
+from webapp.datasets.deletion import CannotDelete, delete_dataset
+from webapp.datasets.encoding import EncodeOptions
+from webapp.datasets.intake import UploadRejected
+from webapp.datasets.models import Dataset, HubImport
+from webapp.datasets.preview import preview_row
+from webapp.datasets.services import ImportRefused, import_hub_dataset, request_stats, upload_dataset
+from webapp.datasets.storage import read_row
 from webapp.workspaces.services import current_workspace, require_writer
 
 router = Router(tags=["datasets"])
@@ -117,8 +121,6 @@ class HubImportOut(Schema):
 def import_from_hub(request, payload: HubImportIn):
     """Queue a copy of a Hub dataset's split into an ordinary dataset (a worker loads and stores it);
     ask `GET /imports/{id}` until `status` is done. Offline, a dataset in no local cache is refused here."""
-    from webapp.datasets.services import ImportRefused, import_hub_dataset
-
     workspace = current_workspace(request)
     require_writer(request.user, workspace)
     try:
@@ -133,8 +135,6 @@ def import_from_hub(request, payload: HubImportIn):
 
 @router.get("/imports/{import_id}", response=HubImportOut)
 def get_import(request, import_id: int):
-    from webapp.datasets.models import HubImport
-
     return get_object_or_404(visible(request, HubImport.objects), pk=import_id)
 
 
@@ -148,27 +148,13 @@ def get_dataset(request, dataset_id: int):
     return get_object_or_404(visible(request, Dataset.objects), pk=dataset_id)
 
 
-class EncodeQuery(Schema):
-    """The options a preview or statistics are computed under (axolotl names; model: a model folder)."""
-
-    model: str = ""
-    roles: str = "assistant"
-    train_on_eos: str = "turn"
-    train_on_inputs: bool = False
-    sequence_len: int = 512
-
-    def options(self) -> PreviewOptions:
-        query = {**self.model_dump(), "train_on_inputs": "on" if self.train_on_inputs else ""}
-        return PreviewOptions.from_query(query, available_models())
-
-
 @router.get("/{dataset_id}/rows/{row}/preview", response={200: PreviewOut, 400: UploadError})
-def preview(request, dataset_id: int, row: int, query: Query[EncodeQuery]):
+def preview(request, dataset_id: int, row: int, query: Query[EncodeOptions]):
     dataset = get_object_or_404(visible(request, Dataset.objects), pk=dataset_id)
     if not 0 <= row < dataset.rows:
         return 400, UploadError(message=f"row must be between 0 and {dataset.rows - 1}")
     try:
-        result = preview_row(dataset, row, query.options())
+        result = preview_row(dataset, row, query.for_models(available_models()))
     except (ValueError, OSError) as exc:  # no model folder here, a tokenizer without a chat template, ...
         return 400, UploadError(message=f"can't preview with these options: {exc}")
     return PreviewOut(
@@ -183,8 +169,6 @@ def preview(request, dataset_id: int, row: int, query: Query[EncodeQuery]):
 @router.delete("/{dataset_id}", response={204: None, 409: UploadError})
 def delete(request, dataset_id: int):
     """Delete a dataset no active run trains on (its file goes with the last dataset sharing it)."""
-    from webapp.runs.deletion import CannotDelete, delete_dataset
-
     dataset = get_object_or_404(visible(request, Dataset.objects), pk=dataset_id)
     require_writer(request.user, dataset.workspace)
     try:
@@ -203,21 +187,17 @@ class StatsOut(Schema):
 
 
 @router.post("/{dataset_id}/stats", response=StatsOut)
-def stats(request, dataset_id: int, query: Query[EncodeQuery]):
+def stats(request, dataset_id: int, query: Query[EncodeOptions]):
     """Token statistics under a tokenizer and options (lengths, trained ratio, drops), computed once by
     a worker: ask, then ask again until `status` is done. The page's charts come from the same numbers."""
-    from webapp.datasets.services import request_stats
-
     dataset = get_object_or_404(visible(request, Dataset.objects), pk=dataset_id)
-    row = request_stats(dataset, query.options())
+    row = request_stats(dataset, query.for_models(available_models()))
     return StatsOut(status=row.status, rows_done=row.rows_done, rows=dataset.rows, result=row.result, error=row.error)
 
 
 @router.get("/{dataset_id}/rows/{row}", response={200: dict, 400: UploadError})
 def get_row(request, dataset_id: int, row: int):
     """Row N (0-based) as stored, read by its byte offset."""
-    from webapp.datasets.services import read_row
-
     dataset = get_object_or_404(visible(request, Dataset.objects), pk=dataset_id)
     if not 0 <= row < dataset.rows:
         return 400, UploadError(message=f"row must be between 0 and {dataset.rows - 1}")

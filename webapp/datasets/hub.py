@@ -6,8 +6,9 @@ from __future__ import annotations
 import tempfile
 
 from training import sources
+from webapp.datasets.intake import store_dataset
 from webapp.datasets.models import HubImport, dataset_dir
-from webapp.datasets.services import hub_cache_dir, store_dataset
+from webapp.datasets.storage import hub_cache_dir
 from webapp.http import MAX_NAME, download_name
 
 

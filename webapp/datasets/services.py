@@ -1,208 +1,24 @@
-"""Dataset use cases: upload (JSONL, JSON, .gz, Parquet or CSV, streamed, validated row by row, stored as
-content-addressed JSONL) and row access."""
+"""Dataset use cases, shared by the pages, the API and `setup_demo`: upload a file, import a Hub split,
+ask for statistics. The ones that need a worker queue it after the transaction commits."""
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
-import re
-import tempfile
-from array import array
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import IO
 
-from django.db import IntegrityError, transaction
+from django.db import transaction
 
-from training import rows as row_format
 from training import sources
-from training.config import DatasetSpec
-from training.formats import FORMATS, detect_format
-from training.formats.chat_template import detect_layout
-from training.rows import LineProblem, parse_line
-from webapp.datasets.models import Dataset, DatasetStats, HubImport, dataset_dir
-from webapp.http import MAX_NAME, download_name, name_problem
-from webapp.workspaces.models import SiteSettings
-
-MAX_PROBLEMS_SHOWN = 100
-GZIP_MAX_RATIO = 200  # refuse archives that inflate beyond this: a 1 MB bomb must not fill the disk
+from training.formats import FORMATS
+from webapp.datasets.encoding import EncodeOptions
+from webapp.datasets.intake import UploadRejected, UploadResult, store_dataset, upload_limit
+from webapp.datasets.models import Dataset, DatasetStats, HubImport
+from webapp.datasets.storage import hub_cache_dir
+from webapp.datasets.tasks import compute_dataset_stats, import_from_hub
+from webapp.http import name_problem
 
 
-@dataclass
-class ValidationReport:
-    format: str | None = None
-    format_options: dict = field(default_factory=dict)  # e.g. ShareGPT: field_messages, role/content keys
-    rows: int = 0
-    problems: list[LineProblem] = field(default_factory=list)  # the first MAX_PROBLEMS_SHOWN
-    counts: Counter = field(default_factory=Counter)  # by reason
-    unit: str = "line"  # how problems are numbered: "line" (JSONL, JSON array items) or "row" (Parquet, CSV)
-
-    @property
-    def by_reason(self) -> list[tuple[str, int]]:
-        return self.counts.most_common()
-
-    @property
-    def invalid(self) -> int:
-        return sum(self.counts.values())
-
-    def add(self, problem: LineProblem) -> None:
-        self.counts[reason_of(problem)] += 1
-        if len(self.problems) < MAX_PROBLEMS_SHOWN:
-            self.problems.append(problem)
-
-
-def reason_of(problem: LineProblem) -> str:
-    """A short category for counting problems by reason."""
-    message = problem.message
-    for needle, reason in (
-        ("invalid JSON", "invalid JSON"),
-        ("not UTF-8", "not UTF-8"),
-        ("expected a JSON object", "not an object"),
-        ("byte limit", "line too long"),
-        ("cells where the header", "wrong number of cells"),
-        ("can't read the", "unreadable file"),
-        ("empty message list", "empty message list"),
-        ("unknown role", "unknown role"),
-        ("empty content", "empty content"),
-        ("can't tell", "unknown format"),
-        ("missing", "missing field"),
-        ("must be", "mistyped field"),
-        ("empty", "empty field"),
-    ):
-        if needle in message:
-            return reason
-    return "other"
-
-
-class UploadRejected(ValueError):
-    def __init__(self, message: str, report: ValidationReport | None = None):
-        super().__init__(message)
-        self.report = report
-
-
-@dataclass
-class UploadResult:
-    dataset: Dataset
-    duplicate: bool
-    report: ValidationReport
-
-
-def _upload_rows(raw: IO[bytes], size: int, filename: str) -> tuple[str, Iterator[tuple[int, bytes | LineProblem]]]:
-    """Whatever the file (JSONL, .jsonl.gz, a JSON array, Parquet, CSV), its rows as JSON lines, read
-    as a stream through training's readers: (how rows are counted, (number, JSON line or problem)).
-    Parquet goes by record batch, so a 1 GB file never sits in memory."""
-    head = raw.read(4)
-    raw.seek(0)
-    name = filename.lower()
-    if head == b"PAR1" or name.endswith(".parquet"):
-        return "row", _as_lines(sources.read_parquet(raw))
-    if name.endswith(".csv"):
-        return "row", _csv_lines(raw)
-    # A .gz upload is refused once it inflates past this: a 1 MB bomb must not fill the disk.
-    inflated_limit = max(max(size, 1) * GZIP_MAX_RATIO, 64 * 2**20)
-    return "line", row_format.read_json_lines(raw, inflated_limit=inflated_limit)
-
-
-def _csv_lines(raw: IO[bytes]) -> Iterator[tuple[int, bytes | LineProblem]]:
-    text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")  # -sig: a BOM is skipped
-    try:
-        yield from _as_lines(sources.csv_rows(text))
-    finally:
-        text.detach()  # the upload stays open: its owner closes it
-
-
-def _as_lines(rows) -> Iterator[tuple[int, bytes | LineProblem]]:
-    for number, row in rows:
-        yield number, row if isinstance(row, LineProblem) else sources.json_line(row)
-
-
-def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, filename: str = "dataset.jsonl"):
-    """Stream `raw` once: validate each row, hash and index what would be stored (as JSONL, whatever
-    the upload's own format). Returns (report, temp path of the clean JSONL, sha256, stored size,
-    line-offset index, temp path of rejected lines)."""
-    unit, items = _upload_rows(raw, size, filename)
-    report = ValidationReport(format=format_override, unit=unit)
-    spec: DatasetSpec | None = (
-        DatasetSpec(path="upload", type=format_override)
-        if format_override and format_override != "chat_template"
-        else None
-    )  # a chat file's layout (messages / ShareGPT) is read from its first row
-    tmp_dir = dataset_dir()
-    clean = tempfile.NamedTemporaryFile("wb", dir=tmp_dir, suffix=".part", delete=False)
-    rejected = tempfile.NamedTemporaryFile("wb", dir=tmp_dir, suffix=".rejected.part", delete=False)
-    digest, offsets, written = hashlib.sha256(), array("q"), 0
-    try:
-        for line_no, line in items:
-            parsed = line if isinstance(line, LineProblem) else parse_line(line, line_no)
-            if parsed is None:
-                continue
-            problems: list[LineProblem] = []
-            if isinstance(parsed, LineProblem):
-                problems = [replace(parsed, unit=unit)]
-            else:
-                if spec is None:
-                    detected = format_override or detect_format(parsed)
-                    if detected is None:
-                        problems = [
-                            LineProblem(
-                                line_no,
-                                "",
-                                "can't tell the format: expected `messages`, "
-                                "`instruction`+`output`, `text` or `segments`",
-                                unit,
-                            )
-                        ]
-                    else:
-                        report.format = detected
-                        report.format_options = detect_layout(parsed) if detected == "chat_template" else {}
-                        spec = DatasetSpec(path="upload", type=detected, **report.format_options)
-                if spec is not None and not problems:
-                    problems = [
-                        LineProblem(line_no, p.field, p.message, unit)
-                        for p in FORMATS[spec.format_name].check(parsed, spec)
-                    ]
-            if problems:
-                for p in problems:
-                    report.add(p)
-                if not isinstance(line, LineProblem):
-                    rejected.write(line if line.endswith(b"\n") else line + b"\n")
-                continue
-            if line_no == 1 and line.startswith(row_format.BOM):
-                line = line[len(row_format.BOM) :]
-            if not line.endswith(b"\n"):
-                line += b"\n"
-            report.rows += 1
-            offsets.append(written)
-            clean.write(line)
-            digest.update(line)
-            written += len(line)
-        clean.close()
-        rejected.close()
-    except row_format.FileRefused as exc:
-        _discard(clean, rejected)
-        raise UploadRejected(str(exc)) from None
-    except BaseException:
-        _discard(clean, rejected)
-        raise
-    return report, Path(clean.name), digest.hexdigest(), written, offsets, Path(rejected.name)
-
-
-def _discard(*files) -> None:
-    for f in files:
-        f.close()
-        Path(f.name).unlink(missing_ok=True)
-
-
-def upload_limit() -> int:
-    """Bytes one upload may have: the site setting (MB) if an admin set one, else the environment's."""
-    from django.conf import settings
-
-    site = SiteSettings.current()
-    return site.max_upload_mb * 1024 * 1024 if site.max_upload_mb else settings.TRAINYARD_MAX_UPLOAD_BYTES
+class ImportRefused(ValueError):
+    pass
 
 
 def upload_dataset(
@@ -225,71 +41,12 @@ def upload_dataset(
     return store_dataset(workspace, user, file, size, filename, name=name, format=format, keep_valid=keep_valid)
 
 
-def store_dataset(
-    workspace,
-    user,
-    file: IO[bytes],
-    size: int,
-    filename: str,
-    *,
-    name: str | None = None,
-    format: str | None = None,
-    keep_valid: bool = False,
-) -> UploadResult:
-    """Validate rows read from `file` and keep them as a content-addressed Dataset (an upload, or a Hub
-    import's rows): nothing is kept unless it is stored whole."""
-    report, clean, sha, stored_size, offsets, rejected = validate_and_store(file, size, format, filename)
-    try:
-        if report.rows == 0 and not report.invalid:  # nothing to fix line by line: no table, no advice
-            raise UploadRejected("no rows in the file: it is empty (or holds only blank lines)")
-        if report.invalid and not keep_valid:
-            raise UploadRejected(f"{report.invalid} invalid {report.unit}(s)", report)
-        if report.rows == 0:
-            raise UploadRejected("no valid row in the file", report)
-        existing = Dataset.objects.filter(workspace=workspace, sha256=sha).first()
-        if existing:
-            return UploadResult(existing, True, report)
-        final = dataset_dir() / f"{sha}.jsonl"
-        os.replace(clean, final)
-        index = dataset_dir() / f"{sha}.idx"
-        with index.open("wb") as f:
-            offsets.tofile(f)
-        stem = re.sub(r"(\.(jsonl|json|parquet|csv))?(\.gz)?$", "", filename, flags=re.IGNORECASE)
-        base = name.strip() if name else download_name(stem)[: MAX_NAME - 10] or "dataset"
-        with transaction.atomic():
-            dataset = _create_with_unique_name(
-                workspace=workspace,
-                base=base,
-                original_filename=filename,
-                sha256=sha,
-                size=stored_size,
-                format=report.format,
-                format_options=report.format_options,
-                rows=report.rows,
-                rejected_rows=report.invalid,
-                created_by=user,
-            )
-        if report.invalid:
-            dataset.rejected_path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(rejected, dataset.rejected_path)
-        return UploadResult(dataset, False, report)
-    finally:
-        clean.unlink(missing_ok=True)
-        rejected.unlink(missing_ok=True)
-
-
-class ImportRefused(ValueError):
-    pass
-
-
 def import_hub_dataset(
     workspace, user, hub_id: str, *, config_name: str = "", split: str = "train", name: str | None = None
 ) -> HubImport:
     """Queue a copy of a Hub dataset's split (a worker loads it through training.sources and stores it as
     an ordinary Dataset). What can be refused now is: a malformed id or split, a bad name, and, offline,
     a dataset in no local cache (the worker would only find that out)."""
-    from webapp.datasets.tasks import import_from_hub
-
     hub_id, config_name, split = hub_id.strip(), (config_name or "").strip(), (split or "").strip() or "train"
     if not sources.HUB_ID.match(hub_id):
         raise ImportRefused(f"{hub_id!r} is not a Hub dataset id (owner/name, e.g. mlabonne/FineTome-100k)")
@@ -315,74 +72,8 @@ def import_hub_dataset(
     return job
 
 
-def hub_cache_dir() -> Path:
-    """Where Hub datasets are downloaded (on a host with network access) and read from offline."""
-    from django.conf import settings
-
-    return settings.DATA_DIR / "hub-datasets"
-
-
-def _create_with_unique_name(*, workspace, base: str, **fields) -> Dataset:
-    for n in range(1, 1000):
-        candidate = base if n == 1 else f"{base}-{n}"
-        if not Dataset.objects.filter(workspace=workspace, name=candidate).exists():
-            try:
-                with transaction.atomic():
-                    return Dataset.objects.create(workspace=workspace, name=candidate, **fields)
-            except IntegrityError:
-                continue
-    raise UploadRejected("could not find a free dataset name")
-
-
-def read_row(dataset: Dataset, index: int) -> dict:
-    """Row `index` (0-based) by byte offset: no scan of the file before it."""
-    if not 0 <= index < dataset.rows:
-        raise IndexError(f"row {index} is out of range (0..{dataset.rows - 1})")
-    offsets = array("q")
-    with dataset.index_path.open("rb") as f:
-        f.seek(index * offsets.itemsize)
-        offsets.frombytes(f.read(offsets.itemsize))
-    with dataset.path.open("rb") as f:
-        f.seek(offsets[0])
-        return json.loads(f.readline())
-
-
-def iter_rows(dataset: Dataset) -> Iterator[dict]:
-    """Every stored row in order (stored files hold only valid JSON objects, one per line)."""
-    with dataset.path.open("rb") as f:
-        for line in f:
-            yield json.loads(line)
-
-
-def search_rows(dataset: Dataset, text: str, limit: int = 20) -> list[int]:
-    """Indexes of rows whose JSON contains `text` (case-insensitive), streaming the file."""
-    needle = text.lower().encode("utf-8")
-    escaped = json.dumps(text.lower(), ensure_ascii=True)[1:-1].encode()  # as it is written in JSON
-    found = []
-    with dataset.path.open("rb") as f:
-        for index, line in enumerate(f):
-            low = line.lower()
-            if needle in low or escaped in low:
-                found.append(index)
-                if len(found) >= limit:
-                    break
-    return found
-
-
-def first_rows(dataset: Dataset, n: int = 5) -> list[dict]:
-    rows = []
-    with dataset.path.open("rb") as f:
-        for line in f:
-            rows.append(json.loads(line))
-            if len(rows) >= n:
-                break
-    return rows
-
-
-def request_stats(dataset: Dataset, options) -> DatasetStats:
+def request_stats(dataset: Dataset, options: EncodeOptions) -> DatasetStats:
     """The cached statistics for these options, queued for the worker if missing (or failed before)."""
-    from webapp.datasets.tasks import compute_dataset_stats
-
     stats, created = DatasetStats.objects.get_or_create(
         dataset=dataset, key=options.key(), defaults={"options": options.as_query()}
     )

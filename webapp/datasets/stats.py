@@ -6,9 +6,9 @@ from collections import Counter
 from collections.abc import Callable
 
 from training.encode import Dropped, Encoded
+from webapp.datasets.encoding import EncodeOptions, make_encoder
 from webapp.datasets.models import Dataset
-from webapp.datasets.preview import PreviewOptions, make_encoder
-from webapp.datasets.services import iter_rows
+from webapp.datasets.storage import iter_rows
 
 MAX_DROPPED_LISTED = 1000
 PROGRESS_EVERY = 2000
@@ -22,7 +22,7 @@ def field_summary(rows_seen: Counter, keys: Counter, roles: Counter, messages: i
     return summary
 
 
-def compute_stats(dataset: Dataset, options: PreviewOptions, progress: Callable[[int], None]) -> dict:
+def compute_stats(dataset: Dataset, options: EncodeOptions, progress: Callable[[int], None]) -> dict:
     encoder = make_encoder(dataset, options)
     lengths: list[int] = []
     dropped: Counter = Counter()

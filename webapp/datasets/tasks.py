@@ -6,7 +6,12 @@ import logging
 
 from huey.contrib.djhuey import db_task
 
+from training.sources import SourceError
+from webapp.datasets.encoding import EncodeOptions
+from webapp.datasets.hub import run_import
+from webapp.datasets.intake import UploadRejected
 from webapp.datasets.models import DatasetStats, HubImport
+from webapp.datasets.stats import compute_stats
 
 log = logging.getLogger("trainyard.datasets")
 
@@ -18,16 +23,15 @@ def compute_dataset_stats(stats_id: int) -> None:
 
 @db_task()
 def _compute_dataset_stats(stats_id: int) -> None:
-    from webapp.datasets.preview import PreviewOptions
-    from webapp.datasets.stats import compute_stats
-
     claimed = DatasetStats.objects.filter(pk=stats_id, status=DatasetStats.Status.PENDING).update(
         status=DatasetStats.Status.RUNNING
     )
     if not claimed:
         return  # gone, or another worker has it
     stats = DatasetStats.objects.select_related("dataset").get(pk=stats_id)
-    options = PreviewOptions.from_query(stats.options, [stats.options.get("model", "")])
+    # What the page or API validated, stored with as_query(): read back as it was (the model included;
+    # make_encoder refuses one that is no longer a model folder here, and the stats fail saying so).
+    options = EncodeOptions.from_query(stats.options, [stats.options.get("model", "")])
 
     def progress(rows: int) -> None:
         DatasetStats.objects.filter(pk=stats_id).update(rows_done=rows)
@@ -50,10 +54,6 @@ def import_from_hub(import_id: int) -> None:
 
 @db_task()
 def _import_from_hub(import_id: int) -> None:
-    from training.sources import SourceError
-    from webapp.datasets.hub import run_import
-    from webapp.datasets.services import UploadRejected
-
     claimed = HubImport.objects.filter(pk=import_id, status=HubImport.Status.PENDING).update(
         status=HubImport.Status.RUNNING
     )

@@ -1,4 +1,4 @@
-"""Dataset pages: list + upload, detail, masked-label preview, rejected-lines download."""
+"""Dataset pages: list + upload, Hub import, detail, masked-label preview, rejected-lines download, delete."""
 
 from __future__ import annotations
 
@@ -8,23 +8,20 @@ from urllib.parse import urlencode
 from django.contrib import messages
 from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_http_methods
+from django.urls import reverse
+from django.views.decorators.http import require_http_methods, require_POST
 
 from training.config import ConfigInvalid, parse_config
 from training.formats import FORMATS
+from webapp.base_models import available_models
+from webapp.datasets.deletion import CannotDelete, delete_dataset
+from webapp.datasets.encoding import EncodeOptions
+from webapp.datasets.intake import UploadRejected
 from webapp.datasets.models import Dataset, HubImport
-from webapp.datasets.preview import PreviewOptions, preview_row
-from webapp.datasets.services import (
-    ImportRefused,
-    UploadRejected,
-    first_rows,
-    import_hub_dataset,
-    request_stats,
-    search_rows,
-    upload_dataset,
-)
-from webapp.http import download_name, parse_id
-from webapp.runs.base_models import available_models
+from webapp.datasets.preview import preview_row
+from webapp.datasets.services import ImportRefused, import_hub_dataset, request_stats, upload_dataset
+from webapp.datasets.storage import first_rows, search_rows
+from webapp.http import download_name, parse_id, safe_next
 from webapp.runs.models import TrainingConfig
 from webapp.workspaces.services import can_write, current_workspace, require_writer
 
@@ -112,8 +109,6 @@ def hub_import_status(request, import_id: int):
 
 
 def import_status(job: HubImport) -> dict:
-    from django.urls import reverse
-
     return {
         "status": job.status,
         "rows_done": job.rows_done,
@@ -126,7 +121,7 @@ def import_status(job: HubImport) -> dict:
 def dataset_detail(request, pk: int):
     dataset = get_object_or_404(Dataset.objects.visible_to(request.user), pk=pk)
     models = available_models()
-    options = PreviewOptions.from_query(request.GET, models)
+    options = EncodeOptions.from_query(request.GET, models)
     stats = request_stats(dataset, options) if options.model else None
     return render(
         request,
@@ -145,7 +140,7 @@ def dataset_detail(request, pk: int):
 def dataset_stats(request, pk: int):
     """JSON for the dataset page's progress bar and charts."""
     dataset = get_object_or_404(Dataset.objects.visible_to(request.user), pk=pk)
-    options = PreviewOptions.from_query(request.GET, available_models())
+    options = EncodeOptions.from_query(request.GET, available_models())
     stats = dataset.stats.filter(key=options.key()).first()
     if stats is None:
         return JsonResponse({"status": "missing"}, status=404)
@@ -172,20 +167,20 @@ def dataset_preview(request, pk: int):
     if q.get("random"):
         index = random.randrange(dataset.rows)
     index = min(max(index, 0), dataset.rows - 1)
-    options = PreviewOptions.from_query(q, models)
+    options = EncodeOptions.from_query(q, models)
     configs = TrainingConfig.objects.filter(workspace=dataset.workspace)
     config_id = parse_id(q.get("config", ""))
     chosen = configs.filter(pk=config_id).first() if config_id else None
     config_note = None
     if chosen:
         try:
-            options = PreviewOptions.from_config(
+            options = EncodeOptions.from_config(
                 parse_config(chosen.yaml, allow_trust_remote_code=True), dataset.name, models
             )
         except (ConfigInvalid, ValueError) as exc:
             config_note = f"config “{chosen.name}” can't be used here: {exc}"
     compare = q.get("compare") == "1"
-    other = PreviewOptions.from_query(q, models, prefix="b_") if compare else None
+    other = EncodeOptions.from_query(q, models, prefix="b_") if compare else None
     columns, error = [], None
     if not options.model:
         error = "no model is available to tokenize with: run `make run` (it builds the demo model) or add one"
@@ -230,3 +225,17 @@ def dataset_rejected(request, pk: int):
     return FileResponse(
         dataset.rejected_path.open("rb"), as_attachment=True, filename=download_name(f"{dataset.name}.rejected.jsonl")
     )
+
+
+@require_POST
+def dataset_delete(request, pk: int):
+    """Delete a dataset no active run trains on (writers), then go back to the list."""
+    dataset = get_object_or_404(Dataset.objects.visible_to(request.user), pk=pk)
+    require_writer(request.user, dataset.workspace)
+    try:
+        delete_dataset(dataset)
+    except CannotDelete as exc:
+        messages.error(request, f"“{dataset.name}” was not deleted: {exc}.")
+        return redirect(safe_next(request, request.META.get("HTTP_REFERER"), reverse("dataset-list")))
+    messages.info(request, f"Deleted “{dataset.name}”.")
+    return redirect("dataset-list")

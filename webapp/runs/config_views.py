@@ -10,10 +10,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from training.config import ConfigInvalid
+from webapp.base_models import available_models
 from webapp.datasets.models import Dataset
 from webapp.http import download_name, parse_id
 from webapp.runs import configs, services
-from webapp.runs.base_models import available_models
 from webapp.runs.forms import CommonKeysForm
 from webapp.runs.models import Run, TrainingConfig
 from webapp.runs.presets import PRESETS

@@ -7,9 +7,9 @@ import yaml
 from django.conf import settings
 
 from training.config import ConfigError, ConfigInvalid, TrainConfig, check_environment, check_model, parse_config
+from webapp.base_models import resolve_base_model
 from webapp.datasets.models import Dataset
 from webapp.http import name_problem
-from webapp.runs.base_models import resolve_base_model
 from webapp.runs.models import Run, TrainingConfig
 
 

@@ -10,7 +10,6 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from webapp.datasets.models import Dataset
 from webapp.http import parse_id, parse_ids, safe_next
 from webapp.runs import artifacts, configs, gpus, realtime, services
 from webapp.runs.models import Run, RunNote, TrainingConfig
@@ -173,11 +172,10 @@ def run_cancel(request, pk: int):
 
 @require_POST
 def delete_view(request, kind: str, pk: int):
-    """Delete a dataset, config or run of the workspace (writers), then go back to its list."""
+    """Delete a config or run of the workspace (writers), then go back to its list (datasets: their own view)."""
     from webapp.runs import deletion
 
     model, remove, listing = {
-        "datasets": (Dataset, deletion.delete_dataset, "dataset-list"),
         "configs": (TrainingConfig, deletion.delete_config, "config-list"),
         "runs": (Run, deletion.delete_run, "run-list"),
     }[kind]

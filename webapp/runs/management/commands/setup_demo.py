@@ -7,7 +7,8 @@ from django.core.files import File
 from django.core.management.base import BaseCommand
 
 from training.demo import build_demo_model, write_datasets
-from webapp.datasets.services import UploadRejected, upload_dataset
+from webapp.datasets.intake import UploadRejected
+from webapp.datasets.services import upload_dataset
 from webapp.runs.models import TrainingConfig
 from webapp.runs.presets import PRESETS
 from webapp.workspaces.services import create_user_with_workspace

@@ -1,4 +1,6 @@
-"""Which base models a config may name: hub ids, or folders under the allowed model directories."""
+"""Which base models a config may name: hub ids, or folders under the allowed model directories.
+
+The allowlist of both apps (a run's config, the dataset preview's tokenizer), so it sits beside them, not in either."""
 
 from __future__ import annotations
 
