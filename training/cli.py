@@ -284,10 +284,13 @@ TROUBLESHOOTING = {
 
 def explain_failure(exc: BaseException) -> str:
     """One line saying what went wrong, with the fix where one is known."""
+    from training.divergence import Diverged
     from training.modeling import ModelNotFound
     from training.train import DataInvalid
 
     text = str(exc).strip()
+    if isinstance(exc, Diverged):
+        return text
     if isinstance(exc, (ModelNotFound, DataInvalid)):
         return text.splitlines()[0] if isinstance(exc, ModelNotFound) else text
     low = text.lower()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from training.divergence import FIX as DIVERGENCE_FIX
+
 GRAD_SPIKE = 100.0
 MIN_STEPS_FOR_TRENDS = 20
 
@@ -30,23 +32,36 @@ def _number(value) -> float | None:
     return None
 
 
+def _nonfinite_keys(values: dict) -> list[str]:
+    """The keys of one point whose value is NaN or infinite. A loss of exactly 0.0 beside a non-finite grad
+    norm is the Trainer's logging_nan_inf_filter hiding a NaN loss (the mean of no earlier losses): it counts."""
+    bad = [k for k, raw in values.items() if (v := _number(raw)) is not None and not math.isfinite(v)]
+    if "grad_norm" in bad and "loss" not in bad and _number(values.get("loss")) == 0.0:
+        bad.insert(0, "loss")
+    return bad
+
+
 def assess(points: list[dict]) -> list[Alert]:
-    """points: [{"step": int, "values": {...}}] in order. Returns the current alerts, one per code."""
+    """points: [{"step": int, "values": {...}}] in order. Returns the current alerts, one per code.
+    Trends (flat, collapse, overfit) read only the points before the first non-finite value: after it the
+    weights are gone and the logged losses say nothing about the data."""
     alerts: dict[str, Alert] = {}
     losses, evals, zero_grads = [], [], 0
     for p in points:
         step, values = p["step"], p["values"]
-        for key, raw in values.items():
-            v = _number(raw)
-            if v is not None and not math.isfinite(v) and "nonfinite" not in alerts:
-                alerts["nonfinite"] = Alert(
-                    "nonfinite",
-                    "critical",
-                    step,
-                    f"{key} is {raw} at step {step}",
-                    "lower learning_rate, keep max_grad_norm (gradient clipping) on, prefer bf16 over fp16, and look "
-                    "for empty or extreme rows in the data",
-                )
+        bad = _nonfinite_keys(values)
+        if bad and "nonfinite" not in alerts:
+            key = bad[0]
+            raw = values[key] if _number(values[key]) != 0.0 else "nan (logged as 0.0)"
+            alerts["nonfinite"] = Alert(
+                "nonfinite",
+                "critical",
+                step,
+                f"{key} is {raw} at step {step}",
+                DIVERGENCE_FIX,
+            )
+        if "nonfinite" in alerts:
+            continue  # trend alerts stop at the divergence; the point alerts above already name it
         grad = _number(values.get("grad_norm"))
         if grad is not None and math.isfinite(grad):
             if grad > GRAD_SPIKE and "grad_spike" not in alerts:

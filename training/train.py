@@ -18,6 +18,7 @@ from pathlib import Path
 from training import events as ev
 from training import sharding
 from training.config import TrainConfig
+from training.divergence import Diverged, divergence_guard, weights_finite
 from training.encode import IGNORE_INDEX, Encoded, Encoder, EncodeStats
 from training.events import EventSink, StopRequested
 from training.packing import pack, packing_efficiency
@@ -287,6 +288,9 @@ def training_arguments(config: TrainConfig, run_dir: Path, *, train_rows: int, h
         # unset it would turn tf32 on by itself); on the CPU it has no meaning and changes nothing.
         tf32=config.tf32 if torch.cuda.is_available() else None,
         logging_steps=1,
+        # On, a NaN step's loss is logged as the mean since the last log: over nothing with a log every step,
+        # so a diverged run showed 0.0. Off, the loss is logged as it is (training/divergence.py stops on it).
+        logging_nan_inf_filter=False,
         eval_strategy=eval_strategy,
         eval_steps=eval_steps,
         save_strategy=save_strategy,
@@ -504,18 +508,23 @@ def train(
         **sharding.trainer_kwargs(config, base_dir),  # FSDP2 / DeepSpeed: training/sharding.py
     )
     events_callback = _make_callback(sink, collator, should_stop)
+    guard = divergence_guard(sink)  # a non-finite loss or weights: stop before saving them, fail with the fix
     trainer = trainer_class(config)(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval or None,
         data_collator=collator,
-        callbacks=[events_callback, *extra_callbacks(config, run_dir, sink)],
+        callbacks=[events_callback, guard, *extra_callbacks(config, run_dir, sink)],
     )
 
     # -- train ---------------------------------------------------------------------------------
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if not guard.diverged and not weights_finite(trainer.model):  # the last step's update, never logged as NaN
+        guard.step, guard.reasons = result.global_step, ["the weights are no longer finite after the last step"]
+    if guard.diverged:  # a NaN adapter is never written: the run fails, naming its last finite checkpoint
+        raise Diverged(guard.message(run_dir, resume_from))
     if should_stop():  # stopped at a step boundary (cancel): its checkpoints stay, no final artifact
         raise StopRequested(f"stopped by the user at step {result.global_step}")
     _emit_rank_shares(sink, trainer, result.global_step)

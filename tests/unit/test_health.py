@@ -51,3 +51,18 @@ def test_downsampling_keeps_spikes_nans_and_evals():
     assert 9.0 in losses and "nan" in losses
     assert kept[-1]["values"] == {"eval_loss": 1.0}
     assert [p["seq"] for p in kept] == sorted(p["seq"] for p in kept)
+
+
+def test_a_nan_loss_logged_as_zero_is_a_divergence_not_a_collapse():
+    """What a diverged run (learning_rate: 20) recorded before the trainer logged NaN losses as they are: grad
+    norm NaN from step 3, the loss shown as 0.0 (the Trainer's logging_nan_inf_filter), eval loss NaN."""
+    points = pts([7.2, 6.8, 7.2] + [0.0] * 60, grad_norm=lambda i: 2.0 if i < 2 else "nan")
+    points[10]["values"]["eval_loss"] = "nan"
+    alerts = {a.code: a for a in assess(points)}
+    assert set(alerts) == {"nonfinite"}, alerts  # no "loss fell to 0: trivial or leaked", no flat loss
+    assert alerts["nonfinite"].step == 3 and "learning_rate" in alerts["nonfinite"].fix
+    assert alerts["nonfinite"].message == "grad_norm is nan at step 3"
+    hidden = pts([7.2, 6.8] + [0.0] * 60, grad_norm=lambda i: 2.0 if i < 2 else "nan")
+    assert [a.message for a in assess(hidden)] == ["loss is nan (logged as 0.0) at step 3"]
+    plain_nan = pts([7.2, 6.8, 7.2] + ["nan"] * 60, grad_norm=lambda i: 2.0 if i < 3 else "nan")
+    assert {a.code for a in assess(plain_nan)} == {"nonfinite"}
