@@ -32,6 +32,17 @@ class FileRefused(ValueError):
     """The file as a whole can't be read (a damaged archive, an archive bomb)."""
 
 
+@dataclass(frozen=True)
+class Overlong:
+    """A line over MAX_LINE_BYTES: skipped, never held whole; only its real size is kept, for the message."""
+
+    size: int  # bytes, the newline included
+
+
+def too_long(line: int, size: int) -> LineProblem:
+    return LineProblem(line, "", f"line is {size:,} bytes, over the {MAX_LINE_BYTES:,}-byte limit")
+
+
 def open_binary(path: Path) -> IO[bytes]:
     path = Path(path)
     with path.open("rb") as probe:
@@ -39,10 +50,12 @@ def open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if magic == b"\x1f\x8b" else path.open("rb")
 
 
-def parse_line(raw: bytes, line: int) -> dict | LineProblem | None:
+def parse_line(raw: bytes | Overlong, line: int) -> dict | LineProblem | None:
     """One JSONL line -> the row, a problem, or None for a blank line."""
+    if isinstance(raw, Overlong):
+        return too_long(line, raw.size)
     if len(raw) > MAX_LINE_BYTES:
-        return LineProblem(line, "", f"line is {len(raw):,} bytes, over the {MAX_LINE_BYTES:,}-byte limit")
+        return too_long(line, len(raw))
     if line == 1 and raw.startswith(BOM):
         raw = raw[len(BOM) :]
     try:
@@ -87,7 +100,8 @@ def read_json_lines(raw: IO[bytes], *, inflated_limit: int | None = None) -> Ite
         yield from _array_items(f, gz, guard)
         return
     f.seek(len(BOM) if start == BOM else 0)
-    yield from enumerate(_bounded_lines(f.readline, gz, guard), start=1)
+    for number, line in enumerate(_bounded_lines(f.readline, gz, guard), start=1):
+        yield number, too_long(number, line.size) if isinstance(line, Overlong) else line
 
 
 def read_rows(path: Path) -> Iterator[tuple[int, dict | LineProblem]]:
@@ -102,9 +116,9 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict | LineProblem]]:
             yield 1, LineProblem(1, "", str(exc))
 
 
-def _bounded_lines(readline, gz: bool = False, inflated_limit: int | None = None) -> Iterator[bytes]:
-    """The file's lines, never holding more than MAX_LINE_BYTES of one: a longer line is passed on cut
-    (parse_line reports it, with its number) and the rest of it skipped."""
+def _bounded_lines(readline, gz: bool = False, inflated_limit: int | None = None) -> Iterator[bytes | Overlong]:
+    """The file's lines, never holding more than MAX_LINE_BYTES of one: a longer line is skipped to its
+    end, counting its bytes, and passed on as Overlong (its real size; parse_line reports it)."""
     inflated, archive = 0, inflated_limit is not None
 
     def read(size: int) -> bytes:
@@ -127,8 +141,13 @@ def _bounded_lines(readline, gz: bool = False, inflated_limit: int | None = None
         if not line:
             return
         if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
-            while (rest := read(READ_CHUNK)) and not rest.endswith(b"\n"):
-                pass
+            size = len(line)
+            while rest := read(READ_CHUNK):
+                size += len(rest)
+                if rest.endswith(b"\n"):
+                    break
+            yield Overlong(size)
+            continue
         yield line
 
 

@@ -199,7 +199,21 @@ def test_an_overlong_jsonl_line_is_cut_and_reported_without_holding_it(tmp_path,
     path.write_text('{"text": "a"}\n' + json.dumps({"text": "x" * 5000}) + '\n{"text": "c"}\n')
     items = list(read_rows(path))
     assert items[0] == (1, {"text": "a"}) and items[2] == (3, {"text": "c"})
-    assert "over the 1,000-byte limit" in str(items[1][1])
+    size = len(json.dumps({"text": "x" * 5000})) + 1  # the newline too
+    assert f"line is {size:,} bytes, over the 1,000-byte limit" in str(items[1][1])
+
+
+def test_a_63_mb_line_is_reported_with_its_real_size_not_the_limit():
+    """Counted while it is skipped: the message says 63 MB, not the 8 MB the reader stopped holding at."""
+    import io
+
+    from training.rows import MAX_LINE_BYTES, read_json_lines
+
+    line = b'{"text": "' + b"a" * (63 * 2**20) + b'"}\n'
+    items = list(read_json_lines(io.BytesIO(b'{"text": "a"}\n' + line + b'{"text": "b"}\n')))
+    assert [n for n, _ in items] == [1, 2, 3]
+    assert str(items[1][1]) == f"line 2: line is {len(line):,} bytes, over the {MAX_LINE_BYTES:,}-byte limit"
+    assert items[2][1] == b'{"text": "b"}\n'
 
 
 # -- folders ----------------------------------------------------------------------------------

@@ -132,6 +132,25 @@ def test_a_line_over_the_size_limit_is_reported_and_the_next_ones_still_read(ali
     assert (dataset.rows, dataset.rejected_rows) == (2, 1)
 
 
+def test_an_overlong_line_is_told_its_real_size_and_never_served_cut(alice_client, monkeypatch):
+    """The report counts the whole line (not the limit the reader stopped at); the rejected-lines
+    download puts a JSON note in its place, never the first MAX_LINE_BYTES of it."""
+    from training import rows
+
+    monkeypatch.setattr(rows, "MAX_LINE_BYTES", 1000)
+    long_line = b'{"text": "' + b"a" * 5000 + b'"}\n'
+    data = jsonl([CHAT_ROW]) + long_line + b"{broken\n" + jsonl([CHAT_ROW | {"id": 3}])
+    refused = alice_client.post("/api/datasets/", {"file": SimpleUploadedFile("x.jsonl", data)}).json()
+    assert refused["problems"][0]["message"] == f"line is {len(long_line):,} bytes, over the 1,000-byte limit"
+    alice_client.post("/datasets/", {"file": SimpleUploadedFile("x.jsonl", data), "keep_valid": "on"})
+    dataset = Dataset.objects.get()
+    served = b"".join(alice_client.get(f"/datasets/{dataset.pk}/rejected/").streaming_content).splitlines()
+    assert len(served) == 2 and served[1] == b"{broken"  # one line per refused line, in order
+    note = json.loads(served[0])["trainyard_note"]
+    assert note.startswith(f"line 2: line is {len(long_line):,} bytes") and "left out" in note
+    assert b"aaaa" not in served[0]
+
+
 def test_gzip_bomb_is_refused(alice_client, settings):
     from webapp.datasets import intake
 

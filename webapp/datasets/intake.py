@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import tempfile
 from array import array
@@ -30,6 +31,7 @@ from webapp.http import MAX_NAME, download_name
 from webapp.workspaces.models import SiteSettings
 
 MAX_PROBLEMS_SHOWN = 100
+REJECTED_NOTE = "trainyard_note"  # the key of a note line in the rejected-lines download
 GZIP_MAX_RATIO = 200  # refuse archives that inflate beyond this: a 1 MB bomb must not fill the disk
 
 
@@ -169,8 +171,7 @@ def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, f
             if problems:
                 for p in problems:
                     report.add(p)
-                if not isinstance(line, LineProblem):
-                    rejected.write(line if line.endswith(b"\n") else line + b"\n")
+                rejected.write(rejected_line(line))
                 continue
             if line_no == 1 and line.startswith(row_format.BOM):
                 line = line[len(row_format.BOM) :]
@@ -190,6 +191,16 @@ def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, f
         _discard(clean, rejected)
         raise
     return report, Path(clean.name), digest.hexdigest(), written, offsets, Path(rejected.name)
+
+
+def rejected_line(line: bytes | LineProblem) -> bytes:
+    """What the rejected-lines download holds for a refused item: the line as uploaded, or, for one the
+    reader never held whole (over the size limit, an unreadable record), a JSON note saying so in its
+    place: never a line cut mid-way, never a silent gap."""
+    if isinstance(line, LineProblem):
+        note = f"{line} (left out of this file: only lines read whole are copied here)"
+        return json.dumps({REJECTED_NOTE: note}, ensure_ascii=False).encode("utf-8") + b"\n"
+    return line if line.endswith(b"\n") else line + b"\n"
 
 
 def _discard(*files) -> None:
