@@ -853,9 +853,11 @@ def lora_target_linear_regex(model_dir_or_id: str | Path, trust_remote_code: boo
         from accelerate import init_empty_weights
         from transformers import AutoConfig
 
+        from training.modeling import MODEL_LOCK  # building a model patches process-wide state
+
         raw = dict(raw)
         model_config = AutoConfig.for_model(raw.pop("model_type"), **raw)
-        with init_empty_weights():
+        with MODEL_LOCK, init_empty_weights():
             model = auto_model_class(model_dir_or_id).from_config(model_config, trust_remote_code=trust_remote_code)
     except Exception:  # an architecture this transformers can't build from its config
         return None

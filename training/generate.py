@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from training.modeling import MODEL_LOCK
+
 
 def generate_pair(base_model: str, adapter_dir: Path, prompt: str, max_new_tokens: int = 64) -> tuple[str, str]:
-    """(base answer, fine-tuned answer), greedy, with the tokenizer's chat template when it has one."""
+    """(base answer, fine-tuned answer), greedy, with the tokenizer's chat template when it has one. One model
+    at a time in a process: loading one patches process-wide state (see MODEL_LOCK), and so can generating while
+    another thread loads (torch's default dtype)."""
+    with MODEL_LOCK:
+        return _generate_pair(base_model, adapter_dir, prompt, max_new_tokens)
+
+
+def _generate_pair(base_model: str, adapter_dir: Path, prompt: str, max_new_tokens: int) -> tuple[str, str]:
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer

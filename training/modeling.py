@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from training.config import TrainConfig
+
+# Building a model patches process-wide state until it is built: transformers' from_pretrained sets torch's default
+# dtype, turns PreTrainedModel.tie_weights into a no-op and patches torch.linspace; accelerate's init_empty_weights
+# patches nn.Module.register_parameter. A model that finishes loading in one thread while another loads is never
+# tied (its lm_head stays on the meta device: "Cannot copy out of meta tensor"), and interleaved patch/restore
+# pairs can leave a patch in place for good. So a process (the worker's threads: merges, playground answers;
+# the web server's config checks) builds and uses one model at a time. Training runs are processes of their own.
+MODEL_LOCK = threading.RLock()
 
 
 class ModelNotFound(ValueError):
@@ -230,7 +239,7 @@ def _meta_model(base_model: str, trust_remote_code: bool = False):
     try:
         raw = dict(raw)
         model_config = AutoConfig.for_model(raw.pop("model_type"), **raw)
-        with init_empty_weights():
+        with MODEL_LOCK, init_empty_weights():
             return auto_model_class(base_model).from_config(model_config, trust_remote_code=trust_remote_code)
     except Exception:  # not local, not cached, or not a causal LM the Auto class builds from its config
         return None
@@ -269,10 +278,13 @@ def merge_adapter_into_base(base_model: str, adapter_dir: Path, out_dir: Path) -
 
     from training.architectures import auto_model_class
 
-    base = auto_model_class(_source(base_model)).from_pretrained(_source(base_model))
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    tmp = Path(str(out_dir) + ".part")
-    merged.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
-    tmp.rename(out_dir)
+    with MODEL_LOCK:  # one model at a time in this process (see MODEL_LOCK)
+        if out_dir.is_dir():  # merged by a request that held the lock before this one
+            return out_dir
+        base = auto_model_class(_source(base_model)).from_pretrained(_source(base_model))
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        tmp = Path(str(out_dir) + ".part")
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
+        tmp.rename(out_dir)
     return out_dir

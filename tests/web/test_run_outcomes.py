@@ -5,12 +5,16 @@ checkpoint can be resumed again; merges and playground answers at once all succe
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
+import time
 
 import pytest
 
-from tests.helpers import GOOD
-from webapp.runs import artifacts
-from webapp.runs.models import Artifact, MetricPoint, Run, RunStatus
+from tests.helpers import GOOD, trainer_pids
+from webapp.runs import artifacts, services
+from webapp.runs.models import Artifact, MetricPoint, Run, RunStatus, TrainingConfig
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -52,3 +56,109 @@ def test_a_diverged_run_fails_with_its_step_and_the_fix_and_offers_no_nan_adapte
     assert [a["code"] for a in run.health] == ["nonfinite"], run.health
     page = alice_client.get(f"/runs/{run.pk}/").content.decode()
     assert "training diverged at step" in page and "trivial or leaked" not in page
+
+
+def _supervise_and_kill(run, when) -> None:
+    """Supervise `run` in this thread (as a worker does) and SIGKILL its trainer once `when(run)` holds."""
+    from webapp.runs import supervisor
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            pids = trainer_pids(run)
+            if pids and when(run):
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    supervisor.supervise(run.pk, ["test:cpu"])
+    thread.join()
+    run.refresh_from_db()
+
+
+def test_an_attempt_killed_before_its_first_checkpoint_resumes_from_where_it_started(
+    alice, alice_client, alice_dataset, monkeypatch
+):
+    from webapp.runs import tasks
+
+    user, workspace = alice
+    config = TrainingConfig.objects.create(
+        workspace=workspace, name="long", yaml=GOOD.format(steps=40) + "save_steps: 2\n"
+    )
+    monkeypatch.setattr(tasks, "execute_run", lambda run_id: None)  # queued; supervised by hand below
+    first = services.enqueue_run(workspace, user, config)
+    _supervise_and_kill(first, lambda r: (r.run_dir / "checkpoints/checkpoint-2/trainer_state.json").exists())
+    assert first.status == RunStatus.INTERRUPTED, first.message
+    start = artifacts.latest_checkpoint(first)
+    step = int(start.name.split("-")[1])
+
+    second = services.resume_run(first, user)
+    assert second.resume_checkpoint == str(start)
+    _supervise_and_kill(second, lambda r: True)  # killed as soon as its trainer runs: it saved nothing
+    assert second.status == RunStatus.INTERRUPTED and artifacts.latest_checkpoint(second) is None
+    # The first run was resumed already (open its newest attempt); the attempt resumes from where it started.
+    assert alice_client.post(f"/api/runs/{first.pk}/resume").status_code == 409
+    assert alice_client.get(f"/runs/{second.pk}/").context["can_resume"]
+
+    monkeypatch.setattr(tasks, "execute_run", lambda run_id: tasks._execute_run(run_id))  # huey immediate
+    response = alice_client.post(f"/api/runs/{second.pk}/resume")
+    assert response.status_code == 201, response.content
+    third = Run.objects.get(pk=response.json()["id"])
+    assert third.resume_checkpoint == str(start) and third.attempt == 3 and third.status == RunStatus.SUCCEEDED
+    steps = [p.step for p in MetricPoint.objects.filter(run=third).order_by("seq") if "loss" in p.values]
+    assert steps == list(range(1, 41)), steps  # the first attempt's steps up to its checkpoint, then the rest
+    assert step < 40
+
+
+def test_two_merges_and_a_playground_answer_at_once_all_succeed(alice, alice_client, alice_dataset):
+    """The worker runs tasks in threads; building a model patches process-wide state (transformers' tie_weights,
+    torch's default dtype), so two models loading at once left one untied: "Cannot copy out of meta tensor"."""
+    import shutil
+
+    from webapp.runs import tasks
+    from webapp.runs.models import Generation
+
+    user, workspace = alice
+    alice_client.post("/configs/new/", {"name": "a", "yaml": GOOD.format(steps=2), "action": "run"})
+    first = Run.objects.get(name="a")
+    assert first.status == RunStatus.SUCCEEDED, first.message
+    # A second finished run with the same adapter (copied: training it again would only cost time).
+    second = Run.objects.create(
+        workspace=workspace, config=first.config, name="b", config_yaml=first.config_yaml, status=RunStatus.SUCCEEDED
+    )
+    shutil.copytree(first.run_dir, second.run_dir, dirs_exist_ok=True)
+    for attempt in range(3):  # the race needs the loads to overlap: a few rounds make a miss unlikely
+        for run in (first, second):
+            Artifact.objects.filter(run=run, kind="merged").delete()
+            shutil.rmtree(run.run_dir / "merged", ignore_errors=True)
+        generation = Generation.objects.create(
+            run=first, author=user, prompt="What is 2 plus 2?", source=str(first.run_dir / "adapter")
+        )
+        start = threading.Barrier(3)
+
+        def at_once(task, *args):
+            start.wait()
+            try:
+                task.call_local(*args)
+            finally:
+                from django.db import connection
+
+                connection.close()
+
+        threads = [
+            threading.Thread(target=at_once, args=(tasks._merge_adapter, first.pk)),
+            threading.Thread(target=at_once, args=(tasks._merge_adapter, second.pk)),
+            threading.Thread(target=at_once, args=(tasks._answer_prompt, generation.pk)),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        generation.refresh_from_db()
+        assert generation.status == "done", (attempt, generation.error)
+        for run in (first, second):
+            assert Artifact.objects.filter(run=run, kind="merged").count() == 1, (attempt, run.name)
+            assert (run.run_dir / "merged" / "model.safetensors").exists()

@@ -52,9 +52,23 @@ def latest_checkpoint(run: Run) -> Path | None:
     found = [
         p
         for p in (folder.glob("checkpoint-*") if folder.is_dir() else [])
-        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()
+        if p.name.split("-")[-1].isdigit() and _complete(p)
     ]
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _complete(checkpoint: Path) -> bool:
+    return (checkpoint / "trainer_state.json").exists()
+
+
+def resumable_checkpoint(run: Run) -> Path | None:
+    """Where a new attempt of `run` starts: its own newest complete checkpoint, else the checkpoint this attempt
+    itself started from (an attempt killed before its first save has nothing newer, and its steps since are
+    lost either way). None when neither is there."""
+    checkpoint = latest_checkpoint(run)
+    if checkpoint is None and run.resume_checkpoint and _complete(Path(run.resume_checkpoint)):
+        checkpoint = Path(run.resume_checkpoint)
+    return checkpoint
 
 
 class NothingToTry(ValueError):
@@ -62,11 +76,12 @@ class NothingToTry(ValueError):
 
 
 def playground_source(run: Run) -> Path:
-    """What the playground loads: the final adapter (or model), else the latest checkpoint."""
+    """What the playground loads: the final adapter (or model), else the latest checkpoint (an attempt's own,
+    else the one it started from)."""
     for name in ("adapter", "model"):
         if (run.run_dir / name).is_dir():
             return run.run_dir / name
-    checkpoint = latest_checkpoint(run)
+    checkpoint = resumable_checkpoint(run)
     if checkpoint is None:
         raise NothingToTry("nothing to try yet: no adapter and no checkpoint (set save_steps to try during training)")
     return checkpoint

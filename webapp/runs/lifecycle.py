@@ -11,7 +11,7 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from webapp.runs.artifacts import latest_checkpoint
+from webapp.runs.artifacts import resumable_checkpoint
 from webapp.runs.models import ACTIVE_STATES, FINAL_STATES, Run, RunStatus
 
 log = logging.getLogger("trainyard.runs")
@@ -56,7 +56,7 @@ def resume_point(run: Run) -> Path:
     """The checkpoint a new attempt of `run` starts from; CannotResume says why there is none."""
     if run.status not in RESUMABLE_STATES:
         raise CannotResume(f"only an interrupted, failed or cancelled run can be resumed (this one is {run.status})")
-    checkpoint = latest_checkpoint(run)
+    checkpoint = resumable_checkpoint(run)  # its own newest, else the one this attempt started from
     if checkpoint is None:
         raise CannotResume("this run saved no checkpoint (set save_steps in the config): start a new run instead")
     return checkpoint

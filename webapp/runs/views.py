@@ -59,7 +59,7 @@ def run_detail(request, pk: int):
             },
             "artifacts": run.artifacts.all(),
             "queue_position": gpus.queue_position(run) if run.status == "queued" else None,
-            "can_resume": run.status in ("interrupted", "failed", "cancelled") and artifacts.latest_checkpoint(run),
+            "can_resume": run.status in ("interrupted", "failed", "cancelled") and artifacts.resumable_checkpoint(run),
             "estimate": configs.run_memory_estimate(run),
             "peak_memory_mb": max(
                 (p.values.get("memory_mb", 0) for p in run.points.all() if "memory_mb" in p.values), default=None
