@@ -139,7 +139,7 @@ def test_two_merges_and_a_playground_answer_at_once_all_succeed(alice, alice_cli
         )
         start = threading.Barrier(3)
 
-        def at_once(task, *args):
+        def at_once(start, task, *args):
             start.wait()
             try:
                 task.call_local(*args)
@@ -149,9 +149,9 @@ def test_two_merges_and_a_playground_answer_at_once_all_succeed(alice, alice_cli
                 connection.close()
 
         threads = [
-            threading.Thread(target=at_once, args=(tasks._merge_adapter, first.pk)),
-            threading.Thread(target=at_once, args=(tasks._merge_adapter, second.pk)),
-            threading.Thread(target=at_once, args=(tasks._answer_prompt, generation.pk)),
+            threading.Thread(target=at_once, args=(start, tasks._merge_adapter, first.pk)),
+            threading.Thread(target=at_once, args=(start, tasks._merge_adapter, second.pk)),
+            threading.Thread(target=at_once, args=(start, tasks._answer_prompt, generation.pk)),
         ]
         for t in threads:
             t.start()
