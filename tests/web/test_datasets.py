@@ -501,3 +501,17 @@ def test_a_file_named_parquet_that_is_not_is_refused_with_a_reason(alice_client)
     page = response.content.decode()
     assert response.status_code == 400 and "can&#x27;t read the Parquet file" in page
     assert Dataset.objects.count() == 0
+
+
+def test_a_completion_row_cut_into_samples_is_shown_cut(alice, alice_client, tiny_model_dir):
+    """The trainer sees each sequence_len chunk of a long text alone; the preview marks where it is cut."""
+    from webapp.datasets.services import upload_dataset
+
+    text = " ".join(f"word{i}" for i in range(60))
+    upload = SimpleUploadedFile("long.jsonl", jsonl([{"text": text}]))
+    dataset = upload_dataset(alice[1], alice[0], upload, name="long").dataset
+    page = alice_client.get(f"/datasets/{dataset.pk}/preview/?row=0&sequence_len=32").content.decode()
+    samples = int(re.search(r"cut into (\d+) samples", page).group(1))
+    assert samples > 1 and page.count('class="sample-break"') == samples - 1
+    api = alice_client.get(f"/api/datasets/{dataset.pk}/rows/0/preview?sequence_len=32").json()
+    assert {t["sample"] for t in api["tokens"]} == set(range(samples))

@@ -61,6 +61,8 @@ class TokenOut(Schema):
     trained: bool
     special: bool
     part: str
+    thinking: bool = False  # part of a reasoning trace
+    sample: int = 0  # which of the row's samples: a completion row over sequence_len is cut into several
 
 
 class PreviewOut(Schema):

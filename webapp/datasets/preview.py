@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from training.encode import IGNORE_INDEX, Dropped
 from webapp.datasets.encoding import EncodeOptions, make_encoder
@@ -19,6 +19,7 @@ class Token:
     special: bool
     part: str
     thinking: bool = False  # part of a reasoning trace (the chat format names such parts "... thinking")
+    sample: int = 0  # which of the row's samples it is in: a completion row over sequence_len is cut into several
 
 
 @dataclass
@@ -30,6 +31,8 @@ class Preview:
     dropped: str | None
     warnings: list[str]
     truncated: bool = False
+    samples: int = 1  # the trainer sees each sample alone (in its own sequence or packed bin slot)
+    dropped_samples: list[int] = field(default_factory=list)  # which of them it never sees
 
 
 def visible(text: str) -> str:
@@ -42,13 +45,15 @@ def preview_row(dataset: Dataset, index: int, options: EncodeOptions) -> Preview
     raw = read_row(dataset, index)
     outcomes = encoder.encode_row(raw, index)
     specials = set(tokenizer.all_special_ids)
-    tokens, dropped, trained, truncated = [], None, 0, False
+    tokens, dropped, trained, truncated, dropped_samples, samples = [], None, 0, False, [], 0
     for outcome in outcomes:
         sample = outcome.sample if isinstance(outcome, Dropped) else outcome
         if isinstance(outcome, Dropped):
             dropped = f"{outcome.reason}: {outcome.detail}"
+            dropped_samples.append(samples)
         if sample is None:
             continue
+        samples += 1
         truncated = truncated or sample.truncated
         for token_id, label, part in zip(sample.input_ids, sample.labels, sample.token_parts):
             is_trained = label != IGNORE_INDEX
@@ -62,6 +67,9 @@ def preview_row(dataset: Dataset, index: int, options: EncodeOptions) -> Preview
                     token_id in specials,
                     sample.parts[part] if part >= 0 else "template",
                     part >= 0 and sample.parts[part].endswith(" thinking"),
+                    samples - 1,
                 )
             )
-    return Preview(index, raw, tokens, trained, dropped, encoder.warnings(), truncated)
+    return Preview(
+        index, raw, tokens, trained, dropped, encoder.warnings(), truncated, max(samples, 1), dropped_samples
+    )
