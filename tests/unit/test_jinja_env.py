@@ -80,6 +80,18 @@ FEATURES = {
     "dunder": "{{ ''.__class__.__mro__ }}",
     "strftime": "{{ strftime_now('%Y-%m') }}",
     "undefined": "{{ missing }}|{{ missing is defined }}",
+    # the environment's shortcuts (jinja_env.ChatTemplateEnvironment) against the sandbox's answers
+    "dict_keys_as_attributes": "{{ m.role }}|{{ m._hidden }}|{{ m.nope is defined }}|{{ m.items() | list }}"
+    "|{{ m.get('role') }}|{{ m.keys is defined }}",
+    "dict_mutators": "{{ m.pop('role') }}",
+    "dict_update": "{{ m.update({'a': 1}) }}{{ m }}",
+    "list_mutators": "{{ messages.pop() }}{{ messages }}",
+    "str_methods": "{{ m.role.upper() }}|{{ 'a,b'.split(',') }}|{{ ' x '.strip() }}|{{ m.role.__class__ }}",
+    "str_format": "{{ '{0.__class__}'.format(m) }}",
+    "calls_in_loops": "{% for s in messages %}{{ s.upper() }}{% set n = namespace(a=loop.index) %}{{ n.a }}"
+    "{{ dict(k=s) }}{{ loop.cycle('x', 'y') }}{% endfor %}",
+    "loop_internals": "{% for s in messages %}{{ loop.__class__ }}{{ loop._iterator }}{% endfor %}",
+    "namespace_attributes": "{% set ns = namespace(a=1) %}{{ ns.a }}|{{ ns.b }}|{{ ns.__class__ }}",
 }
 
 
@@ -87,8 +99,8 @@ FEATURES = {
 def test_the_environment_gives_what_transformers_gives(feature):
     source = FEATURES[feature]
     x = {"ünï": "<b>&'", "n": [1, 2.5, None, True]}
-    ours = _outcome(compile_template(source), x=x, messages=["a", "", "b"])
-    theirs = _outcome(_hf(source), x=x, messages=["a", "", "b"])
+    ours = _outcome(compile_template(source), x=x, messages=["a", "", "b"], m={"role": "user", "_hidden": 1})
+    theirs = _outcome(_hf(source), x=x, messages=["a", "", "b"], m={"role": "user", "_hidden": 1})
     assert ours == theirs
 
 
