@@ -49,6 +49,11 @@ CASES = {
         {},
         {"sequence_len": 64},
     ),
+    "chat_template: the config's own eos token (special_tokens)": (
+        chat_rows(6, seed=13),
+        {"train_on_eos": "all"},
+        {"special_tokens": {"eos_token": "<|endoftext|>"}},
+    ),
     "alpaca": (alpaca_rows(6), {"type": "alpaca"}, {}),
     "alpaca: train_on_inputs, packed and padded to sequence_len": (
         alpaca_rows(6, seed=4),

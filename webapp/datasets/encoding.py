@@ -37,6 +37,7 @@ class ConfigEntry(BaseModel):
     chat_template_jinja: str | None = None
     eot_tokens: list[str] | None = None
     excess_length_strategy: Literal["drop", "truncate", "raise"] | None = None
+    special_tokens: dict[str, str] = Field(default_factory=dict)  # the tokenizer's, renamed or added
 
     @field_validator("spec")
     @classmethod
@@ -121,6 +122,7 @@ class EncodeOptions(BaseModel):
                 chat_template_jinja=config.chat_template_jinja,
                 eot_tokens=config.eot_tokens,
                 excess_length_strategy=config.excess_length_strategy,
+                special_tokens=config.special_tokens,
             ),
         )
 
@@ -150,10 +152,14 @@ class EncodeOptions(BaseModel):
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(source: str):
+def _tokenizer(source: str, special_tokens: tuple[tuple[str, str], ...] = ()):
+    """The tokenizer as the trainer's load_tokenizer makes it (cached per model and token set: adding tokens
+    changes a tokenizer, so two sets never share one)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source)
+    if special_tokens:
+        tokenizer.add_special_tokens(dict(special_tokens))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -161,7 +167,8 @@ def _tokenizer(source: str):
 
 def make_encoder(dataset: Dataset, options: EncodeOptions) -> Encoder:
     """The trainer's encoder, for this dataset's format and the chosen options."""
-    tokenizer = _tokenizer(resolve_base_model(options.model))
+    special_tokens = tuple(sorted(options.entry.special_tokens.items())) if options.entry else ()
+    tokenizer = _tokenizer(resolve_base_model(options.model), special_tokens)
     if options.entry:  # as a config trains it: the same construction as Encoder.from_config
         entry = options.entry
         return Encoder(
