@@ -168,6 +168,19 @@ SEED_MODELS = {
 _H = 64  # hidden size of every tiny model
 
 
+def _save_image_processor(arch: str, folder: Path) -> None:
+    """The image side of the model's processor (preprocessor_config.json), as the real checkpoint ships it, sized
+    for the tiny vision tower: Qwen3.5's patches of 8 pixels merged 2x2, images of 16x16 to 64x64 pixels (1 to
+    16 image tokens). The PIL image processor (torchvision does not import beside torch 2.13 here) saves the
+    same file as the fast one."""
+    if arch not in ("qwen3_5", "qwen3_5_moe"):
+        return
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    sizes = {"shortest_edge": 16 * 16, "longest_edge": 64 * 64}  # min and max pixels
+    Qwen2VLImageProcessorPil(patch_size=8, temporal_patch_size=2, merge_size=2, size=sizes).save_pretrained(folder)
+
+
 def _tiny_vision_pixtral():
     return {
         "model_type": "pixtral",
@@ -388,6 +401,7 @@ def build_tiny(arch: str, out_dir: Path | str, seed: int = 0) -> Path:
     model = getattr(transformers, class_name)(config)
     tokenizer.save_pretrained(tmp)
     model.save_pretrained(tmp)
+    _save_image_processor(arch, tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     try:
         tmp.rename(out_dir)
@@ -501,6 +515,8 @@ def check_against_model(config: TrainConfig, model_dir_or_id: str | Path | None 
                 f"transformers has no flex_attention path for {model_type} (Gated DeltaNet hybrid); use sdpa",
             )
         )
+    if getattr(config, "processor_type", None):
+        errors += _image_processor_problems(model_config, model_dir_or_id or config.base_model)
     quantize_experts = getattr(config, "quantize_moe_experts", False)
     if quantize_experts and not num_experts(model_config):
         errors.append(ConfigError("quantize_moe_experts", f"this model ({model_type}) has no MoE experts to quantize"))
@@ -522,6 +538,32 @@ def check_against_model(config: TrainConfig, model_dir_or_id: str | Path | None 
     return errors
 
 
+def _image_processor_problems(model_config: dict, model_dir_or_id) -> list[ConfigError]:
+    """processor_type (image rows) needs a vision-language model that ships its image processor."""
+    from training.config import ConfigError
+
+    model_type = model_config.get("model_type", "")
+    if not model_config.get("vision_config"):
+        return [
+            ConfigError(
+                "processor_type",
+                f"this model ({model_type}) has no vision tower, so it can't train on images; remove processor_type "
+                "(and skip_prepare_dataset) to train it on text",
+            )
+        ]
+    folder = Path(str(model_dir_or_id)).expanduser()
+    shipped = ("preprocessor_config.json", "processor_config.json")
+    if folder.is_dir() and not any((folder / f).is_file() for f in shipped):
+        return [
+            ConfigError(
+                "processor_type",
+                f"{folder.name} has no preprocessor_config.json: the image processor the model was trained with is "
+                "missing; copy it from the model's original repository",
+            )
+        ]
+    return []
+
+
 # --------------------------------------------------------------------------------------------- #
 # Model-side fixes, applied after loading
 # --------------------------------------------------------------------------------------------- #
@@ -531,8 +573,12 @@ def _segments(position_ids) -> list[list[tuple[int, int]]] | None:
     """Per batch row, the (start, end) of each packed sample (positions restart); None when no row is packed."""
     if position_ids is None:
         return None
-    if position_ids.dim() == 3:  # multimodal rope: (sections, batch, seq); text positions lead
-        position_ids = position_ids[0]
+    if position_ids.dim() == 3:  # multimodal rope: (sections, batch, seq)
+        if position_ids.shape[0] != 4:
+            # M-RoPE's temporal/height/width positions of image rows (repeated over an image: not restarts),
+            # which are never packed; cutting the Gated DeltaNet state there changed their logits.
+            return None
+        position_ids = position_ids[0]  # text positions lead
     pos = position_ids.tolist()
     rows, packed = [], False
     for row in pos:

@@ -81,6 +81,18 @@ def _preprocess_tokenizer(config):
         sys.exit(f"error: {exc}")
 
 
+def _image_processor(config):
+    """(tokenizer, processor) for image rows (processor_type): the model's processor holding the tokenizer."""
+    from training.modeling import ModelNotFound, load_tokenizer
+    from training.multimodal import ProcessorNotUsable, load_processor
+
+    try:
+        tokenizer = load_tokenizer(config)
+        return tokenizer, load_processor(config, tokenizer)
+    except (ModelNotFound, ProcessorNotUsable) as exc:
+        sys.exit(f"error: {exc}")
+
+
 def _one_jsonl_file(source) -> Path | None:
     """The file of a source that is one whole local JSONL file (what parallel_encode splits), else None."""
     files = [f for fs in source.splits.values() for f in fs]
@@ -105,7 +117,12 @@ def cmd_preprocess(args) -> int:
         except SourceError as exc:
             print(f"error: datasets[{index}].path: {exc}", file=sys.stderr)
             return 2
-    tokenizer, why = _preprocess_tokenizer(config)
+    processor = None
+    if config.processor_type:  # image rows: the model's processor says how many tokens each image takes
+        tokenizer, processor = _image_processor(config)
+        why = "processor_type (the processor holds a transformers tokenizer)"
+    else:
+        tokenizer, why = _preprocess_tokenizer(config)
     if why and args.debug:
         print(f"note: tokenizer loaded with transformers: {why}", file=sys.stderr)
     color = args.color or (args.color is None and sys.stdout.isatty())
@@ -114,7 +131,14 @@ def cmd_preprocess(args) -> int:
     for index, source in enumerate(sources):
         path = Path(source.label)
         try:
-            encoder = Encoder.from_config(tokenizer, config, index, base_dir)
+            if processor is None:
+                encoder = Encoder.from_config(tokenizer, config, index, base_dir)
+            else:  # image paths are read beside the data file (training/multimodal.py)
+                from training.multimodal import ImageEncoder, source_dirs
+
+                encoder = ImageEncoder.from_config(
+                    tokenizer, config, index, base_dir, processor=processor, image_dirs=source_dirs(source)
+                )
         except ValueError as exc:
             print(f"error: datasets[{index}]: {exc}", file=sys.stderr)
             return 2
@@ -144,14 +168,18 @@ def cmd_preprocess(args) -> int:
                     continue
                 if out:
                     out.write(
-                        json.dumps({"row": outcome.row, "input_ids": outcome.input_ids, "labels": outcome.labels})
+                        json.dumps(
+                            {"row": outcome.row, "input_ids": outcome.input_ids, "labels": outcome.labels}
+                            | ({"images": len(outcome.images)} if outcome.images else {})
+                        )
                         + "\n"
                     )
                 if args.debug and shown < args.rows:
                     shown += 1
                     print(
                         f"--- {path.name} row {outcome.row} ({len(outcome.input_ids)} tokens, "
-                        f"{outcome.trained_tokens} trained)"
+                        f"{outcome.trained_tokens} trained"
+                        + (f", {len(outcome.images)} image(s))" if outcome.images else ")")
                     )
                     print(render_debug(tokenizer, outcome, color))
         except SequenceTooLong as exc:  # excess_length_strategy: raise

@@ -262,6 +262,16 @@ class TrainConfig(BaseModel):
     experts_implementation: str | None = Field(None, description="MoE experts: eager | batched_mm | grouped_mm")
     profiler_steps: int | None = Field(None, gt=0, description="steps traced by the torch profiler")
     profiler_steps_start: int = Field(0, ge=0, description="first step traced")
+    # image + text rows for vision-language models (training/multimodal.py)
+    processor_type: str | None = Field(
+        None, description="the model's processor class (AutoProcessor): trains chats with images"
+    )
+    processor_kwargs: dict[str, Any] | None = Field(
+        None, description="passed to the processor's from_pretrained (e.g. max_pixels)"
+    )
+    skip_prepare_dataset: bool = Field(
+        False, description="image rows: pixels made a batch at a time by the collator, not before training"
+    )
     # axolotl plugins: Liger is applied on a CUDA GPU (check_environment refuses it elsewhere); the others
     # are refused by the contract. The liger_* flags are the plugin's, axolotl's names.
     plugins: list[str] = Field(default_factory=list, description="axolotl.integrations.liger.LigerPlugin (CUDA)")
@@ -370,6 +380,36 @@ class TrainConfig(BaseModel):
                 f"sample_packing with attn_implementation {self.attn_implementation} would let packed samples "
                 "attend to each other; use sdpa, eager or flash_attention_2"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _image_rows(self) -> TrainConfig:
+        """processor_type trains chats with images (training/multimodal.py); skip_prepare_dataset and
+        processor_kwargs are about those rows only."""
+        if self.processor_type is None:
+            if self.skip_prepare_dataset:
+                raise ValueError(
+                    "skip_prepare_dataset applies to image rows (processor_type); text rows are always encoded "
+                    "before training: remove it"
+                )
+            if self.processor_kwargs:
+                raise ValueError("processor_kwargs configures the processor of processor_type; set both or neither")
+            return self
+        if not re.fullmatch(r"[A-Z]\w*Processor", self.processor_type):
+            raise ValueError(
+                f"processor_type {self.processor_type!r} is not a transformers processor class; write AutoProcessor"
+            )
+        if self.sample_packing:
+            raise ValueError(
+                "sample_packing: rows with images aren't packed (axolotl refuses it too: each batch's pixels "
+                "follow its rows); set sample_packing: false"
+            )
+        for i, d in enumerate(self.datasets):
+            if d.format_name != "chat_template":
+                raise ValueError(
+                    f"processor_type: image rows are conversations; datasets[{i}] is type {d.type}: "
+                    "use type: chat_template"
+                )
         return self
 
     @model_validator(mode="after")

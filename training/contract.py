@@ -109,6 +109,10 @@ HONOURED: dict[str, str] = {
     "dataloader_drop_last": _T + "test_training_arguments_follow_the_config",
     "profiler_steps": _T + "test_profiler_steps_keep_a_trace_as_a_run_artifact",
     "profiler_steps_start": _T + "test_profiler_steps_keep_a_trace_as_a_run_artifact",
+    # image + text rows (training/multimodal.py)
+    "processor_type": "tests/unit/test_multimodal.py::test_processor_type_trains_image_rows_with_the_models_processor",
+    "processor_kwargs": "tests/unit/test_multimodal.py::test_processor_kwargs_reach_the_image_processor",
+    "skip_prepare_dataset": "tests/unit/test_multimodal.py::test_skip_prepare_dataset_says_when_pixels_are_made",
     # plugins: Liger applied on CUDA (refused by check_environment elsewhere); the others refused (PLUGINS)
     "plugins": _T + "test_liger_is_refused_without_cuda_and_applied_as_the_flags_say_with_it",  # and CCE's test
     **{
@@ -335,10 +339,18 @@ REFUSED: dict[str, Refusal] = {
     ),
     "save_safetensors": Refusal("weights are always saved as safetensors", REMOVE, off=(True,)),
     **_family(
-        "processor_type processor_kwargs image_size image_resize_algorithm role_boundaries freeze_mm_modules "
-        "skip_prepare_dataset remove_unused_columns",
-        "training on images (vision-language models) is not available yet",
-        "remove it and train on text rows",
+        "image_size image_resize_algorithm",
+        "resizing images before the processor is not implemented in Trainyard (the model's processor sizes them)",
+        "remove it; bound image sizes with processor_kwargs (e.g. max_pixels for Qwen)",
+    ),
+    "role_boundaries": Refusal(
+        "image rows are masked by their chat template's turns as text rows are (roles_to_train, train_on_eos), "
+        "so axolotl's token-marker boundaries are not read",
+        REMOVE,
+    ),
+    "freeze_mm_modules": Refusal(
+        "freezing the vision and audio towers is not implemented as its own switch",
+        "remove it; train the language model only with unfrozen_parameters: ['model.language_model.*'] or an adapter",
     ),
     "remove_unused_columns": Refusal(
         "the trainer keeps the columns it builds", "remove it (false is what Trainyard does)"

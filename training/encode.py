@@ -19,12 +19,17 @@ IGNORE_INDEX = -100
 MIN_SAMPLE_TOKENS = 2  # axolotl's min_sample_len: a 1-token sample has no next token to learn
 
 
-def build_labels(input_ids: Sequence[int], trained: Iterable[tuple[int, int]]) -> list[int]:
+def build_labels(
+    input_ids: Sequence[int], trained: Iterable[tuple[int, int]], never: frozenset[int] = frozenset()
+) -> list[int]:
     """The only place labels are made: the token id inside a trained range [lo, hi) of token
-    positions, IGNORE_INDEX (-100) everywhere else. Ranges may overlap."""
+    positions, IGNORE_INDEX (-100) everywhere else. Ranges may overlap. Tokens in `never` (image
+    placeholders: they stand for pixels, not text to predict) are never trained."""
     labels = [IGNORE_INDEX] * len(input_ids)
     for lo, hi in trained:
         labels[lo:hi] = input_ids[lo:hi]
+    if never:
+        labels = [IGNORE_INDEX if t in never else label for t, label in zip(input_ids, labels)]
     return labels
 
 
@@ -37,6 +42,7 @@ class Encoded:
     parts: list[str]
     truncated: bool = False
     chunk: int = 0  # completion rows longer than sequence_len become several chunks
+    images: list | None = None  # image rows (training/multimodal.py): the images its image tokens stand for
 
     @property
     def trained_tokens(self) -> int:
@@ -160,6 +166,7 @@ class Encoder:
         )
         self.notes: Counter = Counter()
         self._render_valid = getattr(self.format, "render_valid", None)
+        self.masked_ids: frozenset[int] = frozenset()  # never trained (image placeholders: multimodal.py)
 
     @classmethod
     def from_config(
@@ -323,7 +330,7 @@ class Encoder:
     def _finish(self, index: int, r: Rendered, ids, trained, parts) -> list[Encoded | Dropped]:
         if not ids:
             return [Dropped(index, "empty", "the row produced no tokens")]
-        labels = build_labels(ids, trained)
+        labels = build_labels(ids, trained, self.masked_ids)
         if not r.split_every:  # the common case: one sample, no copies
             return [self._sample(Encoded(index, ids, labels, parts, r.parts))]
         return [

@@ -76,8 +76,11 @@ def load_model(config: TrainConfig, tokenizer):
     if config.load_in_4bit or config.load_in_8bit:
         kwargs["quantization_config"] = quantization_config(config, dtype)
     source = _source(config.base_model)
+    model_class = auto_model_class(source)
+    if config.processor_type:  # image rows: the model with its vision tower, whatever its type
+        from transformers import AutoModelForImageTextToText as model_class
     try:
-        model = auto_model_class(source).from_pretrained(source, **kwargs)  # VLM checkpoints: the whole model
+        model = model_class.from_pretrained(source, **kwargs)  # VLM checkpoints: the whole model
     except (OSError, ValueError) as exc:
         raise ModelNotFound(
             f"base_model: can't load a model from {config.base_model!r}: {str(exc).splitlines()[0]}"

@@ -52,7 +52,7 @@ def resolve_path(path: str, base_dir: Path | None) -> Path:
     return p
 
 
-def encode_dataset(config: TrainConfig, tokenizer, index: int, base_dir: Path | None = None):
+def encode_dataset(config: TrainConfig, tokenizer, index: int, base_dir: Path | None = None, processor=None):
     """(samples, stats, warnings) for one `datasets:` entry; invalid lines raise DataInvalid with line numbers."""
     spec = config.datasets[index]
     try:  # local files, folders, save_to_disk, Hub ids (training/sources.py)
@@ -60,7 +60,14 @@ def encode_dataset(config: TrainConfig, tokenizer, index: int, base_dir: Path | 
     except SourceError as exc:
         raise DataInvalid(f"datasets[{index}].path: {exc}") from None
     path, unit = source.label, source.unit
-    encoder = Encoder.from_config(tokenizer, config, index, base_dir)
+    if processor is None:
+        encoder = Encoder.from_config(tokenizer, config, index, base_dir)
+    else:  # image rows (processor_type): training/multimodal.py
+        from training.multimodal import ImageEncoder, source_dirs
+
+        encoder = ImageEncoder.from_config(
+            tokenizer, config, index, base_dir, processor=processor, image_dirs=source_dirs(source)
+        )
     stats, samples, problems = EncodeStats(), [], []
     try:
         for outcome in encoder.encode_numbered(source.rows(), stats):
@@ -77,10 +84,10 @@ def encode_dataset(config: TrainConfig, tokenizer, index: int, base_dir: Path | 
     return samples, stats, encoder.warnings()
 
 
-def prepare_data(config: TrainConfig, tokenizer, base_dir: Path | None = None) -> PreparedData:
+def prepare_data(config: TrainConfig, tokenizer, base_dir: Path | None = None, processor=None) -> PreparedData:
     samples, all_stats, warnings = [], [], []
     for i in range(len(config.datasets)):
-        s, stats, w = encode_dataset(config, tokenizer, i, base_dir)
+        s, stats, w = encode_dataset(config, tokenizer, i, base_dir, processor)
         samples += s
         all_stats.append(stats)
         warnings += w
@@ -99,9 +106,20 @@ def prepare_data(config: TrainConfig, tokenizer, base_dir: Path | None = None) -
         efficiency = packing_efficiency(bins, config.sequence_len)
         train = [{"input_ids": b.input_ids, "labels": b.labels, "position_ids": b.position_ids} for b in bins]
     else:
-        train = [{"input_ids": s.input_ids, "labels": s.labels} for s in train_samples]
-    evals = [{"input_ids": s.input_ids, "labels": s.labels} for s in eval_samples]
+        train = [_features(s) for s in train_samples]
+    evals = [_features(s) for s in eval_samples]
+    if processor is not None and not config.skip_prepare_dataset:  # the pixels once, before training
+        from training.multimodal import prepare_pixels
+
+        prepare_pixels(train + evals, processor)
     return PreparedData(train, evals, all_stats, warnings, efficiency, train_samples[:3])
+
+
+def _features(sample: Encoded) -> dict:
+    features = {"input_ids": sample.input_ids, "labels": sample.labels}
+    if sample.images:  # image rows: the collator makes their pixels (training/multimodal.py)
+        features["images"] = sample.images
+    return features
 
 
 class Collator:
@@ -464,11 +482,24 @@ def train(
         sink.emit("log", message=f"WARNING config: {warning}")
     set_seed(config.seed)
     tokenizer = load_tokenizer(config)
-    data = prepare_data(config, tokenizer, base_dir)
+    processor = None
+    if config.processor_type:  # image rows: the model's processor sizes and makes their pixels
+        from training.multimodal import load_processor
+
+        processor = load_processor(config, tokenizer)
+    data = prepare_data(config, tokenizer, base_dir, processor)
     for stats in data.stats:
         sink.emit("log", message=f"data: {stats.as_dict()}")
     for warning in data.warnings:
         sink.emit("log", message=f"WARNING data: {warning}")
+    if processor is not None:
+        with_images = sum(1 for f in data.train if f.get("images") or f.get("pixels"))
+        when = "a batch at a time" if config.skip_prepare_dataset else "before training"
+        sink.emit(
+            "log",
+            message=f"images: {with_images} of {len(data.train)} training samples have images; their pixels are "
+            f"made {when} by {type(processor).__name__}",
+        )
     sink.emit(
         "data",
         stats=[s.as_dict() for s in data.stats],
@@ -500,7 +531,13 @@ def train(
     for note in getattr(model, "trainyard_notes", []):  # what training/architectures.py did to this model
         sink.emit("log", message=note)
 
-    collator = Collator(tokenizer.pad_token_id, pad_to=config.sequence_len if config.pad_to_sequence_len else None)
+    pad_to = config.sequence_len if config.pad_to_sequence_len else None
+    if processor is None:
+        collator = Collator(tokenizer.pad_token_id, pad_to=pad_to)
+    else:
+        from training.multimodal import ImageCollator
+
+        collator = ImageCollator(tokenizer.pad_token_id, processor, pad_to=pad_to)
     has_eval = bool(data.eval)
     bf16 = model.dtype == torch.bfloat16 if not config.load_in_4bit else False
     args = TrainingArguments(
@@ -542,6 +579,8 @@ def train(
     if trainer.is_world_process_zero():  # several processes (accelerate launch): one writes
         trainer.model.save_pretrained(out, state_dict=state_dict)  # the unwrapped model (DDP keeps its wrapper apart)
         tokenizer.save_pretrained(out)
+        if processor is not None:  # the model's processor travels with what was trained on images
+            processor.save_pretrained(out)
         if config.adapter and config.quantize_moe_experts:
             from training.architectures import restack_for_plain_base
 

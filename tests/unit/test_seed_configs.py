@@ -95,8 +95,6 @@ GAPS: dict[str, dict[str, str]] = {
     # FSDP2 with bitsandbytes 8-bit weights; without load_in_8bit, quantize_moe_experts has nothing to follow
     "glm47-flash__lora_fsdp.yaml": {"load_in_8bit": "can't shard 8-bit", "quantize_moe_experts": "quantizes experts"},
     "ministral__ministral-small-qlora.yaml": {"tokenizer_use_mistral_common": "no offsets mapping"},
-    "qwen3.5__9b-fft-vision.yaml": {"processor_type": "images", "skip_prepare_dataset": "images"},
-    "qwen3.5__9b-lora-vision.yaml": {"processor_type": "images", "skip_prepare_dataset": "images"},
 }
 
 # Resource sizes only: small enough to train in seconds on two cores.
@@ -112,9 +110,37 @@ def _stand_in_rows(layout: str, n: int = 200) -> list[dict]:
         if layout == "sharegpt":  # mlabonne/FineTome-100k
             names = {"user": "human", "assistant": "gpt"}
             rows.append({"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in messages]})
-        else:  # fozziethebeat/alpaca_messages_2k_test, HuggingFaceH4/llava-instruct-mix-vsft (text turns)
+        else:  # fozziethebeat/alpaca_messages_2k_test
             rows.append({"messages": messages})
     return rows
+
+
+def _llava_stand_in(path: Path, n: int = 200) -> Path:
+    """HuggingFaceH4/llava-instruct-mix-vsft's layout, as its Parquet files store it: `messages` whose contents
+    are lists of {type, text, index} parts (an image part points at the row's image) and an `images` column of
+    {bytes, path} structs holding real (tiny, random) PNGs of a few sizes."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    rows = []
+    for i, row in enumerate(_stand_in_rows("messages", n)):
+        width, height = [(32, 32), (48, 24), (64, 40), (20, 28)][i % 4]
+        png = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(png, format="PNG")
+        messages = []
+        for k, m in enumerate(row["messages"]):
+            parts = [{"index": None, "text": m["content"], "type": "text"}]
+            if k == 0:
+                parts.insert(i % 2, {"index": 0, "text": None, "type": "image"})
+            messages.append({"content": parts, "role": m["role"]})
+        rows.append({"messages": messages, "images": [{"bytes": png.getvalue(), "path": None}]})
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +151,7 @@ def stand_ins(tmp_path_factory) -> dict[str, Path]:
         path = folder / f"{layout}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in _stand_in_rows(layout)))
         paths[layout] = path
+    paths["llava"] = _llava_stand_in(folder / "llava.parquet")
     return paths
 
 
@@ -133,7 +160,8 @@ def seed_config(name: str, tiny_arch, stand_ins, output_dir: Path) -> dict:
     data = yaml.safe_load((SEED_DIR / name).read_text())
     data["base_model"] = str(tiny_arch(SEED_MODELS[data["base_model"]]))
     for entry in data["datasets"]:
-        entry["path"] = str(stand_ins["sharegpt" if entry.get("field_messages") == "conversations" else "messages"])
+        layout = "sharegpt" if entry.get("field_messages") == "conversations" else "messages"
+        entry["path"] = str(stand_ins["llava" if "llava" in entry["path"] else layout])
     data["output_dir"] = str(output_dir)
     data.update(RESOURCES)
     return data

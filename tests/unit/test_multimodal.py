@@ -1,0 +1,320 @@
+"""Image + text rows (processor_type) on the tiny Qwen3.5 vision-language model: encoded as its processor encodes
+them, image tokens never trained, pixels made by its image processor, and trained end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.config import ConfigInvalid, check_model, parse_config
+from training.encode import IGNORE_INDEX, Dropped, Encoded
+from training.events import ListEventSink
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+def png(width: int, height: int, seed: int = 0) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def llava_row(i: int, image: str | None = "", question: str = "What is in the picture?") -> dict:
+    """HuggingFaceH4/llava-instruct-mix-vsft's layout: parts with an `index`, the image in the `images` column."""
+    user = [{"type": "text", "text": question, "index": None}, {"type": "image", "text": None, "index": 0}]
+    row = {
+        "messages": [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": [{"type": "text", "text": f"Noise number {i}.", "index": None}]},
+        ]
+    }
+    if image is not None:
+        row["images"] = [image or f"images/{i}.png"]
+    return row
+
+
+SIZES = [(32, 32), (48, 24), (64, 64), (20, 28)]
+
+
+@pytest.fixture
+def image_data(tmp_path) -> Path:
+    """Eight rows whose images are PNG files beside the data file (paths relative to it)."""
+    (tmp_path / "images").mkdir()
+    for i in range(8):
+        (tmp_path / "images" / f"{i}.png").write_bytes(png(*SIZES[i % 4], seed=i))
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(llava_row(i)) + "\n" for i in range(8)))
+    return tmp_path / "rows.jsonl"
+
+
+def vision_config(model, data, **keys):
+    base = {
+        "base_model": str(model),
+        "processor_type": "AutoProcessor",
+        "skip_prepare_dataset": True,
+        "remove_unused_columns": False,
+        "chat_template": "qwen3_5",
+        "datasets": [{"path": str(data), "type": "chat_template"}],
+        "sequence_len": 256,
+        "micro_batch_size": 2,
+        "max_steps": 2,
+        "learning_rate": 1e-3,
+    }
+    return parse_config({**base, **keys})
+
+
+def encoder_of(config, data: Path | None = None):
+    from training.modeling import load_tokenizer
+    from training.multimodal import ImageEncoder, load_processor
+
+    tokenizer = load_tokenizer(config)
+    processor = load_processor(config, tokenizer)
+    dirs = [Path(data).parent] if data else []
+    return ImageEncoder.from_config(tokenizer, config, 0, None, processor=processor, image_dirs=dirs), processor
+
+
+def test_processor_type_trains_image_rows_with_the_models_processor(tiny_arch, image_data, tmp_path):
+    """processor_type: AutoProcessor: the vision tower sees every image's pixels, the loss trains, and the
+    adapter is saved with the processor."""
+    import torch
+
+    from training.train import train
+
+    model = tiny_arch("qwen3_5")
+    config = vision_config(model, image_data, adapter="lora", lora_target_modules=["q_proj", "v_proj"])
+    sink = ListEventSink()
+    seen = []
+    original = torch.nn.Module.__call__
+
+    def watch(module, *args, **kwargs):  # the vision tower's inputs, however the model calls it
+        if type(module).__name__ == "Qwen3_5VisionModel":
+            seen.append(tuple(kwargs.get("grid_thw", args[1] if len(args) > 1 else None).tolist()[0]))
+        return original(module, *args, **kwargs)
+
+    torch.nn.Module.__call__ = watch
+    try:
+        summary = train(config, tmp_path / "run", sink)
+    finally:
+        torch.nn.Module.__call__ = original
+    assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+    assert len(seen) == 2  # one batch of two rows per step, each with its images
+    logs = [e["message"] for e in sink.events if e["event"] == "log"]
+    assert "images: 8 of 8 training samples have images; their pixels are made a batch at a time by " in "\n".join(
+        logs
+    )
+    saved = tmp_path / "run" / "adapter"
+    assert (saved / "processor_config.json").is_file() and (saved / "adapter_config.json").is_file()
+
+
+def test_image_rows_encode_as_the_processor_does(tiny_arch, image_data):
+    """The same ids the model's processor gives for the rendered chat and its image, and the same pixels."""
+    import torch
+
+    from training.multimodal import ImageCollator, open_image
+
+    config = vision_config(tiny_arch("qwen3_5"), image_data)
+    encoder, processor = encoder_of(config, image_data)
+    rows = [json.loads(line) for line in image_data.read_text().splitlines()]
+    samples = list(encoder.encode_file(image_data))
+    assert all(isinstance(s, Encoded) for s in samples) and len(samples) == 8
+    for i, (row, sample) in enumerate(zip(rows, samples, strict=True)):
+        messages = [
+            {"role": m["role"], "content": [{k: v for k, v in p.items() if v is not None} for p in m["content"]]}
+            for m in row["messages"]
+        ]
+        text = processor.apply_chat_template(messages, tokenize=False)
+        image = open_image(image_data.parent / row["images"][0])
+        reference = processor(text=[text], images=[image], return_tensors="pt")
+        assert sample.input_ids == reference["input_ids"][0].tolist(), f"row {i}"
+        assert sample.images == [image_data.parent / f"images/{i}.png"]
+        batch = ImageCollator(encoder.tokenizer.pad_token_id, processor)(
+            [{"input_ids": sample.input_ids, "labels": sample.labels, "images": sample.images}]
+        )
+        assert torch.equal(batch["pixel_values"], reference["pixel_values"])
+        assert torch.equal(batch["image_grid_thw"], reference["image_grid_thw"])
+        assert torch.equal(batch["mm_token_type_ids"], reference["mm_token_type_ids"])
+    # sizes differ, so does the number of image tokens: 64x64 -> 16, 32x32 -> 4
+    assert [s.input_ids.count(processor.image_token_id) for s in samples[:4]] == [4, 6, 16, 2]
+
+
+def test_image_tokens_never_train(tiny_arch, image_data):
+    """Image placeholder tokens stand for pixels: masked even where their turn trains (train_on_inputs), while
+    the text and the vision start/end markers of that turn train."""
+    config = vision_config(tiny_arch("qwen3_5"), image_data, train_on_inputs=True)
+    encoder, processor = encoder_of(config, image_data)
+    sample = next(iter(encoder.encode_file(image_data)))
+    tokenizer = encoder.tokenizer
+    image_id, start = processor.image_token_id, tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    positions = [k for k, t in enumerate(sample.input_ids) if t == image_id]
+    assert positions and all(sample.labels[k] == IGNORE_INDEX for k in positions)
+    assert sample.labels[sample.input_ids.index(start)] == start  # the user turn trains: its markers too
+    question = tokenizer.encode("What", add_special_tokens=False)[0]
+    assert sample.labels[sample.input_ids.index(question)] == question
+
+
+def test_several_images_go_in_order_and_spare_ones_to_the_first_user_turn(tiny_arch, tmp_path):
+    """The k-th bare image part takes the k-th image of the row (axolotl takes only the first); images no part
+    asks for go at the end of the first user turn, as axolotl does."""
+    a, b, c = png(32, 32, 1), png(64, 64, 2), png(48, 24, 3)
+    for name, data in (("a.png", a), ("b.png", b), ("c.png", c)):
+        (tmp_path / name).write_bytes(data)
+    row = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}]},
+            {"role": "assistant", "content": "Two."},
+            {"role": "user", "content": "And this?"},
+            {"role": "assistant", "content": "A third."},
+        ],
+        "images": ["a.png", "b.png", "c.png"],
+    }
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    encoder, processor = encoder_of(vision_config(tiny_arch("qwen3_5"), data), data)
+    [sample] = encoder.encode_file(data)
+    assert sample.images == [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"]
+    text = encoder.tokenizer.decode(sample.input_ids)
+    first_user = text[: text.index("<|im_end|>")]
+    runs = [len(m) // len(IMAGE_PAD) for m in re.findall(f"(?:{re.escape(IMAGE_PAD)})+", first_user)]
+    assert runs == [4, 16, 6] and first_user.index("and") < first_user.index(IMAGE_PAD * 16)
+
+
+@pytest.mark.parametrize(
+    "change, field, message",
+    [
+        (lambda r: r.update(images=[]), "messages[0].content[1]", "an image part with no image: the row has 0"),
+        (lambda r: r.update(images=["nowhere.png"]), "images[0]", "no image file 'nowhere.png'"),
+        (lambda r: r.update(images=["broken.png"]), "images[0]", "not a readable image"),
+        (lambda r: r.update(images=["https://example.com/x.png"]), "images[0]", "not fetched from the network"),
+        (
+            lambda r: r["messages"][0]["content"].append({"type": "video"}),
+            "messages[0].content[2]",
+            "video parts aren't supported",
+        ),
+        (
+            lambda r: r["messages"][1]["content"][0].update(text="a " + IMAGE_PAD),
+            "messages[1].content[0].text",
+            "holds the image placeholder token",
+        ),
+        (lambda r: r.update(images=[{"bytes": "@@not base64@@"}]), "images[0]", "must be base64"),
+    ],
+)
+def test_a_row_with_an_unusable_image_is_invalid_at_its_field(tiny_arch, image_data, change, field, message):
+    (image_data.parent / "broken.png").write_bytes(b"not a png")
+    row = llava_row(0)
+    change(row)
+    encoder, _ = encoder_of(vision_config(tiny_arch("qwen3_5"), image_data), image_data)
+    [outcome] = encoder.encode_rows([(0, row)])
+    assert isinstance(outcome, Dropped) and outcome.reason == "invalid"
+    assert outcome.detail.startswith(f"{field}: ") and message in outcome.detail
+
+
+def test_a_bad_image_fails_the_run_before_the_model_loads_naming_the_line(tiny_arch, image_data, tmp_path):
+    from training.train import DataInvalid, prepare_data
+
+    lines = image_data.read_text().splitlines()
+    lines[2] = json.dumps(llava_row(2, image="images/missing.png"))
+    image_data.write_text("\n".join(lines) + "\n")
+    config = vision_config(tiny_arch("qwen3_5"), image_data)
+    encoder, processor = encoder_of(config, image_data)
+    with pytest.raises(DataInvalid, match=r"rows.jsonl:line 3: images\[0\]: no image file 'images/missing.png'"):
+        prepare_data(config, encoder.tokenizer, None, processor)
+
+
+def test_truncation_never_cuts_through_an_image(tiny_arch, image_data):
+    """excess_length_strategy: truncate keeps whole images only: a cut through an image's tokens drops the row
+    (with train_on_inputs the cut prompt still trains, so the cut itself decides)."""
+    keys = {"excess_length_strategy": "truncate", "sequence_len": 24, "train_on_inputs": True}
+    config = vision_config(tiny_arch("qwen3_5"), image_data, **keys)
+    encoder, processor = encoder_of(config, image_data)
+    row = llava_row(2)  # 64x64: 16 image tokens, which start after ~17 tokens of question
+    [outcome] = encoder.encode_rows([(2, row)])
+    assert isinstance(outcome, Dropped) and outcome.reason == "too_long" and "cut an image" in outcome.detail
+    row["messages"][0]["content"].reverse()  # the image first, then the question: the cut falls in the text
+    [kept] = encoder.encode_rows([(2, row)])
+    assert isinstance(kept, Encoded) and kept.truncated and len(kept.images) == 1
+    assert kept.input_ids.count(processor.image_token_id) == 16
+
+
+def test_processor_kwargs_reach_the_image_processor(tiny_arch, image_data):
+    """processor_kwargs (max_pixels for Qwen) bound the image sizes: a 64x64 image takes 4 tokens, not 16."""
+    config = vision_config(tiny_arch("qwen3_5"), image_data, processor_kwargs={"max_pixels": 32 * 32})
+    encoder, processor = encoder_of(config, image_data)
+    samples = list(encoder.encode_file(image_data))
+    assert samples[2].input_ids.count(processor.image_token_id) == 4
+    assert processor.image_processor.size["longest_edge"] == 32 * 32
+
+
+def test_skip_prepare_dataset_says_when_pixels_are_made(tiny_arch, image_data):
+    """true: the rows keep their images and the collator makes each batch's pixels; false: the pixels are made
+    once before training. The batches are the same."""
+    import torch
+
+    from training.multimodal import ImageCollator
+    from training.train import prepare_data
+
+    batches = {}
+    for skip in (True, False):
+        config = vision_config(tiny_arch("qwen3_5"), image_data, skip_prepare_dataset=skip, seed=3)
+        encoder, processor = encoder_of(config, image_data)
+        data = prepare_data(config, encoder.tokenizer, None, processor)
+        first = data.train[0]
+        assert ("images" in first) is skip and ("pixels" in first) is not skip
+        batches[skip] = ImageCollator(encoder.tokenizer.pad_token_id, processor)(data.train[:3])
+    assert batches[True].keys() == batches[False].keys()
+    assert all(torch.equal(batches[True][k], batches[False][k]) for k in batches[True])
+
+
+def test_image_rows_keep_their_gated_deltanet_state_across_images(tiny_arch, image_data):
+    """M-RoPE positions repeat over an image; the packed-sample isolation of Qwen3.5's linear attention layers
+    must not read that as sample boundaries (it cut the state at every image token: logits off by ~4)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from training.architectures import isolate_packed_linear_attention
+    from training.multimodal import ImageCollator
+
+    encoder, processor = encoder_of(vision_config(tiny_arch("qwen3_5"), image_data), image_data)
+    samples = list(encoder.encode_file(image_data))[:2]
+    batch = ImageCollator(encoder.tokenizer.pad_token_id, processor)(
+        [{"input_ids": s.input_ids, "labels": s.labels, "images": s.images} for s in samples]
+    )
+    model = AutoModelForImageTextToText.from_pretrained(tiny_arch("qwen3_5")).eval()
+    with torch.no_grad():
+        before = model(**batch, use_cache=False).logits
+        assert isolate_packed_linear_attention(model) == 1
+        after = model(**batch, use_cache=False).logits
+    assert torch.equal(before, after)
+
+
+# -- validation ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "keys, path, words",
+    [
+        ({"sample_packing": True}, "sample_packing", "rows with images aren't packed"),
+        ({"processor_type": None}, "skip_prepare_dataset", "applies to image rows"),
+        ({"processor_type": "Qwen3.5"}, "processor_type", "not a transformers processor class"),
+        ({"datasets": [{"path": "d.jsonl", "type": "alpaca"}]}, "processor_type", "use type: chat_template"),
+    ],
+)
+def test_image_settings_that_cant_work_are_refused_at_their_key(tiny_arch, keys, path, words):
+    with pytest.raises(ConfigInvalid) as refused:
+        vision_config(tiny_arch("qwen3_5"), "d.jsonl", **keys)
+    assert [(e.path, words in e.message) for e in refused.value.errors] == [(path, True)]
+
+
+def test_processor_type_needs_a_model_with_a_vision_tower_and_its_image_processor(tiny_arch, tmp_path):
+    [text_only] = check_model(vision_config(tiny_arch("ministral"), "d.jsonl"))
+    assert text_only.path == "processor_type" and "no vision tower" in text_only.message
+    bare = tmp_path / "no-processor"
+    bare.mkdir()
+    (bare / "config.json").write_text((tiny_arch("qwen3_5") / "config.json").read_text())
+    [missing] = check_model(vision_config(bare, "d.jsonl"))
+    assert missing.path == "processor_type" and "no preprocessor_config.json" in missing.message
+    assert check_model(vision_config(tiny_arch("qwen3_5"), "d.jsonl")) == []
