@@ -318,3 +318,48 @@ def test_processor_type_needs_a_model_with_a_vision_tower_and_its_image_processo
     [missing] = check_model(vision_config(bare, "d.jsonl"))
     assert missing.path == "processor_type" and "no preprocessor_config.json" in missing.message
     assert check_model(vision_config(tiny_arch("qwen3_5"), "d.jsonl")) == []
+
+
+# -- axolotl parity -----------------------------------------------------------------------------------------
+AXOLOTL = Path(__file__).parents[1] / "fixtures" / "axolotl" / "multimodal"
+
+
+def test_image_rows_match_axolotls_multimodal_path():
+    """Axolotl 0.21.0's own Qwen3.5 multimodal output (tests/fixtures/axolotl/multimodal/, made by its
+    make_multimodal_case.py): the same ids (image tokens included, an EXIF-turned JPEG too) and image grids.
+    Labels differ by design in one place: axolotl's multimodal masking trains everything between
+    `<|im_start|>assistant\\n` and `<|im_end|>`, so also the empty `<think>\\n\\n</think>\\n\\n` the template
+    puts before the last answer; its text path, and Trainyard for every row, train the answer and its end token
+    only, so a row trains the same with or without an image."""
+    config = parse_config(
+        {
+            "base_model": str(AXOLOTL / "model"),
+            "processor_type": "AutoProcessor",
+            "skip_prepare_dataset": True,
+            "chat_template": "qwen3_5",
+            "datasets": [{"path": str(AXOLOTL / "data.jsonl"), "type": "chat_template"}],
+            "sequence_len": 1024,
+        }
+    )
+    encoder, processor = encoder_of(config, AXOLOTL / "data.jsonl")
+    from training.multimodal import ImageCollator
+
+    tokenizer = encoder.tokenizer
+    expected = [json.loads(line) for line in (AXOLOTL / "expected.jsonl").read_text().splitlines()]
+    samples = list(encoder.encode_file(AXOLOTL / "data.jsonl"))
+    assert len(samples) == len(expected) == 5
+    think = tokenizer.encode("<think>\n\n</think>\n\n", add_special_tokens=False)
+    for sample, theirs in zip(samples, expected, strict=True):
+        assert sample.input_ids == theirs["input_ids"], f"row {theirs['row']}"
+        batch = ImageCollator(tokenizer.pad_token_id, processor)(
+            [{"input_ids": sample.input_ids, "labels": sample.labels, "images": sample.images}]
+        )
+        assert batch["image_grid_thw"].tolist() == theirs["image_grid_thw"]
+        differ = [k for k, (a, b) in enumerate(zip(sample.labels, theirs["labels"], strict=True)) if a != b]
+        # only axolotl trains them, and they are the template's think block right after the last answer's header
+        assert all(sample.labels[k] == IGNORE_INDEX for k in differ)
+        assert [sample.input_ids[k] for k in differ] == think and differ == list(range(differ[0], differ[0] + 6))
+        header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+        assert sample.input_ids[differ[0] - len(header) : differ[0]] == header
+    assert samples[4].images == [AXOLOTL / "images" / "e.jpg"]
+    assert expected[4]["image_grid_thw"] == [[1, 6, 4]]  # 6 patches high, 4 wide: turned as its EXIF orientation says
