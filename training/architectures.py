@@ -383,6 +383,73 @@ def build_tokenizer(family_name: str):
     return fast
 
 
+# Architectures whose real checkpoints ship mistral-common's tekken.json beside tokenizer.json
+# (tokenizer_use_mistral_common reads it); their tiny builds do too.
+TEKKEN_ARCHS = {"ministral"}
+TEKKEN_VERSION = "v3"  # Ministral-8B-Instruct-2410's tokenizer (mistral-common's InstructTokenizerV3)
+_TEKKEN_SPECIAL_TOKENS = 32  # real ones reserve 1000 ranks; the first 20 have fixed meanings in mistral-common
+
+
+def tekken_json() -> dict:
+    """The shared byte-level BPE as mistral-common's tekken.json: special tokens take the first ranks, then
+    the 256 bytes in byte order and the merges in training order (tiktoken's ranks). Built offline."""
+    import base64
+
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    from training.demo import _QWEN2_SPLIT
+
+    model = json.loads(_base_tokenizer())["model"]
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    ranks = [bytes([b]) for b in range(256)]
+    for merge in model["merges"]:
+        left, right = merge if isinstance(merge, list) else merge.split(" ")
+        ranks.append(bytes(byte_of[c] for c in left + right))
+    specials = [dict(t) for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
+    for t in specials:
+        t["token_str"] = str(getattr(t["token_str"], "value", t["token_str"]))
+    return {
+        "config": {
+            "pattern": _QWEN2_SPLIT,
+            "num_vocab_tokens": len(ranks),
+            "default_vocab_size": len(ranks) + _TEKKEN_SPECIAL_TOKENS,
+            "default_num_special_tokens": _TEKKEN_SPECIAL_TOKENS,
+            "version": TEKKEN_VERSION,
+        },
+        "vocab": [
+            {"rank": i, "token_bytes": base64.b64encode(b).decode(), "token_str": b.decode("utf-8", "replace")}
+            for i, b in enumerate(ranks)
+        ],
+        "special_tokens": specials,
+    }
+
+
+def build_tekken_tokenizer(family_name: str, tekken_file: Path):
+    """The family's tokenizer as the real Mistral repos ship it: tokenizer.json converted from `tekken_file`
+    by transformers' own converter, so both give the same ids (tests/unit/test_mistral_common.py)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.mistral.tokenizer import MistralConverter
+
+    family = FAMILIES[family_name]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=MistralConverter(str(tekken_file)).converted(),
+        bos_token=family.bos,
+        eos_token=family.eos,
+        pad_token=family.pad,
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+    )
+    fast.chat_template = (_NAMED_TEMPLATES / family.template).read_text()
+    return fast
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return bytes_to_unicode()
+
+
 def build_tiny(arch: str, out_dir: Path | str, seed: int = 0) -> Path:
     """Write a loadable folder (config.json, weights, tokenizer with the family's chat template) of a tiny
     random-weight model of `arch` (see ARCHITECTURES). Idempotent; built beside the target and renamed."""
@@ -395,7 +462,12 @@ def build_tiny(arch: str, out_dir: Path | str, seed: int = 0) -> Path:
     family, class_name = ARCHITECTURES[arch]
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = build_tokenizer(family)
+    if arch in TEKKEN_ARCHS:
+        tmp.mkdir(parents=True)
+        (tmp / "tekken.json").write_text(json.dumps(tekken_json()))
+        tokenizer = build_tekken_tokenizer(family, tmp / "tekken.json")
+    else:
+        tokenizer = build_tokenizer(family)
     config = _model_config(arch, tokenizer)
     torch.manual_seed(seed)
     model = getattr(transformers, class_name)(config)
@@ -434,6 +506,19 @@ def read_model_config(model_dir_or_id: str | Path) -> dict | None:
     except Exception:  # not a valid repo id, no cache: nothing to check against
         return None
     return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+
+
+def _has_model_file(model_dir_or_id: str | Path, name: str) -> bool:
+    """Whether the model's folder (or its copy in the local hub cache) has the file `name`."""
+    path = Path(str(model_dir_or_id)).expanduser()
+    if path.is_dir():
+        return (path / name).is_file()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(str(model_dir_or_id), name), str)
+    except Exception:  # not a valid repo id, no cache
+        return False
 
 
 # Vision-language checkpoints for which AutoModelForCausalLM builds a text-only class with other module paths
@@ -525,6 +610,16 @@ def check_against_model(config: TrainConfig, model_dir_or_id: str | Path | None 
             ConfigError(
                 "quantize_moe_experts",
                 "quantizes experts like the rest of the model: set load_in_4bit (adapter: qlora) or load_in_8bit",
+            )
+        )
+    if getattr(config, "tokenizer_use_mistral_common", False) and not _has_model_file(
+        model_dir_or_id or config.base_model, "tekken.json"
+    ):
+        errors.append(
+            ConfigError(
+                "tokenizer_use_mistral_common",
+                f"this model ({model_type}) has no tekken.json, the file mistral-common's tokenizer reads; "
+                "remove it to use the model's tokenizer.json",
             )
         )
     expert_targets = [t for t in (config.lora_target_parameters or []) if "experts" in t]

@@ -66,7 +66,9 @@ def _preprocess_tokenizer(config):
     from training.light_tokenizer import load_light_tokenizer
 
     folder = Path(config.base_model).expanduser()
-    if folder.is_dir() and not config.trust_remote_code:
+    if config.tokenizer_use_mistral_common:
+        why = "tokenizer_use_mistral_common"
+    elif folder.is_dir() and not config.trust_remote_code:
         light = load_light_tokenizer(folder, config.special_tokens)
         if not isinstance(light, str):
             return light, None

@@ -188,6 +188,9 @@ class TrainConfig(BaseModel):
     chat_template_jinja: str | None = None
     eot_tokens: list[str] | None = None
     special_tokens: dict[str, str] = Field(default_factory=dict)
+    tokenizer_use_mistral_common: bool = Field(
+        False, description="encode conversations with mistral-common (the model's tekken.json), not a chat template"
+    )
     sample_packing: bool = False
     # model and adapter
     adapter: Literal["lora", "qlora"] | None = None
@@ -500,6 +503,35 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _mistral_common_encodes_conversations(self) -> TrainConfig:
+        """mistral-common encodes a conversation in its own instruct format: no chat template, no other end-of-turn
+        token than eos, no added tokens (axolotl refuses those too), and no rows other than conversations."""
+        if not self.tokenizer_use_mistral_common:
+            return self
+        key = "tokenizer_use_mistral_common"
+        for i, d in enumerate(self.datasets):
+            if d.format_name != "chat_template":
+                raise ValueError(f"{key} encodes conversations only; datasets[{i}] is type {d.type}: remove {key} "
+                                 "to use the model's tokenizer.json")
+            if d.chat_template or d.chat_template_jinja:
+                raise ValueError(f"{key}: mistral-common's own format replaces the chat template; remove "
+                                 f"datasets[{i}].chat_template/chat_template_jinja or {key}")
+        others = {
+            "chat_template": self.chat_template != "tokenizer_default" or self.chat_template_jinja,
+            "eot_tokens": self.eot_tokens,
+            "special_tokens": self.special_tokens,
+        }
+        for other, value in others.items():
+            if value:
+                why = {
+                    "chat_template": "mistral-common's own format replaces the chat template",
+                    "eot_tokens": "mistral-common ends a turn with the eos token only",
+                    "special_tokens": "mistral-common's tokenizer takes no added or renamed tokens",
+                }[other]
+                raise ValueError(f"{key}: {why}; remove {other} or {key}")
+        return self
+
+    @model_validator(mode="after")
     def _liger_flags_need_the_plugin(self) -> TrainConfig:
         if self.liger_swiglu:
             self.liger_glu_activation = True
@@ -652,6 +684,12 @@ def check_environment(
             errors.append(
                 ConfigError(path, "the plugin needs the cut-cross-entropy package: pip install cut-cross-entropy")
             )
+    if config.tokenizer_use_mistral_common and importlib.util.find_spec("mistral_common") is None:
+        errors.append(
+            ConfigError(
+                "tokenizer_use_mistral_common", "needs the mistral-common package (pip install mistral-common)"
+            )
+        )
     if config.optimizer in TORCHAO_OPTIMIZERS and importlib.util.find_spec("torchao") is None:
         errors.append(ConfigError("optimizer", f"{config.optimizer} needs the torchao package (pip install torchao)"))
     elif config.optimizer and config.optimizer not in OPTIMIZERS_THAT_BUILD_HERE:

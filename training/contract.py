@@ -54,6 +54,7 @@ HONOURED: dict[str, str] = {
     "flex_attention": _T + "test_attention_keys_pick_the_backend",
     "experts_implementation": _T + "test_experts_implementation_reaches_the_model",
     "special_tokens": _T + "test_special_tokens_and_eot_tokens_reach_the_tokenizer",
+    "tokenizer_use_mistral_common": "tests/unit/test_mistral_common.py::test_mistral_common_trains_assistant_turns",
     "gradient_checkpointing": _T + "test_gradient_checkpointing_kwargs_are_passed_through",
     "gradient_checkpointing_kwargs": _T + "test_gradient_checkpointing_kwargs_are_passed_through",
     "activation_offloading": _T + "test_activation_offloading_saves_activations_through_the_offload_hooks",
@@ -305,11 +306,6 @@ REFUSED: dict[str, Refusal] = {
         "Trainyard loads the tokenizer with AutoTokenizer (the class its files name)",
         "remove it",
         off_when=lambda value, _: isinstance(value, str) and value.endswith(("Tokenizer", "TokenizerFast")),
-    ),
-    "tokenizer_use_mistral_common": Refusal(
-        "the mistral-common tokenizer can't be used: transformers' MistralCommonBackend has no offsets mapping, "
-        "which Trainyard's encoder needs to turn trained characters into labels",
-        "remove it; the model's tokenizer.json is used (Ministral ships one)",
     ),
     **_family(
         "model_config model_kwargs model_revision reinit_weights resize_token_embeddings_to_32x "

@@ -138,14 +138,16 @@ class Encoder:
         eot_tokens: list[str] | None = None,
         base_dir: Path | None = None,  # the config's folder: a chat_template_jinja file is looked up there
     ):
-        if not getattr(tokenizer, "is_fast", False):
-            raise ValueError("Trainyard needs a fast (Rust) tokenizer to map trained characters to tokens")
         self.tokenizer = tokenizer
-        self.backend = tokenizer.backend_tokenizer
         self.spec = spec
         self.format = FORMATS[spec.format_name]
+        # tokenizer_use_mistral_common: mistral-common encodes whole conversations itself (training/mistral_chat.py)
+        self.mistral = _mistral_chat(tokenizer, spec, train_on_inputs)
+        if self.mistral is None and not getattr(tokenizer, "is_fast", False):
+            raise ValueError("Trainyard needs a fast (Rust) tokenizer to map trained characters to tokens")
+        self.backend = tokenizer.backend_tokenizer if self.mistral is None else None
         template = None
-        if spec.format_name == "chat_template":
+        if spec.format_name == "chat_template" and self.mistral is None:
             template = resolve_chat_template(
                 spec.chat_template or chat_template,
                 spec.chat_template_jinja or chat_template_jinja,
@@ -195,6 +197,8 @@ class Encoder:
 
     def encode_rows(self, rows: Iterable[tuple[int, dict]]) -> list[Encoded | Dropped]:
         """(row index, row) pairs -> outcomes in the same order (a completion row may give several)."""
+        if self.mistral is not None:
+            return self._encode_with_mistral_common(rows)
         rendered = self._render(rows)
         return self._assemble(rendered, self._encode_pieces(rendered))
 
@@ -327,6 +331,29 @@ class Encoder:
         return [f"{note} ({count} times)" for note, count in self.notes.most_common()]
 
     # -- internals ----------------------------------------------------------------------------
+    def _encode_with_mistral_common(self, rows: Iterable[tuple[int, dict]]) -> list[Encoded | Dropped]:
+        """Chat rows through mistral-common: it gives the ids and where each turn is; labels are made by
+        build_labels and the samples kept or dropped by axolotl's rules (_finish), as for every other row."""
+        from training.mistral_chat import Unencodable
+
+        out: list[Encoded | Dropped] = []
+        for index, row in rows:
+            if isinstance(row, LineProblem):
+                out.append(Dropped(index, "invalid", f"{row.field}: {row.message}" if row.field else row.message))
+                continue
+            problems = self.check(row)
+            if problems:
+                detail = "; ".join(f"{p.field}: {p.message}" if p.field else p.message for p in problems)
+                out.append(Dropped(index, "invalid", detail))
+                continue
+            try:
+                enc = self.mistral.encode(row)
+            except Unencodable as exc:
+                out.append(Dropped(index, "unrenderable", str(exc)))
+                continue
+            out.extend(self._finish(index, Rendered([], enc.names), enc.ids, enc.trained, enc.parts))
+        return out
+
     def _finish(self, index: int, r: Rendered, ids, trained, parts) -> list[Encoded | Dropped]:
         if not ids:
             return [Dropped(index, "empty", "the row produced no tokens")]
@@ -367,6 +394,19 @@ class Encoder:
         if sample.trained_tokens == 0:
             return Dropped(sample.row, "no_trained_tokens", "every token is masked", sample)
         return sample
+
+
+def _mistral_chat(tokenizer, spec: DatasetSpec, train_on_inputs: bool):
+    from training.mistral_chat import MistralChat, is_mistral_common
+
+    if not is_mistral_common(tokenizer):
+        return None
+    if spec.format_name != "chat_template":
+        raise ValueError(
+            f"the mistral-common tokenizer encodes conversations only, not type: {spec.type} rows; "
+            "remove tokenizer_use_mistral_common to use the model's tokenizer.json"
+        )
+    return MistralChat(tokenizer, spec, train_on_inputs)
 
 
 def _check_end_token_policies(spec, template: str, eot_tokens: list[str] | None, eos: str | None) -> None:

@@ -23,7 +23,9 @@ def _generate_pair(base_model: str, adapter_dir: Path, prompt: str, max_new_toke
     from training.architectures import auto_model_class  # the class the trainer loaded (adapter module names)
 
     torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir if (adapter_dir / "tokenizer.json").exists() else base_model)
+    tokenizer = AutoTokenizer.from_pretrained(  # tokenizer.json and its chat template, even beside a tekken.json
+        adapter_dir if (adapter_dir / "tokenizer.json").exists() else base_model, mistral_format=False
+    )
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True

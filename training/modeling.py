@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -31,11 +32,11 @@ def _source(base_model: str) -> str:
 
 
 def load_tokenizer(config: TrainConfig):
-    from transformers import AutoTokenizer
-
     source = _source(config.base_model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+        if config.tokenizer_use_mistral_common:
+            return load_mistral_common_tokenizer(source)
+        tokenizer = load_hf_tokenizer(source, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as exc:
         offline = " (offline: HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise ModelNotFound(
@@ -47,6 +48,33 @@ def load_tokenizer(config: TrainConfig):
         # Padding positions are masked out of the loss; reusing eos for them is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_hf_tokenizer(source: str | Path, **kwargs):
+    """The folder's transformers tokenizer (tokenizer.json and its config). With mistral-common installed,
+    AutoTokenizer picks mistral-common's for any Mistral folder that ships a tekken.json; that one is used
+    only when the config asks for it (tokenizer_use_mistral_common), as in axolotl."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, mistral_format=False, **kwargs)
+
+
+def load_mistral_common_tokenizer(source: str | Path):
+    """mistral-common's tokenizer (the folder's tekken.json) in fine-tuning mode, as axolotl's HFMistralTokenizer
+    loads it: conversations are encoded by mistral-common's own instruct format, not a chat template.
+    training/mistral_chat.py turns its encodings into labels."""
+    from transformers.tokenization_mistral_common import MistralCommonBackend
+
+    class MistralCommonTokenizer(MistralCommonBackend):
+        def save_pretrained(self, save_directory, *args, **kwargs):
+            """tekken.json, and the folder's transformers tokenizer beside it: the playground, merges and other
+            tools read tokenizer.json and its chat template (the same ids for conversations)."""
+            saved = super().save_pretrained(save_directory, *args, **kwargs)
+            if Path(source).is_dir() and (Path(source) / "tokenizer.json").is_file():
+                saved += tuple(load_hf_tokenizer(source).save_pretrained(save_directory))
+            return saved
+
+    return MistralCommonTokenizer.from_pretrained(str(source), mode="finetuning")
 
 
 def pick_dtype(config: TrainConfig):
@@ -288,6 +316,8 @@ def merge_adapter_into_base(base_model: str, adapter_dir: Path, out_dir: Path) -
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         tmp = Path(str(out_dir) + ".part")
         merged.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(adapter_dir, mistral_format=False).save_pretrained(tmp)
+        if (adapter_dir / "tekken.json").is_file():  # a tokenizer_use_mistral_common run: keep its tokenizer too
+            shutil.copy(adapter_dir / "tekken.json", tmp / "tekken.json")
         tmp.rename(out_dir)
     return out_dir

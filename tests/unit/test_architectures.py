@@ -69,7 +69,7 @@ def test_tiny_models_keep_the_real_classes_and_module_paths(tiny_arch, arch, cla
     assert classes <= _class_names(model)
     model.get_submodule(module)
     assert model.get_input_embeddings().weight.shape[1] == 64
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, mistral_format=False)  # not tekken.json (load_tokenizer)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5."}], tokenize=False
     )

@@ -94,7 +94,6 @@ GAPS: dict[str, dict[str, str]] = {
     },
     # FSDP2 with bitsandbytes 8-bit weights; without load_in_8bit, quantize_moe_experts has nothing to follow
     "glm47-flash__lora_fsdp.yaml": {"load_in_8bit": "can't shard 8-bit", "quantize_moe_experts": "quantizes experts"},
-    "ministral__ministral-small-qlora.yaml": {"tokenizer_use_mistral_common": "no offsets mapping"},
 }
 
 # Resource sizes only: small enough to train in seconds on two cores.

@@ -157,7 +157,7 @@ def _tokenizer(source: str, special_tokens: tuple[tuple[str, str], ...] = ()):
     changes a tokenizer, so two sets never share one)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, mistral_format=False)  # tokenizer.json, as load_tokenizer
     if special_tokens:
         tokenizer.add_special_tokens(dict(special_tokens))
     if tokenizer.pad_token is None:
