@@ -363,3 +363,88 @@ def test_image_rows_match_axolotls_multimodal_path():
         assert sample.input_ids[differ[0] - len(header) : differ[0]] == header
     assert samples[4].images == [AXOLOTL / "images" / "e.jpg"]
     assert expected[4]["image_grid_thw"] == [[1, 6, 4]]  # 6 patches high, 4 wide: turned as its EXIF orientation says
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+def _parquet_of(jsonl: Path, out: Path) -> Path:
+    """The rows as Hugging Face datasets stores an Image column in Parquet: {bytes, path} structs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for line in jsonl.read_text().splitlines():
+        row = json.loads(line)
+        row["images"] = [{"bytes": (jsonl.parent / p).read_bytes(), "path": None} for p in row["images"]]
+        rows.append(row)
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    return out
+
+
+@pytest.fixture
+def cli_project(tmp_path, tiny_arch, image_data):
+    """A config at the project root, the data and its images in data/ (image paths relative to the data file)."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    image_data.rename(project / "data" / "rows.jsonl")
+    (image_data.parent / "images").rename(project / "data" / "images")
+    _parquet_of(project / "data" / "rows.jsonl", project / "data" / "rows.parquet")
+    config = (
+        f"base_model: {tiny_arch('qwen3_5')}\nprocessor_type: AutoProcessor\nskip_prepare_dataset: true\n"
+        "remove_unused_columns: false\nsample_packing: false\nchat_template: qwen3_5\n"
+        "datasets:\n  - path: data/rows.jsonl\n    type: chat_template\n"
+        "sequence_len: 256\nmicro_batch_size: 2\nmax_steps: 2\nadapter: lora\nlora_target_linear: true\n"
+    )
+    (project / "config.yaml").write_text(config)
+    (project / "parquet.yaml").write_text(config.replace("rows.jsonl", "rows.parquet"))
+    return project
+
+
+def test_trainyard_preprocess_reads_image_paths_beside_the_data_file_and_parquet_bytes(
+    cli_project, tmp_path, monkeypatch, capsys
+):
+    from training.cli import main
+
+    monkeypatch.chdir(tmp_path)  # not the data's folder: paths are read beside the data file
+    outputs = {}
+    for name in ("config", "parquet"):
+        out = tmp_path / f"{name}.out.jsonl"
+        assert main(["preprocess", str(cli_project / f"{name}.yaml"), "--jsonl", str(out)]) == 0
+        assert "8 rows read, 8 samples kept" in capsys.readouterr().out
+        outputs[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert outputs["config"] == outputs["parquet"]  # the same rows, whether images are files or bytes
+    assert all(line["images"] == 1 for line in outputs["config"])
+    main(["preprocess", str(cli_project / "config.yaml"), "--debug", "--rows", "1", "--no-color"])
+    shown = capsys.readouterr().out
+    assert "--- rows.jsonl row 0 (" in shown and "1 image(s))" in shown and "<|image_pad|>(661, -100)" in shown
+
+
+def test_trainyard_preprocess_names_a_missing_image_by_line(cli_project, capsys):
+    from training.cli import main
+
+    data = cli_project / "data" / "rows.jsonl"
+    (cli_project / "data" / "images" / "5.png").unlink()
+    assert main(["preprocess", str(cli_project / "config.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {data}:line 6: images[0]: no image file 'images/5.png'" in err
+
+
+def test_trainyard_train_trains_on_image_rows(cli_project, tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "train", str(cli_project / "parquet.yaml"), "--run-dir", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["state"] == "succeeded"
+    logs = [e["message"] for e in events if e["event"] == "log"]
+    assert any(m.startswith("images: 8 of 8 training samples have images") for m in logs)
+    # lora_target_linear on a vision-language model: the language model's layers only, the regex logged
+    assert any(m.startswith("lora_target_linear: language model only") for m in logs)
+    adapted = json.loads((run / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert "language_model" in adapted and "visual" not in adapted
