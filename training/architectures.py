@@ -971,8 +971,7 @@ def lora_targets(model, config: TrainConfig) -> tuple[list[str] | str | None, li
         else:
             # Listed names are language-model linear layers already covered by the regex; a user's own
             # regex string is kept beside it (that is how a user asks for a vision layer explicitly).
-            if isinstance(config.lora_target_modules, str):
-                regex = f"{regex}|(?:{config.lora_target_modules})"
+            regex = with_listed_regex(regex, config.lora_target_modules)
             targets = regex
             notes = getattr(model, "trainyard_notes", None)
             if notes is not None:
@@ -1003,3 +1002,33 @@ def lora_target_linear_regex(model_dir_or_id: str | Path, trust_remote_code: boo
     except Exception:  # an architecture this transformers can't build from its config
         return None
     return language_model_linear_regex(model)
+
+
+def with_listed_regex(language_regex: str, lora_target_modules) -> str:
+    """lora_target_linear's language-model regex, with the user's own regex string (lora_target_modules given as
+    a string) beside it: how a user asks for some vision layers too. Listed names are language-model layers that
+    the regex already covers."""
+    if isinstance(lora_target_modules, str):
+        return f"{language_regex}|(?:{lora_target_modules})"
+    return language_regex
+
+
+def describe_lora_target_linear(config: TrainConfig) -> tuple[str, str | None] | None:
+    """For the config page: (what `lora_target_linear: true` adapts on this model, the regex PEFT is given or
+    None); None when the config doesn't ask for it or the model's config.json isn't here."""
+    if not (config.adapter and config.lora_target_linear):
+        return None
+    model_config = read_model_config(config.base_model)
+    if model_config is None:
+        return None
+    if not is_multimodal(model_config):
+        return "every linear layer of the model but its output layer (PEFT's all-linear)", None
+    regex = lora_target_linear_regex(config.base_model, config.trust_remote_code)
+    if regex is None:
+        return None
+    what = "the language model's linear layers only; the vision tower is not adapted"
+    if isinstance(config.lora_target_modules, str):
+        what += ", except the layers your lora_target_modules regex names"
+    else:
+        what += " (to adapt some of its layers too, give lora_target_modules as a regex naming them)"
+    return what, with_listed_regex(regex, config.lora_target_modules)

@@ -53,7 +53,7 @@ def config_edit(request, pk: int | None = None):
     )
     if source and not instance:  # "clone as new run": start from that run's config
         yaml_text, name = source.config_yaml, f"{source.name}-copy"
-    errors, status, estimate, warnings = [], 200, None, []
+    errors, status, estimate, warnings, lora_linear = [], 200, None, [], None
     if request.method == "POST":
         name, yaml_text = request.POST.get("name", ""), request.POST.get("yaml", "")
         action = request.POST.get("action")
@@ -64,6 +64,7 @@ def config_edit(request, pk: int | None = None):
             elif action == "validate":
                 config, resolved = configs.validate_config(workspace, yaml_text)
                 estimate, warnings = configs.memory_estimate(config, resolved), config.warnings
+                lora_linear = configs.lora_target_linear_note(config)
                 messages.success(request, "The config is valid.")
             else:
                 require_writer(request.user, workspace)
@@ -85,6 +86,7 @@ def config_edit(request, pk: int | None = None):
         try:
             config, resolved = configs.validate_config(workspace, yaml_text)
             estimate, warnings = configs.memory_estimate(config, resolved), config.warnings
+            lora_linear = configs.lora_target_linear_note(config)
         except ConfigInvalid as exc:
             errors = exc.errors
     return render(
@@ -98,6 +100,7 @@ def config_edit(request, pk: int | None = None):
             "errors": errors,
             "estimate": estimate,
             "warnings": warnings,
+            "lora_linear": lora_linear,
             "datasets": Dataset.objects.filter(workspace=workspace),
             "models": available_models(),
             "presets": [(key, label) for key, (label, _) in PRESETS.items()],

@@ -97,6 +97,15 @@ def memory_estimate(config: TrainConfig, resolved: dict):
         return None
 
 
+def lora_target_linear_note(config: TrainConfig) -> dict | None:
+    """What `lora_target_linear` adapts on this model ({what, regex}), for the config page: on a vision-language
+    model the language model only, and the regex PEFT is given (training/architectures.py)."""
+    from training.architectures import describe_lora_target_linear
+
+    described = describe_lora_target_linear(config)
+    return {"what": described[0], "regex": described[1]} if described else None
+
+
 def run_base_model(run: Run) -> str:
     """The model the run trained on, as it was resolved (absolute folder or hub id)."""
     try:
