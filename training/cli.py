@@ -233,15 +233,20 @@ def cmd_train(args) -> int:
     from training import sharding
     from training.config import check_environment
     from training.events import JsonlEventSink, NullEventSink, StopRequested, process_rank
+    from training.storage import explain_os_error
     from training.train import train
 
     config = _load_config(args.config, args.allow_trust_remote_code)
     run_dir = Path(args.run_dir)
-    sink = (
-        JsonlEventSink(Path(args.events) if args.events else run_dir / "events.jsonl")
-        if process_rank() == 0
-        else NullEventSink()
-    )
+    try:
+        sink = (
+            JsonlEventSink(Path(args.events) if args.events else run_dir / "events.jsonl")
+            if process_rank() == 0
+            else NullEventSink()
+        )
+    except OSError as exc:  # no events file: the reason goes to the log, where the web worker reads it
+        print(f"error: {explain_os_error(exc, run_dir) or explain_failure(exc)}", file=sys.stderr)
+        return 1
     sharding.die_with_launcher()  # a rank of several: never outlive the launcher
     launching = args.processes > 1 and sharding.world_size() == 1  # we start the processes ourselves
     problems = check_environment(config, devices=args.processes if launching else sharding.world_size())
@@ -267,8 +272,11 @@ def cmd_train(args) -> int:
         if isinstance(exc, (KeyboardInterrupt, StopRequested)):
             sink.emit(ev.STATUS, state=ev.CANCELLED, message=str(exc) or "stopped by the user")
             return 130
-        reason = explain_failure(exc)
-        sink.emit(ev.STATUS, state=ev.FAILED, message=reason)
+        reason = explain_os_error(exc, run_dir) or explain_failure(exc)  # a full disk or a read-only folder
+        try:
+            sink.emit(ev.STATUS, state=ev.FAILED, message=reason)
+        except OSError:  # the events file is on that disk: the last line of the log says it instead
+            pass
         import traceback
 
         traceback.print_exc()

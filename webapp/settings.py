@@ -145,6 +145,7 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 TRAINYARD_MODEL_DIRS = [Path(p) for p in os.environ.get("TRAINYARD_MODEL_DIRS", str(DATA_DIR / "models")).split(":")]
 TRAINYARD_GPUS = os.environ.get("TRAINYARD_GPUS", "")  # "0,1" or a count; default: the CUDA devices torch sees
 TRAINYARD_HEARTBEAT_TIMEOUT = int(os.environ.get("TRAINYARD_HEARTBEAT_TIMEOUT", 30))  # seconds
+TRAINYARD_MIN_FREE_MB = int(os.environ.get("TRAINYARD_MIN_FREE_MB", 100))  # a run starts only with this free
 TRAINYARD_ALLOW_TRUST_REMOTE_CODE = os.environ.get("TRAINYARD_ALLOW_TRUST_REMOTE_CODE", "") == "1"
 
 SESSION_COOKIE_HTTPONLY = True

@@ -7,8 +7,11 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +165,97 @@ def test_two_merges_and_a_playground_answer_at_once_all_succeed(alice, alice_cli
         for run in (first, second):
             assert Artifact.objects.filter(run=run, kind="merged").count() == 1, (attempt, run.name)
             assert (run.run_dir / "merged" / "model.safetensors").exists()
+
+
+@contextmanager
+def _unwritable(folder: Path):
+    """`folder` refuses new files, for real: by its mode for an ordinary user; for root, who ignores modes, by
+    the immutable attribute (chattr +i: the kernel refuses even root, as a read-only mount does)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root on a file system without chattr +i: nothing here refuses root's writes")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def _queued(alice, yaml_text: str, monkeypatch) -> Run:
+    from webapp.runs import tasks
+
+    user, workspace = alice
+    config = TrainingConfig.objects.create(workspace=workspace, name="disk", yaml=yaml_text)
+    monkeypatch.setattr(tasks, "execute_run", lambda run_id: None)  # queued; the worker's task runs below
+    return services.enqueue_run(workspace, user, config)
+
+
+def _work(run: Run) -> Run:
+    from webapp.runs import tasks
+    from webapp.runs.models import DeviceLease
+
+    tasks._execute_run.call_local(run.pk)
+    run.refresh_from_db()
+    assert not DeviceLease.objects.filter(run=run).exists()  # whatever the fault, its device is free again
+    return run
+
+
+def test_a_run_folder_that_cannot_be_written_fails_before_its_trainer_starts(alice, alice_dataset, monkeypatch):
+    run = _queued(alice, GOOD.format(steps=4), monkeypatch)
+    with _unwritable(run.run_dir):
+        run = _work(run)
+    assert run.status == RunStatus.FAILED, run.message
+    assert run.message.startswith("run folder not writable (") and str(run.run_dir) in run.message
+
+
+def test_a_full_data_dir_fails_the_run_before_its_trainer_starts(alice, alice_dataset, monkeypatch, settings):
+    from training.storage import free_mb
+
+    run = _queued(alice, GOOD.format(steps=4), monkeypatch)
+    free = free_mb(run.run_dir)
+    settings.TRAINYARD_MIN_FREE_MB = free + 10**6  # the real free space, measured against a need it can't meet
+    run = _work(run)
+    assert run.status == RunStatus.FAILED, run.message
+    said = int(run.message.split("(")[1].split(" MB free")[0])
+    assert run.message.startswith("no space left on the data dir (") and abs(said - free) < 1000, run.message
+    assert not run.log_path.exists()  # no trainer was started
+
+
+def _full_checkpoint(run_dir: Path) -> None:
+    # /dev/full answers every write with ENOSPC: the checkpoint's trainer_state.json is written on a full disk.
+    (run_dir / "checkpoints/checkpoint-2").mkdir(parents=True)
+    (run_dir / "checkpoints/checkpoint-2/trainer_state.json").symlink_to("/dev/full")
+
+
+def _full_events(run_dir: Path) -> None:
+    (run_dir / "events.jsonl").symlink_to("/dev/full")  # the trainer can't write a single event
+
+
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        (_full_checkpoint, "no space left on the disk of the run folder ("),
+        (_full_events, "no space left on the disk of the run folder ("),
+        ("read-only checkpoints", "run folder not writable ("),
+    ],
+    ids=["checkpoint-on-a-full-disk", "events-on-a-full-disk", "read-only-checkpoints"],
+)
+def test_a_disk_fault_while_training_fails_with_its_cause(alice, alice_dataset, monkeypatch, fault, message):
+    run = _queued(alice, GOOD.format(steps=4) + "save_steps: 2\n", monkeypatch)
+    if fault == "read-only checkpoints":
+        (run.run_dir / "checkpoints").mkdir()
+        with _unwritable(run.run_dir / "checkpoints"):
+            run = _work(run)
+        assert "writing checkpoints/checkpoint-2" in run.message
+    else:
+        fault(run.run_dir)
+        run = _work(run)
+    assert run.status == RunStatus.FAILED and run.message.startswith(message), run.message
+    assert "exited with code" not in run.message
+    if fault is _full_events:  # the reason came from the trainer's last log line, the events file being full
+        assert "could not record it" in run.message

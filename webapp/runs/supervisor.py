@@ -26,7 +26,7 @@ from django.utils import timezone
 from training import events as ev
 from training import sharding
 from training.events import STOP_FILE, StatusEvent, read_events
-from webapp.runs import artifacts, gpus, lifecycle, recording
+from webapp.runs import artifacts, disk, gpus, lifecycle, recording
 from webapp.runs.configs import trust_remote_code_allowed
 from webapp.runs.models import Run, RunStatus
 
@@ -86,6 +86,9 @@ def supervise(run_id: int, devices: list[str]) -> None:
         run_id, [RunStatus.QUEUED], RunStatus.STARTING, started_at=now, heartbeat_at=now, devices=devices
     ):
         return  # cancelled meanwhile, or another worker has it
+    if problem := disk.problem_before_start(run):  # a full data dir, a run folder that can't be written
+        lifecycle.finish_run(run_id, RunStatus.FAILED, problem)
+        return
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
@@ -216,6 +219,7 @@ def _finish(run_id: int, returncode: int, cancelled: bool, final: StatusEvent | 
             f"the training process was killed ({name}); logs, metrics and checkpoints are kept",
         )
         return
-    lifecycle.finish_run(
-        run_id, RunStatus.FAILED, f"the training process exited with code {returncode} without a result; see the log"
+    message = (  # a full or read-only disk said so (disk.py), else the exit code
+        disk.why_exited(run_id) or f"the training process exited with code {returncode} without a result; see the log"
     )
+    lifecycle.finish_run(run_id, RunStatus.FAILED, message)
