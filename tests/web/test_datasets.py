@@ -515,3 +515,10 @@ def test_a_completion_row_cut_into_samples_is_shown_cut(alice, alice_client, tin
     assert samples > 1 and page.count('class="sample-break"') == samples - 1
     api = alice_client.get(f"/api/datasets/{dataset.pk}/rows/0/preview?sequence_len=32").json()
     assert {t["sample"] for t in api["tokens"]} == set(range(samples))
+
+
+def test_the_api_tells_an_empty_file_it_has_no_rows_and_an_unknown_format_its_choices(alice_client):
+    empty = alice_client.post("/api/datasets/", {"file": SimpleUploadedFile("empty.jsonl", b"")})
+    assert empty.status_code == 400 and empty.json()["message"].startswith("no rows in the file")
+    odd = alice_client.post("/api/datasets/", {"file": SimpleUploadedFile("c.jsonl", jsonl([CHAT_ROW])), "format": "x"})
+    assert odd.status_code == 422 and "chat_template" in odd.json()["message"]  # the schema lists the formats

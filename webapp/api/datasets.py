@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from django.shortcuts import get_object_or_404
 from ninja import File, Form, Query, Router, Schema
 from ninja.files import UploadedFile
 
+from training.formats import FORMATS
 from webapp.api.access import visible
 from webapp.base_models import available_models
 from webapp.datasets.deletion import CannotDelete, delete_dataset
@@ -20,6 +22,8 @@ from webapp.datasets.storage import read_row
 from webapp.workspaces.services import current_workspace, require_writer
 
 router = Router(tags=["datasets"])
+# The format registry's names, so the schema lists them and a client never sends one that is refused.
+FormatName = Literal[tuple(FORMATS)]
 
 
 class DatasetOut(Schema):
@@ -78,7 +82,7 @@ def upload(
     request,
     file: UploadedFile = File(...),
     name: str | None = Form(None),
-    format: str | None = Form(None),
+    format: FormatName = Form(None, description="the rows' format (default: told by the first row)"),
     keep_valid: bool = Form(False),
 ):
     workspace = current_workspace(request)
