@@ -86,3 +86,11 @@ def trained_runs(tokenizer, sample) -> list[str]:
     if current:
         runs.append(tokenizer.decode(current))
     return runs
+
+
+def dump_config(config) -> str:
+    """A parsed TrainConfig back to plain axolotl YAML (defaults left out): the round trip the config tests
+    hold (parse -> dump -> parse is the same config). The app exports a config's YAML as it was written."""
+    import yaml
+
+    return yaml.safe_dump(config.model_dump(exclude_defaults=True, exclude_none=True), sort_keys=False)

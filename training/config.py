@@ -844,8 +844,3 @@ def _cuda_has_bf16() -> bool:
     import torch
 
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-
-
-def dump_config(config: TrainConfig) -> str:
-    """Plain axolotl YAML (defaults left out), for export."""
-    return yaml.safe_dump(config.model_dump(exclude_defaults=True, exclude_none=True), sort_keys=False)

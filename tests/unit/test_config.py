@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from training.config import ConfigInvalid, check_environment, dump_config, parse_config
+from tests.helpers import dump_config
+from training.config import ConfigInvalid, check_environment, parse_config
 
 BASE = "base_model: tiny\ndatasets:\n  - path: d.jsonl\n    type: chat_template\n"
 

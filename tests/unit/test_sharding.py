@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import dump_config
 from training import sharding
-from training.config import ConfigInvalid, check_environment, dump_config, parse_config
+from training.config import ConfigInvalid, check_environment, parse_config
 from training.demo import write_datasets
 from training.events import ListEventSink
 
