@@ -82,7 +82,10 @@ def folder_problem(folder: Path, min_free_mb: int = 0) -> str | None:
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as exc:
-        probe.unlink(missing_ok=True)
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # the folder is no folder, or refuses even that
+            pass
         if exc.errno in NO_SPACE:
             return f"no space left on the data dir ({free_mb(folder)} MB free): free some space, then run it again"
         return f"run folder not writable ({exc.strerror.lower()}): {folder}"
