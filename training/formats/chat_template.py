@@ -150,13 +150,22 @@ def resolve_chat_template(
 
 
 def check_template(template: str) -> None:
-    """Raises ValueError naming the line when the jinja text doesn't parse."""
+    """Raises ValueError naming the line when the jinja text doesn't parse. Also works out what the
+    encoder reads off the template (template_facts), so that processes forked later inherit it."""
     import jinja2
 
     try:
-        _compile(template)
+        template_facts(template)
     except jinja2.TemplateSyntaxError as exc:
         raise ValueError(f"the chat template doesn't parse: line {exc.lineno}: {exc.message}") from None
+
+
+@cache
+def template_facts(template: str) -> tuple:
+    """(compiled template, whether it copies contents verbatim, the message keys it reads): once per
+    template text, not once per dataset entry (Gemma 4's: ~55 ms to compile, ~45 ms to analyse)."""
+    compiled = _compile(template)
+    return compiled, content_is_verbatim(compiled.environment, template), message_fields(compiled.environment, template)
 
 
 def _compile(template: str):
@@ -547,10 +556,9 @@ class _Plan:
         self.maps_thinking = not (user_mapped & spec.model_fields_set)
         self.eot_policy = spec.eot_policy  # train_on_eot, defaulting to train_on_eos
         self.eos_policy = spec.train_on_eos
-        self.template = _compile(template_text) if template_text else None
-        self.verbatim = bool(template_text) and content_is_verbatim(self.template.environment, template_text)
-        # The message keys that reach the template besides role and content (axolotl's rule).
-        self.fields = message_fields(self.template.environment, template_text) if template_text else None
+        # fields: the message keys that reach the template besides role and content (axolotl's rule)
+        facts = template_facts(template_text) if template_text else (None, False, None)
+        self.template, self.verbatim, self.fields = facts
         self.skeletons: dict = {}
         self.parsed: dict = {}
         self.fast = self.verbatim and not self.drop_system  # render_valid may compile row shapes

@@ -8,15 +8,23 @@ Conservative: anything it does not understand (filters on content, content in a 
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from jinja2 import nodes
 
 _SAFE_FILTERS_ON_MESSAGES = {"length", "count"}
 _MESSAGE_RETURNING_FILTERS = {"first", "last", "reverse", "list"}
 
 
+@lru_cache(maxsize=32)
+def _parse(environment, source: str):
+    """The template's syntax tree, parsed once for both analyses (Gemma 4's: ~20 ms a parse). Read only."""
+    return environment.parse(source)
+
+
 def content_is_verbatim(environment, source: str) -> bool:
     try:
-        tree = environment.parse(source)
+        tree = _parse(environment, source)
     except Exception:
         return False
     parents: dict[int, nodes.Node] = {}
@@ -95,7 +103,7 @@ def message_fields(environment, source: str) -> frozenset[str] | None:
     the other keys of a message before rendering, so a template that reads its messages under
     another name (`msg`) never sees their tool calls there. None when the template doesn't parse."""
     try:
-        tree = environment.parse(source)
+        tree = _parse(environment, source)
     except Exception:
         return None
     fields: set[str] = set()
