@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,23 +51,36 @@ class ProcessorNotUsable(ModelNotFound):
 
 def load_processor(config, tokenizer):
     """The model's processor (`processor_type`, with `processor_kwargs`), holding the run's tokenizer as axolotl
-    sets it. A processor whose video part needs torchvision (Qwen3.5's, via Qwen3VLProcessor) is built without
-    it where torchvision doesn't import: its image processor is PIL's, and video rows are refused anyway."""
-    import transformers
-
+    sets it."""
     from training.modeling import _source
 
-    source = _source(config.base_model)
-    cls = getattr(transformers, config.processor_type, None)
+    return load_processor_for(
+        _source(config.base_model),
+        tokenizer,
+        config.processor_type,
+        config.processor_kwargs,
+        trust_remote_code=config.trust_remote_code,
+    )
+
+
+def load_processor_for(
+    source: str, tokenizer, processor_type: str = "AutoProcessor", processor_kwargs=None, trust_remote_code=False
+):
+    """The processor of the model at `source` (a folder or hub id). A processor whose video part needs
+    torchvision (Qwen3.5's, via Qwen3VLProcessor) is built without it where torchvision doesn't import: its
+    image processor is PIL's, and video rows are refused anyway."""
+    import transformers
+
+    cls = getattr(transformers, processor_type, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
-        raise ProcessorNotUsable(f"processor_type: transformers has no processor class {config.processor_type!r}")
-    kwargs = dict(config.processor_kwargs or {})
+        raise ProcessorNotUsable(f"processor_type: transformers has no processor class {processor_type!r}")
+    kwargs = dict(processor_kwargs or {})
     try:
-        processor = cls.from_pretrained(source, trust_remote_code=config.trust_remote_code, **kwargs)
+        processor = cls.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except ImportError as exc:
         if "torchvision" not in str(exc).lower():
             raise
-        processor = _without_video(source, tokenizer, kwargs, config.trust_remote_code)
+        processor = _without_video(source, tokenizer, kwargs, trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ProcessorNotUsable(f"processor_type: can't load a processor from {source!r}: {exc}") from None
     if getattr(processor, "image_processor", None) is None or not getattr(processor, "image_token", None):
@@ -226,6 +239,7 @@ class ImagePlaceholders:
                 f"{self.token!r} once; use the model's own chat template"
             )
         self.before, self.after = text.split(self.token)
+        self.forbidden = [t for t in (self.token, getattr(processor, "video_token", None)) if t]
         self._by_size: dict[tuple[int, int], tuple[str, int]] = {}
 
     def text(self, size: tuple[int, int]) -> tuple[str, int]:
@@ -242,9 +256,19 @@ class ImagePlaceholders:
         return found
 
 
-def image_row(row: dict, spec, placeholders: ImagePlaceholders, dirs: list[Path], confine: bool = False):
+class NoPlaceholders:
+    """Where no processor is at hand (an upload's checks): an image part becomes no text at all."""
+
+    forbidden: list[str] = []
+
+    def text(self, size: tuple[int, int]) -> tuple[str, int]:
+        return "", 0
+
+
+def image_row(row: dict, spec, placeholders: ImagePlaceholders | NoPlaceholders, resolve: Callable[[Any, str], Any]):
     """(the row with every image part turned into text, its images in the order they appear, the image tokens
-    of each). Text parts are joined into one string content (per-part `train` flags keep the parts)."""
+    of each). Text parts are joined into one string content (per-part `train` flags keep the parts).
+    `resolve(reference, field)` gives an image as it is kept (resolve_image, or an upload's reader)."""
     messages = row.get(spec.field_messages)
     column = next((row[k] for k in IMAGE_COLUMNS if row.get(k) is not None), None)
     column = [] if column is None else list(column) if isinstance(column, (list, tuple)) else [column]
@@ -253,7 +277,7 @@ def image_row(row: dict, spec, placeholders: ImagePlaceholders, dirs: list[Path]
         return text_row, [], []  # the encoder says what is wrong with the messages
     content_key = spec.message_property_mappings.get("content", "content")
     role_key = spec.message_property_mappings.get("role", "role")
-    forbidden = [t for t in (placeholders.token, getattr(placeholders.processor, "video_token", None)) if t]
+    forbidden = placeholders.forbidden
     per_message: list[list] = [[] for _ in messages]
     new_messages, taken = [], 0
     for i, msg in enumerate(messages):
@@ -281,7 +305,7 @@ def image_row(row: dict, spec, placeholders: ImagePlaceholders, dirs: list[Path]
                     own, field, taken = column[taken], f"{IMAGE_COLUMNS[0]}[{taken}]", taken + 1
                 else:
                     field = f"{where}[{j}]"
-                image = resolve_image(own, dirs, field, confine)
+                image = resolve(own, field)
                 text, count = placeholders.text(image_size(image, field))
                 per_message[i].append((image, count))
                 parts.append({"type": "text", "text": text, **({"train": False} if flagged else {})})
@@ -296,7 +320,7 @@ def image_row(row: dict, spec, placeholders: ImagePlaceholders, dirs: list[Path]
         first = next((i for i, m in enumerate(new_messages) if isinstance(m, dict) and m.get(role_key) == "user"), 0)
         texts = []
         for k, ref in enumerate(leftovers, start=taken):
-            image = resolve_image(ref, dirs, f"{IMAGE_COLUMNS[0]}[{k}]", confine)
+            image = resolve(ref, f"{IMAGE_COLUMNS[0]}[{k}]")
             text, count = placeholders.text(image_size(image, f"{IMAGE_COLUMNS[0]}[{k}]"))
             per_message[first].append((image, count))
             texts.append(text)
@@ -310,6 +334,63 @@ def image_row(row: dict, spec, placeholders: ImagePlaceholders, dirs: list[Path]
     text_row[spec.field_messages] = new_messages
     images = [pair for found in per_message for pair in found]
     return text_row, [image for image, _ in images], [count for _, count in images]
+
+
+def _is_image_part(part) -> bool:
+    return isinstance(part, dict) and (part.get("type") == "image" or any(part.get(k) is not None for k in _PART_REFS))
+
+
+def has_images(row: dict, spec) -> bool:
+    """Whether a row carries images: an images column, or image parts in its messages."""
+    if any(row.get(k) for k in IMAGE_COLUMNS):
+        return True
+    messages = row.get(spec.field_messages)
+    content_key = spec.message_property_mappings.get("content", "content")
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get(content_key), list) and any(_is_image_part(p) for p in m[content_key])
+        for m in messages
+    )
+
+
+def embed_images(row: dict, spec, read: Callable[[Any, str], bytes]) -> tuple[dict, int]:
+    """(the row with each image carried in it as {"bytes": base64, "path": its name}, how many): how uploaded
+    rows are stored, one JSON line holding a whole example. `read(reference, field)` gives an image's bytes;
+    each must be a readable image. The row's structure is checked as the encoder will read it (ImageProblem)."""
+
+    def stored(ref, field: str) -> dict:
+        data = read(ref, field)
+        image_size(data, field)
+        name = ref.get("path") if isinstance(ref, dict) else ref if isinstance(ref, str) and "," not in ref else None
+        return {"bytes": base64.b64encode(data).decode("ascii"), "path": name if isinstance(name, str) else None}
+
+    out, count = dict(row), 0
+    key = next((k for k in IMAGE_COLUMNS if row.get(k) is not None), None)
+    if key is not None:
+        column = row[key] if isinstance(row[key], (list, tuple)) else [row[key]]
+        out[key] = [stored(ref, f"{key}[{k}]") for k, ref in enumerate(column)]
+        count += len(column)
+    messages = row.get(spec.field_messages)
+    content_key = spec.message_property_mappings.get("content", "content")
+    if isinstance(messages, list):
+        out[spec.field_messages] = new_messages = []
+        for i, msg in enumerate(messages):
+            content = msg.get(content_key) if isinstance(msg, dict) else None
+            if not isinstance(content, list):
+                new_messages.append(msg)
+                continue
+            parts = []
+            for j, part in enumerate(content):
+                own = next((k for k in _PART_REFS if isinstance(part, dict) and part.get(k) is not None), None)
+                if own is None:
+                    parts.append(part)
+                    continue
+                image = stored(part[own], f"{spec.field_messages}[{i}].{content_key}[{j}]")
+                rest = {k: v for k, v in part.items() if k not in _PART_REFS}
+                parts.append({**rest, "type": "image", "image": image})
+                count += 1
+            new_messages.append({**msg, content_key: parts})
+    image_row(out, spec, NoPlaceholders(), lambda ref, field: _as_bytes(ref["bytes"], field))  # the structure
+    return out, count
 
 
 def _joined(parts: list) -> str | list:
@@ -340,6 +421,9 @@ class ImageEncoder(Encoder):
         self.image_token_id = processor.image_token_id
         self.image_dirs, self.confine = list(image_dirs), confine
 
+    def _resolve(self, ref, field: str):
+        return resolve_image(ref, self.image_dirs, field, self.confine)
+
     @classmethod
     def from_config(cls, tokenizer, config, dataset_index=0, base_dir=None, *, processor=None, image_dirs=()):
         spec = config.datasets[dataset_index]
@@ -362,7 +446,7 @@ class ImageEncoder(Encoder):
         for index, row in rows:
             if isinstance(row, dict):
                 try:
-                    row, found, counts = image_row(row, self.spec, self.placeholders, self.image_dirs, self.confine)
+                    row, found, counts = image_row(row, self.spec, self.placeholders, self._resolve)
                     images[index] = (found, counts)
                 except ImageProblem as problem:
                     row = LineProblem(index + 1, problem.field, problem.message)

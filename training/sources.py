@@ -8,7 +8,9 @@ row (1-based, header excluded) of a table.
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
 import math
 import os
@@ -423,14 +425,39 @@ def _table_rows(batches) -> Iterator[tuple[int, dict | LineProblem]]:
 
 
 def json_line(row: dict) -> bytes:
-    """A row of a table as one JSON line (how an upload of Parquet or CSV is stored)."""
-    return json.dumps(row, ensure_ascii=False, default=_json_default).encode("utf-8") + b"\n"
+    """A row of a table as one JSON line (how an upload of Parquet or CSV is stored). Images travel in the row:
+    an Image column's {bytes, path} (Parquet) or decoded picture (a Hub dataset) as {bytes: base64, path}."""
+    try:
+        return json.dumps(row, ensure_ascii=False, default=_json_default).encode("utf-8") + b"\n"
+    except _HasBinary:  # rare: only rows with bytes or pictures pay for the walk
+        return json.dumps(_portable(row), ensure_ascii=False, default=str).encode("utf-8") + b"\n"
+
+
+class _HasBinary(Exception):
+    pass
 
 
 def _json_default(value):
+    if isinstance(value, bytes) or type(value).__module__.startswith("PIL."):
+        raise _HasBinary
+    return str(value)  # dates, decimals: as text
+
+
+def _portable(value):
+    """`value` with image bytes as base64 and pictures as PNG bytes; other bytes as (lossy) UTF-8 text."""
+    if isinstance(value, dict):
+        if isinstance(value.get("bytes"), bytes) and set(value) <= {"bytes", "path"}:  # datasets' Image layout
+            return {**value, "bytes": base64.b64encode(value["bytes"]).decode("ascii")}
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
-    return str(value)  # dates, decimals: as text
+    if type(value).__module__.startswith("PIL."):
+        out = io.BytesIO()
+        value.save(out, format="PNG")
+        return {"bytes": base64.b64encode(out.getvalue()).decode("ascii"), "path": None}
+    return value
 
 
 # -- Hub --------------------------------------------------------------------------------------

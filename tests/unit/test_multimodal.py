@@ -448,3 +448,21 @@ def test_trainyard_train_trains_on_image_rows(cli_project, tmp_path):
     assert any(m.startswith("lora_target_linear: language model only") for m in logs)
     adapted = json.loads((run / "adapter" / "adapter_config.json").read_text())["target_modules"]
     assert "language_model" in adapted and "visual" not in adapted
+
+
+def test_rows_written_as_json_carry_their_image_bytes_and_pictures():
+    """How a Parquet upload or a Hub import is stored: an Image column's {bytes, path} keeps its exact bytes (as
+    base64) and a decoded picture (a Hub dataset's) becomes PNG bytes; rows without binary values are unchanged."""
+    from PIL import Image
+
+    from training.multimodal import open_image, resolve_image
+    from training.sources import json_line
+
+    data = png(20, 12, 5)
+    picture = Image.open(io.BytesIO(png(8, 6, 6)))
+    line = json.loads(json_line({"images": [{"bytes": data, "path": "a.png"}, picture], "n": 1}))
+    assert resolve_image(line["images"][0], [], "images[0]") == data and line["images"][0]["path"] == "a.png"
+    decoded = open_image(resolve_image(line["images"][1], [], "images[1]"))
+    assert decoded.size == (8, 6) and list(decoded.getdata()) == list(picture.convert("RGB").getdata())
+    plain = {"messages": [{"role": "user", "content": "é"}], "when": "x"}
+    assert json_line(plain) == (json.dumps(plain, ensure_ascii=False) + "\n").encode()

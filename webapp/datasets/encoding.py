@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError, field_
 
 from training.config import DatasetSpec
 from training.encode import Encoder
+from training.multimodal import ImageEncoder
 from webapp.base_models import resolve_base_model
 from webapp.datasets.models import Dataset
 
@@ -38,6 +39,8 @@ class ConfigEntry(BaseModel):
     eot_tokens: list[str] | None = None
     excess_length_strategy: Literal["drop", "truncate", "raise"] | None = None
     special_tokens: dict[str, str] = Field(default_factory=dict)  # the tokenizer's, renamed or added
+    processor_type: str | None = None  # image rows: the model's processor (training/multimodal.py)
+    processor_kwargs: dict[str, Any] | None = None
 
     @field_validator("spec")
     @classmethod
@@ -123,6 +126,8 @@ class EncodeOptions(BaseModel):
                 eot_tokens=config.eot_tokens,
                 excess_length_strategy=config.excess_length_strategy,
                 special_tokens=config.special_tokens,
+                processor_type=config.processor_type,
+                processor_kwargs=config.processor_kwargs,
             ),
         )
 
@@ -165,13 +170,42 @@ def _tokenizer(source: str, special_tokens: tuple[tuple[str, str], ...] = ()):
     return tokenizer
 
 
+@lru_cache(maxsize=4)
+def _processor(source: str, special_tokens: tuple[tuple[str, str], ...], processor_type: str, kwargs: str):
+    """The model's processor around the cached tokenizer (image rows), as the trainer's load_processor makes it."""
+    from training.multimodal import ProcessorNotUsable, load_processor_for
+
+    try:
+        return load_processor_for(source, _tokenizer(source, special_tokens), processor_type, json.loads(kwargs))
+    except ProcessorNotUsable as exc:
+        raise ProcessorNotUsable(
+            f"this dataset's rows have images: encode them with a vision-language model that ships its image "
+            f"processor ({exc})"
+        ) from None
+
+
+def _image_rows(dataset: Dataset, options: EncodeOptions, source: str, special_tokens) -> dict:
+    """ImageEncoder's arguments for a dataset with images: the processor, and no image paths (an upload's
+    images are in its rows)."""
+    entry = options.entry
+    if not dataset.images or (entry and not entry.processor_type):  # a config without it trains them as text
+        return {}
+    kind = entry.processor_type if entry else "AutoProcessor"
+    kwargs = json.dumps((entry.processor_kwargs if entry else None) or {}, sort_keys=True)
+    return {"processor": _processor(source, special_tokens, kind, kwargs), "confine": True}
+
+
 def make_encoder(dataset: Dataset, options: EncodeOptions) -> Encoder:
-    """The trainer's encoder, for this dataset's format and the chosen options."""
+    """The trainer's encoder, for this dataset's format and the chosen options (rows with images: its
+    ImageEncoder, with the model's processor)."""
     special_tokens = tuple(sorted(options.entry.special_tokens.items())) if options.entry else ()
-    tokenizer = _tokenizer(resolve_base_model(options.model), special_tokens)
+    source = resolve_base_model(options.model)
+    tokenizer = _tokenizer(source, special_tokens)
+    images = _image_rows(dataset, options, source, special_tokens)
+    kind = ImageEncoder if images else Encoder
     if options.entry:  # as a config trains it: the same construction as Encoder.from_config
         entry = options.entry
-        return Encoder(
+        return kind(
             tokenizer,
             DatasetSpec(path=dataset.name, **entry.spec),
             sequence_len=options.sequence_len,
@@ -183,6 +217,7 @@ def make_encoder(dataset: Dataset, options: EncodeOptions) -> Encoder:
             chat_template=entry.chat_template or "tokenizer_default",
             chat_template_jinja=entry.chat_template_jinja,
             eot_tokens=entry.eot_tokens,
+            **images,
         )
     spec = DatasetSpec(
         path=dataset.name,
@@ -191,4 +226,4 @@ def make_encoder(dataset: Dataset, options: EncodeOptions) -> Encoder:
         roles_to_train=options.roles_to_train,
         train_on_eos=options.train_on_eos,
     )
-    return Encoder(tokenizer, spec, sequence_len=options.sequence_len, train_on_inputs=options.train_on_inputs)
+    return kind(tokenizer, spec, sequence_len=options.sequence_len, train_on_inputs=options.train_on_inputs, **images)

@@ -25,6 +25,7 @@ from training.config import DatasetSpec
 from training.formats import FORMATS, detect_format
 from training.formats.chat_template import detect_layout
 from training.rows import LineProblem, parse_line
+from webapp.datasets import images
 from webapp.datasets.models import Dataset, dataset_dir
 from webapp.datasets.storage import install_content, install_rejected
 from webapp.http import MAX_NAME, download_name
@@ -43,6 +44,7 @@ class ValidationReport:
     problems: list[LineProblem] = field(default_factory=list)  # the first MAX_PROBLEMS_SHOWN
     counts: Counter = field(default_factory=Counter)  # by reason
     unit: str = "line"  # how problems are numbered: "line" (JSONL, JSON array items) or "row" (Parquet, CSV)
+    images: int = 0  # images stored in the rows (webapp/datasets/images.py)
 
     @property
     def by_reason(self) -> list[tuple[str, int]]:
@@ -94,20 +96,26 @@ class UploadResult:
     report: ValidationReport
 
 
-def _upload_rows(raw: IO[bytes], size: int, filename: str) -> tuple[str, Iterator[tuple[int, bytes | LineProblem]]]:
-    """Whatever the file (JSONL, .jsonl.gz, a JSON array, Parquet, CSV), its rows as JSON lines, read
-    as a stream through training's readers: (how rows are counted, (number, JSON line or problem)).
-    Parquet goes by record batch, so a 1 GB file never sits in memory."""
+def _upload_rows(raw: IO[bytes], size: int, filename: str):
+    """Whatever the file (JSONL, .jsonl.gz, a JSON array, Parquet, CSV, a .zip of one of them with its images),
+    its rows as JSON lines, read as a stream through training's readers: (how rows are counted, (number, JSON
+    line or problem), the reader of the images its rows name). Parquet goes by record batch, so a 1 GB file
+    never sits in memory."""
     head = raw.read(4)
     raw.seek(0)
     name = filename.lower()
-    if head == b"PAR1" or name.endswith(".parquet"):
-        return "row", _as_lines(sources.read_parquet(raw))
-    if name.endswith(".csv"):
-        return "row", _csv_lines(raw)
-    # A .gz upload is refused once it inflates past this: a 1 MB bomb must not fill the disk.
+    # A .gz (or .zip) upload is refused once it inflates past this: a 1 MB bomb must not fill the disk.
     inflated_limit = max(max(size, 1) * GZIP_MAX_RATIO, 64 * 2**20)
-    return "line", row_format.read_json_lines(raw, inflated_limit=inflated_limit)
+    if images.is_zip(head, name):
+        upload = images.ZipUpload(raw, inflated_limit)
+        data, data_size = upload.extract_data()
+        unit, items, _ = _upload_rows(data, data_size, upload.data_name)
+        return unit, items, upload.read
+    if head == b"PAR1" or name.endswith(".parquet"):
+        return "row", _as_lines(sources.read_parquet(raw)), images.no_files
+    if name.endswith(".csv"):
+        return "row", _csv_lines(raw), images.no_files
+    return "line", row_format.read_json_lines(raw, inflated_limit=inflated_limit), images.no_files
 
 
 def _csv_lines(raw: IO[bytes]) -> Iterator[tuple[int, bytes | LineProblem]]:
@@ -127,7 +135,10 @@ def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, f
     """Stream `raw` once: validate each row, hash and index what would be stored (as JSONL, whatever
     the upload's own format). Returns (report, temp path of the clean JSONL, sha256, stored size,
     line-offset index, temp path of rejected lines)."""
-    unit, items = _upload_rows(raw, size, filename)
+    try:
+        unit, items, read = _upload_rows(raw, size, filename)
+    except row_format.FileRefused as exc:
+        raise UploadRejected(str(exc)) from None
     report = ValidationReport(format=format_override, unit=unit)
     spec: DatasetSpec | None = (
         DatasetSpec(path="upload", type=format_override)
@@ -164,10 +175,14 @@ def validate_and_store(raw: IO[bytes], size: int, format_override: str | None, f
                         report.format_options = detect_layout(parsed) if detected == "chat_template" else {}
                         spec = DatasetSpec(path="upload", type=detected, **report.format_options)
                 if spec is not None and not problems:
-                    problems = [
-                        LineProblem(line_no, p.field, p.message, unit)
-                        for p in FORMATS[spec.format_name].check(parsed, spec)
-                    ]
+                    count = 0
+                    if images.carries_images(parsed, spec):  # stored with its images in the row
+                        stored, count, found = images.stored_row(parsed, spec, read)
+                    else:
+                        found = FORMATS[spec.format_name].check(parsed, spec)
+                    problems = [LineProblem(line_no, p.field, p.message, unit) for p in found]
+                    if count and not problems:
+                        line, report.images = sources.json_line(stored), report.images + count
             if problems:
                 for p in problems:
                     report.add(p)
@@ -253,6 +268,7 @@ def store_dataset(
                 format_options=report.format_options,
                 rows=report.rows,
                 rejected_rows=report.invalid,
+                images=report.images,
                 created_by=user,
             )
         if report.invalid:

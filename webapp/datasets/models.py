@@ -28,6 +28,7 @@ class Dataset(models.Model):
     )
     rows = models.IntegerField()
     rejected_rows = models.IntegerField(default=0, help_text="lines dropped at upload (keep valid rows)")
+    images = models.IntegerField(default=0, help_text="images stored in the rows (image + text rows)")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from training.encode import IGNORE_INDEX, Dropped
+from webapp.datasets import images
 from webapp.datasets.encoding import EncodeOptions, make_encoder
 from webapp.datasets.models import Dataset
 from webapp.datasets.storage import read_row
@@ -20,6 +21,16 @@ class Token:
     part: str
     thinking: bool = False  # part of a reasoning trace (the chat format names such parts "... thinking")
     sample: int = 0  # which of the row's samples it is in: a completion row over sequence_len is cut into several
+    image: int = -1  # an image placeholder token: which of the row's images it stands for (masked, never trained)
+    picture: RowImage | None = None  # on the first token of an image: the image itself, shown in its place
+
+
+@dataclass
+class RowImage:
+    src: str  # a data: URI of a thumbnail (PNG, re-encoded here)
+    width: int
+    height: int
+    tokens: int  # how many placeholder tokens stand for it
 
 
 @dataclass
@@ -44,6 +55,7 @@ def preview_row(dataset: Dataset, index: int, options: EncodeOptions) -> Preview
     tokenizer = encoder.tokenizer
     raw = read_row(dataset, index)
     outcomes = encoder.encode_row(raw, index)
+    image_id = getattr(encoder, "image_token_id", None)  # image rows (training/multimodal.py)
     specials = set(tokenizer.all_special_ids)
     tokens, dropped, trained, truncated, dropped_samples, samples = [], None, 0, False, [], 0
     for outcome in outcomes:
@@ -55,6 +67,7 @@ def preview_row(dataset: Dataset, index: int, options: EncodeOptions) -> Preview
             continue
         samples += 1
         truncated = truncated or sample.truncated
+        first = len(tokens)
         for token_id, label, part in zip(sample.input_ids, sample.labels, sample.token_parts):
             is_trained = label != IGNORE_INDEX
             trained += is_trained
@@ -70,6 +83,27 @@ def preview_row(dataset: Dataset, index: int, options: EncodeOptions) -> Preview
                     samples - 1,
                 )
             )
+        if image_id is not None and sample.images:
+            _place_images(tokens[first:], image_id, sample.images)
+    raw = images.row_images_summary(raw) if dataset.images else raw  # the raw row without its base64
     return Preview(
         index, raw, tokens, trained, dropped, encoder.warnings(), truncated, max(samples, 1), dropped_samples
     )
+
+
+def _place_images(tokens: list[Token], image_id: int, pictures: list) -> None:
+    """Each run of image placeholder tokens is one image, in order: mark its tokens, and put the image itself on
+    the run's first token, so the page shows the image where its tokens are."""
+    k, previous = -1, False
+    for token in tokens:
+        is_image = token.id == image_id
+        if is_image and not previous:
+            k += 1
+            if k < len(pictures):
+                token.picture = RowImage(*images.thumbnail(pictures[k]), tokens=0)
+        if is_image:
+            token.image = k
+        previous = is_image
+    for token in tokens:  # how many tokens each image took, on its first one
+        if token.picture is not None:
+            token.picture.tokens = sum(1 for t in tokens if t.image == token.image)

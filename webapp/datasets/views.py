@@ -34,7 +34,7 @@ def dataset_list(request):
         require_writer(request.user, workspace)
         upload = request.FILES.get("file")
         if upload is None:
-            error = "choose a file to upload (JSONL, JSON, .jsonl.gz, Parquet or CSV)"
+            error = "choose a file to upload (JSONL, JSON, .jsonl.gz, Parquet, CSV, or a .zip of one with its images)"
         else:
             try:
                 result = upload_dataset(
