@@ -19,20 +19,15 @@ from training import events as ev
 from training import sharding
 from training.config import TrainConfig
 from training.divergence import Diverged, divergence_guard, weights_finite
-from training.encode import IGNORE_INDEX, Encoded, Encoder, EncodeStats
+from training.encode import IGNORE_INDEX, Encoded, EncodeStats
+from training.entries import DataInvalid, EntryEncoding
 from training.events import EventSink, StopRequested
 from training.packing import pack, packing_efficiency
-from training.rows import LineProblem
-from training.sources import SourceError, open_source
 
 # torchao (the low-bit optimizers, imported by peft) warns at import that its CUDA-only libraries don't load
 # on a machine without CUDA: true, and no concern of the run's.
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's Enum registrations on torch 2.13
-
-
-class DataInvalid(ValueError):
-    pass
 
 
 @dataclass
@@ -53,35 +48,12 @@ def resolve_path(path: str, base_dir: Path | None) -> Path:
 
 
 def encode_dataset(config: TrainConfig, tokenizer, index: int, base_dir: Path | None = None, processor=None):
-    """(samples, stats, warnings) for one `datasets:` entry; invalid lines raise DataInvalid with line numbers."""
-    spec = config.datasets[index]
-    try:  # local files, folders, save_to_disk, Hub ids (training/sources.py)
-        source = open_source(spec, base_dir)
-    except SourceError as exc:
-        raise DataInvalid(f"datasets[{index}].path: {exc}") from None
-    path, unit = source.label, source.unit
-    if processor is None:
-        encoder = Encoder.from_config(tokenizer, config, index, base_dir)
-    else:  # image rows (processor_type): training/multimodal.py
-        from training.multimodal import ImageEncoder, source_dirs
-
-        encoder = ImageEncoder.from_config(
-            tokenizer, config, index, base_dir, processor=processor, image_dirs=source_dirs(source)
-        )
-    stats, samples, problems = EncodeStats(), [], []
-    try:
-        for outcome in encoder.encode_numbered(source.rows(), stats):
-            if isinstance(outcome, Encoded):
-                samples.append(outcome)
-            elif outcome.reason == "invalid":
-                problems.append(LineProblem(outcome.row + 1, "", outcome.detail, unit))
-    except SourceError as exc:
-        raise DataInvalid(f"datasets[{index}].path: {exc}") from None
-    if problems:
-        shown = "\n".join(f"  {path}:{p}" for p in sorted(problems, key=lambda p: p.line)[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise DataInvalid(f"{len(problems)} invalid {unit}(s) in {path}:\n{shown}{more}")
-    return samples, stats, encoder.warnings()
+    """(samples, stats, warnings) for one `datasets:` entry, through the path `trainyard preprocess` reports
+    on (training/entries.py); invalid rows raise DataInvalid with their numbers."""
+    entry = EntryEncoding(config, tokenizer, index, base_dir=base_dir, processor=processor)
+    samples = [outcome for outcome in entry.outcomes() if isinstance(outcome, Encoded)]
+    entry.raise_if_invalid()
+    return samples, entry.stats, entry.warnings()
 
 
 def prepare_data(config: TrainConfig, tokenizer, base_dir: Path | None = None, processor=None) -> PreparedData:
@@ -219,8 +191,19 @@ def _make_callback(sink: EventSink, collator: Collator, should_stop: Callable[[]
             sink.emit("metric", step=state.global_step, values=values)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if should_stop():
+            sink.beat()  # no beat for a while: the worker's watchdog ends the run as hung
+            if should_stop():  # checked every step: a cancel stops at the next step boundary
                 control.should_training_stop = True
+
+        def on_substep_end(self, args, state, control, **kwargs):
+            sink.beat()  # gradient accumulation: one step may be many micro-batches
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            sink.beat()  # an evaluation is many batches between two steps
+
+        def on_train_end(self, args, state, control, **kwargs):
+            # Writing the result has no step boundaries to beat at: the watchdog stands down.
+            sink.emit(ev.STATUS, state=ev.SAVING, message=f"training ended at step {state.global_step}; saving")
 
         def on_save(self, args, state, control, **kwargs):
             sink.emit(
