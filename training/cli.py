@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub that can't be reached
@@ -95,30 +96,19 @@ def _image_processor(config):
         sys.exit(f"error: {exc}")
 
 
-def _one_jsonl_file(source) -> Path | None:
-    """The file of a source that is one whole local JSONL file (what parallel_encode splits), else None."""
-    files = [f for fs in source.splits.values() for f in fs]
-    whole = len(source.slices) == 1 and source.slices[0].whole and source.slices[0].split in source.splits
-    if source.hub_id is None and len(files) == 1 and files[0][1] == "json" and whole:
-        return files[0][0]
-    return None
-
-
 def cmd_preprocess(args) -> int:
-    from training.encode import DROP_REASONS, Encoded, Encoder, EncodeStats, SequenceTooLong
-    from training.parallel_encode import count_bins, encode_file_parallel, jsonl_worth_splitting, merge_stats
-    from training.rows import LineProblem
-    from training.sources import SourceError, open_source
+    """Encode every entry through the trainer's own path (training/entries.py) and report what a run would
+    train on; this function only formats: --debug tokens, --jsonl samples, the summary and the problems."""
+    from training.encode import SequenceTooLong
+    from training.entries import DataInvalid, EntryEncoding, open_sources
 
     config = _load_config(args.config, args.allow_trust_remote_code)
     base_dir = Path(args.config).resolve().parent
-    sources = []
-    for index, spec in enumerate(config.datasets):  # a missing dataset is said before the tokenizer loads
-        try:
-            sources.append(open_source(spec, base_dir))
-        except SourceError as exc:
-            print(f"error: datasets[{index}].path: {exc}", file=sys.stderr)
-            return 2
+    try:
+        sources = open_sources(config, base_dir)  # a missing dataset is said before the tokenizer loads
+    except DataInvalid as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     processor = None
     if config.processor_type:  # image rows: the model's processor says how many tokens each image takes
         tokenizer, processor = _image_processor(config)
@@ -129,93 +119,89 @@ def cmd_preprocess(args) -> int:
         print(f"note: tokenizer loaded with transformers: {why}", file=sys.stderr)
     color = args.color or (args.color is None and sys.stdout.isatty())
     out = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else None
-    lengths, failed = [], False  # tokens per kept sample, all datasets
+    lengths, failed = Counter(), False  # kept samples by length, all datasets
     for index, source in enumerate(sources):
-        path = Path(source.label)
         try:
-            if processor is None:
-                encoder = Encoder.from_config(tokenizer, config, index, base_dir)
-            else:  # image paths are read beside the data file (training/multimodal.py)
-                from training.multimodal import ImageEncoder, source_dirs
-
-                encoder = ImageEncoder.from_config(
-                    tokenizer, config, index, base_dir, processor=processor, image_dirs=source_dirs(source)
-                )
+            entry = EntryEncoding(config, tokenizer, index, source, base_dir, processor)
         except ValueError as exc:
             print(f"error: datasets[{index}]: {exc}", file=sys.stderr)
             return 2
-        stats, problems, shown = EncodeStats(), [], 0
-        big_file = _one_jsonl_file(source)
-        workers = args.jobs or os.cpu_count() or 1
         try:
-            if big_file and not args.debug and jsonl_worth_splitting(big_file, workers):
-                for part in encode_file_parallel(encoder, big_file, workers, out is not None):  # in file order
-                    merge_stats(stats, part.stats, part.lengths)
-                    encoder.notes.update(part.notes)
-                    problems += [LineProblem(row, "", message, source.unit) for row, message in part.problems]
-                    if out and part.part:
-                        with open(part.part, encoding="utf-8") as lines:
+            parts = None if args.debug else entry.parts_in_parallel(args.jobs or os.cpu_count() or 1, out is not None)
+            if parts is not None:  # a big JSONL file, across processes: their --jsonl parts, in file order
+                for part in parts:
+                    if out and part:
+                        with open(part, encoding="utf-8") as lines:
                             shutil.copyfileobj(lines, out)
-                outcomes = ()
             else:
-                outcomes = encoder.encode_numbered(source.rows(), stats)  # streamed: memory bounded by what is kept
-            for outcome in outcomes:
-                if not isinstance(outcome, Encoded):
-                    if outcome.reason == "invalid":
-                        problems.append(LineProblem(outcome.row + 1, "", outcome.detail, source.unit))
-                    elif args.debug and shown < args.rows and outcome.sample is not None:
-                        shown += 1  # a dropped row is worth seeing too: why it trains nothing
-                        print(f"--- {path.name} row {outcome.row} DROPPED ({outcome.reason}: {outcome.detail})")
-                        print(render_debug(tokenizer, outcome.sample, color))
-                    continue
-                if out:
-                    out.write(
-                        json.dumps(
-                            {"row": outcome.row, "input_ids": outcome.input_ids, "labels": outcome.labels}
-                            | ({"images": len(outcome.images)} if outcome.images else {})
-                        )
-                        + "\n"
-                    )
-                if args.debug and shown < args.rows:
-                    shown += 1
-                    print(
-                        f"--- {path.name} row {outcome.row} ({len(outcome.input_ids)} tokens, "
-                        f"{outcome.trained_tokens} trained"
-                        + (f", {len(outcome.images)} image(s))" if outcome.images else ")")
-                    )
-                    print(render_debug(tokenizer, outcome, color))
+                _show_outcomes(entry, tokenizer, out, args.rows if args.debug else 0, color)
         except SequenceTooLong as exc:  # excess_length_strategy: raise
-            print(f"error: {path}: {exc}", file=sys.stderr)
+            print(f"error: {entry.label}: {exc}", file=sys.stderr)
             return 2
-        except SourceError as exc:
-            print(f"error: datasets[{index}].path: {exc}", file=sys.stderr)
+        except DataInvalid as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
-        lengths += stats.lengths
-        print(
-            f"{path}: {stats.rows} rows read, {stats.samples} samples kept, "
-            f"{stats.tokens} tokens, {stats.trained_tokens} trained"
-        )
-        for reason, count in sorted(stats.dropped.items()):
-            print(f"  dropped {count}: {reason} ({DROP_REASONS.get(reason, reason)})")
-        if stats.truncated:
-            print(f"  truncated {stats.truncated} to sequence_len {config.sequence_len}")
-        for warning in encoder.warnings():
-            print(f"  WARNING: {warning}")
-        if problems:
-            failed = True
-            for p in sorted(problems, key=lambda p: p.line)[:20]:
-                print(f"error: {path}:{p}", file=sys.stderr)
-            if len(problems) > 20:
-                print(f"error: ... and {len(problems) - 20} more invalid {source.unit}s in {path}", file=sys.stderr)
+        lengths.update(entry.stats.lengths)
+        failed = _report(entry, config) or failed
     if out:
         out.close()
     if config.sample_packing and lengths:  # pack()'s first-fit decreasing on lengths: no token ids kept
-        bins = count_bins(lengths, config.sequence_len)
+        from training.parallel_encode import count_bins
+
+        bins, samples = count_bins(lengths, config.sequence_len), sum(lengths.values())
         print(
-            f"packing: {len(lengths)} samples into {bins} bins of {config.sequence_len}, "
-            f"efficiency {sum(lengths) / (bins * config.sequence_len):.1%}"
+            f"packing: {samples} samples into {bins} bins of {config.sequence_len}, "
+            f"efficiency {sum(n * k for n, k in lengths.items()) / (bins * config.sequence_len):.1%}"
         )
     return 1 if failed else 0
+
+
+def _show_outcomes(entry, tokenizer, out, show: int, color: bool) -> None:
+    """Stream the entry's outcomes: kept samples to --jsonl, the first `show` (kept or dropped) as tokens."""
+    from training.encode import Encoded
+
+    name, shown = Path(entry.label).name, 0
+    for outcome in entry.outcomes():  # streamed: memory bounded by what is kept
+        if not isinstance(outcome, Encoded):
+            if outcome.reason != "invalid" and shown < show and outcome.sample is not None:
+                shown += 1  # a dropped row is worth seeing too: why it trains nothing
+                print(f"--- {name} row {outcome.row} DROPPED ({outcome.reason}: {outcome.detail})")
+                print(render_debug(tokenizer, outcome.sample, color))
+            continue
+        if out:
+            images = {"images": len(outcome.images)} if outcome.images else {}
+            out.write(
+                json.dumps({"row": outcome.row, "input_ids": outcome.input_ids, "labels": outcome.labels} | images)
+            )
+            out.write("\n")
+        if shown < show:
+            shown += 1
+            print(
+                f"--- {name} row {outcome.row} ({len(outcome.input_ids)} tokens, {outcome.trained_tokens} trained"
+                + (f", {len(outcome.images)} image(s))" if outcome.images else ")")
+            )
+            print(render_debug(tokenizer, outcome, color))
+
+
+def _report(entry, config) -> bool:
+    """One entry's summary (stdout) and invalid rows (stderr); True when it has invalid rows."""
+    from training.encode import DROP_REASONS
+
+    stats, path, unit = entry.stats, entry.label, entry.source.unit
+    print(f"{path}: {stats.rows} rows read, {stats.samples} samples kept, ", end="")
+    print(f"{stats.tokens} tokens, {stats.trained_tokens} trained")
+    for reason, count in sorted(stats.dropped.items()):
+        print(f"  dropped {count}: {reason} ({DROP_REASONS.get(reason, reason)})")
+    if stats.truncated:
+        print(f"  truncated {stats.truncated} to sequence_len {config.sequence_len}")
+    for warning in entry.warnings():
+        print(f"  WARNING: {warning}")
+    shown = entry.first_problems()
+    for p in shown:
+        print(f"error: {path}:{p}", file=sys.stderr)
+    if len(entry.problems) > len(shown):
+        print(f"error: ... and {len(entry.problems) - len(shown)} more invalid {unit}s in {path}", file=sys.stderr)
+    return bool(entry.problems)
 
 
 def _loss_headline(summary: dict) -> str:

@@ -99,7 +99,8 @@ class EncodeStats:
     truncated: int = 0
     tokens: int = 0
     trained_tokens: int = 0
-    lengths: list[int] = field(default_factory=list)
+    # kept samples by length (tokens -> count), for packing figures: bounded by sequence_len, however many rows
+    lengths: Counter = field(default_factory=Counter)
 
     def add(self, outcome: Encoded | Dropped) -> None:
         if isinstance(outcome, Dropped):
@@ -109,7 +110,7 @@ class EncodeStats:
         self.truncated += outcome.truncated
         self.tokens += len(outcome.input_ids)
         self.trained_tokens += outcome.trained_tokens
-        self.lengths.append(len(outcome.input_ids))
+        self.lengths[len(outcome.input_ids)] += 1
 
     def as_dict(self) -> dict:
         return {

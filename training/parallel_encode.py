@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from training.encode import Encoded, Encoder, EncodeStats
@@ -34,7 +34,6 @@ class ChunkResult:
     problems: list[tuple[int, str]]  # (row number, message) of invalid rows
     notes: Counter
     part: str | None  # the part file of `--jsonl` lines, or None
-    lengths: list[int] = field(default_factory=list)  # tokens per kept sample, for packing figures
 
 
 def jsonl_worth_splitting(path: Path, workers: int) -> bool:
@@ -88,7 +87,7 @@ def _encode_chunk(task: tuple[str, int, int, int, str | None]) -> ChunkResult:
             if parsed is not None:  # a blank line
                 yield number, parsed
 
-    stats, problems, lengths = EncodeStats(), [], []
+    stats, problems = EncodeStats(), []
     out = open(part, "w", encoding="utf-8") if part else None
     try:
         for outcome in encoder.encode_numbered(items(), stats):
@@ -96,7 +95,6 @@ def _encode_chunk(task: tuple[str, int, int, int, str | None]) -> ChunkResult:
                 if outcome.reason == "invalid":
                     problems.append((outcome.row + 1, outcome.detail))
                 continue
-            lengths.append(len(outcome.input_ids))
             if out:
                 out.write(
                     json.dumps({"row": outcome.row, "input_ids": outcome.input_ids, "labels": outcome.labels}) + "\n"
@@ -104,8 +102,7 @@ def _encode_chunk(task: tuple[str, int, int, int, str | None]) -> ChunkResult:
     finally:
         if out:
             out.close()
-    stats.lengths = []  # sent back once, as `lengths`
-    return ChunkResult(stats, problems, encoder.notes - notes_before, part, lengths)
+    return ChunkResult(stats, problems, encoder.notes - notes_before, part)
 
 
 def encode_file_parallel(encoder: Encoder, path: Path, workers: int, jsonl: bool):
@@ -130,26 +127,27 @@ def encode_file_parallel(encoder: Encoder, path: Path, workers: int, jsonl: bool
         os.rmdir(parts)
 
 
-def merge_stats(total: EncodeStats, part: EncodeStats, lengths: list[int]) -> None:
+def merge_stats(total: EncodeStats, part: EncodeStats) -> None:
     total.rows += part.rows
     total.samples += part.samples
     total.dropped.update(part.dropped)
     total.truncated += part.truncated
     total.tokens += part.tokens
     total.trained_tokens += part.trained_tokens
-    total.lengths.extend(lengths)
+    total.lengths.update(part.lengths)
 
 
-def count_bins(lengths: list[int], sequence_len: int) -> int:
-    """How many bins `training.packing.pack` fills with samples of these lengths (its first-fit
-    decreasing, on lengths alone: the CLI's figures need no token ids)."""
+def count_bins(lengths: Counter, sequence_len: int) -> int:
+    """How many bins `training.packing.pack` fills with samples of these lengths (length -> count; its
+    first-fit decreasing, on lengths alone: the CLI's figures need no token ids)."""
     from training.packing import _Rooms
 
     rooms, bins = _Rooms(), 0
     for n in sorted(lengths, reverse=True):
-        b = rooms.leftmost(n)
-        if b < 0:
-            b = rooms.append(sequence_len)
-            bins += 1
-        rooms.take(b, n)
+        for _ in range(lengths[n]):
+            b = rooms.leftmost(n)
+            if b < 0:
+                b = rooms.append(sequence_len)
+                bins += 1
+            rooms.take(b, n)
     return bins

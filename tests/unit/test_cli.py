@@ -241,3 +241,31 @@ def test_a_model_folder_name_is_found_in_the_model_directories(project, tiny_mod
     with pytest.raises(SystemExit) as refused:
         main(["preprocess", str(project / "by-name.yaml")])
     assert "tiny-chat" in str(refused.value) or refused.value.code not in (0, None)
+
+
+def test_encode_stats_count_lengths_bounded_by_sequence_len_not_one_per_sample(tokenizer):
+    """The packing figures need lengths, not one list entry per sample: 3000 samples of 7 lengths are 7 counts."""
+    from training.config import DatasetSpec
+    from training.encode import Encoder, EncodeStats
+
+    encoder = Encoder(tokenizer, DatasetSpec(path="rows", type="completion"), sequence_len=64)
+    stats = EncodeStats()
+    rows = ((n, {"text": "word " * (n % 7 + 1)}) for n in range(1, 3001))
+    assert sum(1 for _ in encoder.encode_numbered(rows, stats)) == 3000
+    assert stats.samples == sum(stats.lengths.values()) == 3000 and len(stats.lengths) == 7
+
+
+def test_preprocess_reports_what_the_trainer_encodes(project, tokenizer, capsys):
+    """One path (training/entries.py): the command's figures are the trainer's own stats for the same config."""
+    from training.config import parse_config
+    from training.train import encode_dataset
+
+    config = project / "config.yaml"
+    assert main(["preprocess", str(config)]) == 0
+    out = capsys.readouterr().out
+    samples, stats, _ = encode_dataset(parse_config(config.read_text()), tokenizer, 0, project)
+    figures = (
+        f"{stats.rows} rows read, {stats.samples} samples kept, {stats.tokens} tokens, {stats.trained_tokens} trained"
+    )
+    assert figures in out and len(samples) == stats.samples == 2
+    assert f"dropped {stats.dropped['no_trained_tokens']}: no_trained_tokens" in out
