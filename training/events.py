@@ -3,13 +3,16 @@
 The vocabulary is typed here, once, for both sides: the trainer writes these kinds and states
 (`training/train.py`, `training/cli.py`), the web worker reads them (`webapp/runs/recording.py`).
 A watcher asks a trainer to stop by creating `STOP_FILE` in the run directory: the trainer stops at
-the next step boundary (its `should_stop` callable) and ends `cancelled`.
+the next step boundary (its `should_stop` callable) and ends `cancelled`. A trainer in its loop
+*beats* (`EventSink.beat`: the events file's mtime moves, at most every BEAT_SECONDS, with no line
+written), so a watcher tells a hung trainer (stopped, deadlocked, a stuck collective) from a slow one.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Final, Literal, Protocol, TypedDict
@@ -25,14 +28,16 @@ EventKind = Literal["status", "metric", "log", "data", "artifact", "ranks"]
 
 # -- states a `status` event carries ------------------------------------------------------------------
 PREPARING: Final = "preparing"  # loading the tokenizer, encoding the data, loading the model
-RUNNING: Final = "running"  # the training loop has begun (total_steps known)
+RUNNING: Final = "running"  # the training loop has begun (total_steps known); the trainer beats from now
+SAVING: Final = "saving"  # the loop has ended, the result is being written (no steps: no beats)
 SUCCEEDED: Final = "succeeded"
 FAILED: Final = "failed"
 CANCELLED: Final = "cancelled"  # asked to stop (STOP_FILE, Ctrl-C)
-TrainingState = Literal["preparing", "running", "succeeded", "failed", "cancelled"]
+TrainingState = Literal["preparing", "running", "saving", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES: Final = frozenset({SUCCEEDED, FAILED, CANCELLED})  # the trainer writes nothing after these
 
 STOP_FILE: Final = "STOP"  # created in the run directory to ask the trainer to stop at the next step
+BEAT_SECONDS: Final = 1.0  # the most often a trainer touches its events file to say it progresses
 
 
 class StatusEvent(TypedDict, total=False):
@@ -88,6 +93,9 @@ class StopRequested(Exception):
 class EventSink(Protocol):
     def emit(self, event: EventKind, **fields) -> None: ...
 
+    def beat(self) -> None:
+        """Say the trainer progresses (called at every step and eval batch); cheap, may do nothing."""
+
 
 def _finite(value):
     # JSON has no NaN/inf; keep them readable so health checks can still see them.
@@ -103,12 +111,21 @@ class JsonlEventSink:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
+        self._last_beat = 0.0
 
     def emit(self, event: str, **fields) -> None:
         if "values" in fields:
             fields["values"] = {k: _finite(v) for k, v in fields["values"].items()}
         self._file.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
         self._file.flush()
+
+    def beat(self) -> None:
+        # The file's mtime, not a line: no rows to record, one syscall at most every BEAT_SECONDS
+        # (on shared storage each is a round trip).
+        now = time.monotonic()
+        if now - self._last_beat >= BEAT_SECONDS:
+            self._last_beat = now
+            os.utime(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()
@@ -121,14 +138,15 @@ class NullEventSink:
     def emit(self, event: str, **fields) -> None:
         pass
 
+    def beat(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
 def process_rank() -> int:
     """This process's rank under accelerate / torchrun (0 when alone)."""
-    import os
-
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
 
 
@@ -137,13 +155,24 @@ class ListEventSink:
 
     def __init__(self):
         self.events: list[dict] = []
+        self.beats = 0
 
     def emit(self, event: str, **fields) -> None:
         self.events.append({"event": event, "time": time.time(), **fields})
 
+    def beat(self) -> None:
+        self.beats += 1
+
 
 def read_events(path: Path, offset: int = 0) -> tuple[list[Event], int]:
     """Complete lines from byte `offset` on, and the offset after the last complete line."""
+    located, end = read_located_events(path, offset)
+    return [event for _, event in located], end
+
+
+def read_located_events(path: Path, offset: int = 0) -> tuple[list[tuple[int, Event]], int]:
+    """As read_events, each event with the byte offset its line starts at (its identity in the file:
+    a watcher that reads a line twice can tell)."""
     path = Path(path)
     try:
         if path.stat().st_size <= offset:  # nothing new: one stat, so a watcher may poll often
@@ -154,11 +183,13 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[Event], int]:
         f.seek(offset)
         data = f.read()
     end = data.rfind(b"\n") + 1
-    events = []
-    for line in data[:end].splitlines():
+    located, start = [], offset
+    for line in data[:end].split(b"\n")[:-1]:
         if line.strip():
             try:
-                events.append(json.loads(line))
+                event = json.loads(line)
             except json.JSONDecodeError:
-                events.append(LogEvent(event=LOG, time=time.time(), message=f"unreadable event: {line[:200]!r}"))
-    return events, offset + end
+                event = LogEvent(event=LOG, time=time.time(), message=f"unreadable event: {line[:200]!r}")
+            located.append((start, event))
+        start += len(line) + 1
+    return located, offset + end

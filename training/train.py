@@ -191,8 +191,19 @@ def _make_callback(sink: EventSink, collator: Collator, should_stop: Callable[[]
             sink.emit("metric", step=state.global_step, values=values)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if should_stop():
+            sink.beat()  # no beat for a while: the worker's watchdog ends the run as hung
+            if should_stop():  # checked every step: a cancel stops at the next step boundary
                 control.should_training_stop = True
+
+        def on_substep_end(self, args, state, control, **kwargs):
+            sink.beat()  # gradient accumulation: one step may be many micro-batches
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            sink.beat()  # an evaluation is many batches between two steps
+
+        def on_train_end(self, args, state, control, **kwargs):
+            # Writing the result has no step boundaries to beat at: the watchdog stands down.
+            sink.emit(ev.STATUS, state=ev.SAVING, message=f"training ended at step {state.global_step}; saving")
 
         def on_save(self, args, state, control, **kwargs):
             sink.emit(

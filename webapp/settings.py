@@ -144,8 +144,14 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 # Models a config may name by folder: hub ids, or folders under these directories.
 TRAINYARD_MODEL_DIRS = [Path(p) for p in os.environ.get("TRAINYARD_MODEL_DIRS", str(DATA_DIR / "models")).split(":")]
 TRAINYARD_GPUS = os.environ.get("TRAINYARD_GPUS", "")  # "0,1" or a count; default: the CUDA devices torch sees
-TRAINYARD_HEARTBEAT_TIMEOUT = int(os.environ.get("TRAINYARD_HEARTBEAT_TIMEOUT", 30))  # seconds
+# Faults (docs/faults.md). Seconds: a worker that stops beating this long loses its runs to a reaper
+# (a paused worker is fenced off); every worker reaps this often (a dead worker of the same host is
+# seen by its pid at once); a trainer in its loop that stops beating this long (or twice its slowest
+# step seen, if longer) is killed as hung.
+TRAINYARD_HEARTBEAT_TIMEOUT = float(os.environ.get("TRAINYARD_HEARTBEAT_TIMEOUT", 30))
 TRAINYARD_MIN_FREE_MB = int(os.environ.get("TRAINYARD_MIN_FREE_MB", 100))  # a run starts only with this free
+TRAINYARD_REAP_SECONDS = float(os.environ.get("TRAINYARD_REAP_SECONDS", 5))
+TRAINYARD_PROGRESS_TIMEOUT = float(os.environ.get("TRAINYARD_PROGRESS_TIMEOUT", 600))
 TRAINYARD_ALLOW_TRUST_REMOTE_CODE = os.environ.get("TRAINYARD_ALLOW_TRUST_REMOTE_CODE", "") == "1"
 
 SESSION_COOKIE_HTTPONLY = True

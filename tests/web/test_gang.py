@@ -263,7 +263,6 @@ def test_cancelling_a_sharded_run_stops_both_ranks_and_frees_both_devices(alice,
 
     settings.TRAINYARD_GPUS = "0,1"
     monkeypatch.setattr(tasks, "execute_run", lambda run_id: None)
-    monkeypatch.setattr(supervisor, "HEARTBEAT_SECONDS", 0.5)
     user, workspace = alice
     yaml_text = FSDP_YAML + "sequence_len: 128\nmicro_batch_size: 1\nmax_steps: 5000\nlearning_rate: 0.001\n"
     config = TrainingConfig.objects.create(workspace=workspace, name="c", yaml=yaml_text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from webapp.runs import gpus
+from webapp.runs import gpus, reaper
 from webapp.runs.models import DeviceLease, Run, RunStatus
 from webapp.runs.supervisor import command
 
@@ -74,4 +74,4 @@ def test_leases_of_runs_that_ended_are_released(alice, settings):
     run = make_run(alice[1])
     gpus.allocate_gpus(run, 1)
     Run.objects.filter(pk=run.pk).update(status=RunStatus.INTERRUPTED)
-    assert gpus.release_leases_of_ended_runs() == 1
+    assert reaper.free_devices_of_ended_runs() == 1

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.helpers import GOOD, ROOT, trainer_pids, worker_env
-from webapp.runs import recording, services
+from webapp.runs import reaper, services
 from webapp.runs.models import MetricPoint, RunStatus, TrainingConfig
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -52,7 +52,7 @@ def test_killed_worker_leaves_run_interrupted_and_resume_finishes(alice, alice_d
 
     run.refresh_from_db()
     assert run.status == RunStatus.RUNNING  # nobody has noticed yet
-    assert recording.mark_stale_runs_interrupted(max_age_seconds=0) == 1
+    assert reaper.reap() == 1  # its worker's pid is gone: no heartbeat timeout to wait
     run.refresh_from_db()
     assert run.status == RunStatus.INTERRUPTED and "resume it" in run.message
     recorded = MetricPoint.objects.filter(run=run).count()

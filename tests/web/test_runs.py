@@ -14,7 +14,7 @@ import pytest
 from django.utils import timezone
 
 from tests.helpers import GOOD, trainer_pids
-from webapp.runs import lifecycle, recording, services
+from webapp.runs import lifecycle, reaper, services
 from webapp.runs.models import Artifact, MetricPoint, Run, RunStatus, TrainingConfig
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -133,7 +133,7 @@ def test_worker_that_stops_beating_leaves_run_interrupted(alice):
         status=RunStatus.RUNNING,
         heartbeat_at=timezone.now() - timezone.timedelta(seconds=300),
     )
-    assert recording.mark_stale_runs_interrupted() == 1
+    assert reaper.reap() == 1
     run.refresh_from_db()
     assert run.status == RunStatus.INTERRUPTED and "stopped reporting" in run.message
 
@@ -222,14 +222,13 @@ def test_presets_start_new_configs(alice_client, alice_dataset):
 @pytest.mark.slow
 def test_cancel_a_running_run_kills_its_process_and_frees_the_device(alice, alice_dataset, monkeypatch, settings):
     from training.events import read_events
-    from webapp.runs import gpus, supervisor, tasks
+    from webapp.runs import gpus, tasks
     from webapp.runs.models import DeviceLease
 
     settings.TRAINYARD_GPUS = ""
     user, workspace = alice
     config = TrainingConfig.objects.create(workspace=workspace, name="c", yaml=GOOD.format(steps=2000))
     monkeypatch.setattr(tasks, "execute_run", lambda run_id: None)
-    monkeypatch.setattr(supervisor, "HEARTBEAT_SECONDS", 0.5)
     run = services.enqueue_run(workspace, user, config)
 
     def cancel_when_running():

@@ -1,5 +1,5 @@
 """The worker's supervisor rides out a database hiccup, keeps beating while it packages artifacts,
-and no queued run is ever left without a task."""
+the reaper ends a dead worker's run, and no queued run is ever left without a task."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import pytest
 from django.utils import timezone
 
-from webapp.runs import recording, supervisor, tasks
+from webapp.runs import lifecycle, processes, reaper, recording, supervisor, tasks
 from webapp.runs.models import MetricPoint, Run, RunStatus
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -27,35 +27,38 @@ with open(sys.argv[1], "a") as f:
 
 
 def test_a_failing_write_is_retried_and_nothing_is_lost(alice, monkeypatch):
-    run = Run.objects.create(workspace=alice[1], name="r", config_yaml="x", status=RunStatus.RUNNING)
+    holder = str(processes.this_process())
+    run = Run.objects.create(workspace=alice[1], name="r", config_yaml="x", status=RunStatus.RUNNING, holder=holder)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     events = run.run_dir / "events.jsonl"
     real, calls = recording.record_events, []
 
-    def flaky(run_id, batch, offset):
+    def flaky(run_id, batch, offset, **kw):
         calls.append(len(batch))
         if len(calls) == 1:
             raise RuntimeError("database is locked")
-        real(run_id, batch, offset)
+        return real(run_id, batch, offset, **kw)
 
     monkeypatch.setattr(recording, "record_events", flaky)
     proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(events)])
-    returncode, cancelled, final = supervisor._watch(run.pk, proc, 0, events)
-    assert (returncode, cancelled, final["state"]) == (0, False, "succeeded")
+    watch = supervisor._Watch(run.pk, holder, proc, 0, events)
+    watch.run()
+    run.refresh_from_db()
+    assert (proc.returncode, watch.cancelled, run.outcome["state"]) == (0, False, "succeeded")
     assert len(calls) >= 2
     assert list(MetricPoint.objects.filter(run=run).values_list("step", flat=True)) == [1, 2, 3, 4, 5]
 
 
-def test_packaging_keeps_the_run_alive(alice, monkeypatch):
+def test_packaging_keeps_the_run_alive(alice, settings):
     run = Run.objects.create(workspace=alice[1], name="r", config_yaml="x", status=RunStatus.RUNNING)
     old = timezone.now() - timezone.timedelta(hours=1)
     Run.objects.filter(pk=run.pk).update(heartbeat_at=old)
-    monkeypatch.setattr(supervisor, "HEARTBEAT_SECONDS", 0.05)
-    with supervisor._beating(run.pk):
+    settings.TRAINYARD_HEARTBEAT_TIMEOUT = 0.2  # beats every 0.05 s
+    with lifecycle.beating(run.pk):
         time.sleep(0.4)  # a long zip
     run.refresh_from_db()
     assert run.heartbeat_at > old + timezone.timedelta(minutes=59)
-    assert recording.mark_stale_runs_interrupted(max_age_seconds=30) == 0
+    assert reaper.reap(max_age_seconds=30) == 0
 
 
 def test_a_queued_run_without_a_task_is_handed_to_the_queue_again(alice, monkeypatch):
@@ -106,24 +109,18 @@ def test_health_sees_streaks_across_batches_and_trends_when_the_run_ends(alice):
 
 
 def test_a_dead_workers_run_is_interrupted_by_the_reaper_with_no_page_open(alice):
-    """No page is involved (pages only read): the periodic reaper, due every few seconds in every
-    worker, records what the dead worker left unread, ends the run interrupted and frees its device."""
-    import datetime
-
-    from huey.consumer import Scheduler
+    """No page is involved (pages only read): the reaper, a thread of every worker, records what the
+    dead worker left unread, ends the run interrupted and frees its device."""
+    import socket
 
     from webapp.runs.models import DeviceLease
 
-    assert Scheduler.periodic_task_seconds == tasks.REAP_SECONDS <= 5  # huey's own default is 60
-    for second in (0, 7, 31, 59):  # due at every look of the scheduler, not once a minute
-        now = datetime.datetime(2026, 1, 1, 12, 0, second)
-        assert "_reap_stale_runs" in [t.name for t in tasks.HUEY.read_periodic(now)]
     run = Run.objects.create(workspace=alice[1], name="r", config_yaml="x", status=RunStatus.RUNNING)
     Run.objects.filter(pk=run.pk).update(heartbeat_at=timezone.now() - timezone.timedelta(minutes=5))
-    DeviceLease.objects.create(device="test:cpu", run=run)
+    DeviceLease.objects.create(device=f"{socket.gethostname()}:cpu", run=run)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     (run.run_dir / "events.jsonl").write_text('{"event": "metric", "step": 7, "time": 1.0, "values": {"loss": 1.0}}\n')
-    tasks._reap_stale_runs.call_local()
+    tasks.reap_once()
     run.refresh_from_db()
     assert run.status == RunStatus.INTERRUPTED and "stopped reporting" in run.message
     assert list(MetricPoint.objects.filter(run=run).values_list("step", flat=True)) == [7]

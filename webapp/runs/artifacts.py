@@ -30,7 +30,11 @@ def package_artifacts(run: Run, kinds=("adapter", "model", "merged")) -> list[Ar
         folder = run.run_dir / kind
         if folder.is_dir():
             target = zip_folder(folder, run.run_dir / f"{kind}.zip", kind)
-            made.append(Artifact.objects.create(run=run, kind=kind, path=target.name, size=target.stat().st_size))
+            # Once per kind: a reaper may package again what a dying worker had begun to.
+            artifact, _ = Artifact.objects.update_or_create(
+                run=run, kind=kind, defaults={"path": target.name, "size": target.stat().st_size}
+            )
+            made.append(artifact)
     return made
 
 

@@ -9,7 +9,7 @@ from functools import lru_cache
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
-from webapp.runs.models import FINAL_STATES, DeviceLease, Run
+from webapp.runs.models import DeviceLease, Run
 
 
 @lru_cache(maxsize=1)
@@ -73,11 +73,6 @@ def allocate_gpus(run: Run, count: int) -> list[str] | None:
 
 def release_gpus(run_id: int) -> None:
     DeviceLease.objects.filter(run_id=run_id).delete()
-
-
-def release_leases_of_ended_runs() -> int:
-    """Leases left by a worker that died: freed once their run has ended."""
-    return DeviceLease.objects.filter(run__status__in=FINAL_STATES).delete()[0]
 
 
 def cuda_visible_devices(devices: list[str]) -> str:

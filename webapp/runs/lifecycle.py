@@ -1,14 +1,19 @@
 """A run's status: the only code that changes it, always by a conditional UPDATE (see RunStatus).
 
-Also the rules that read status: which runs may be resumed, which have a dead worker (stale).
+Also the rules that read status (which runs may be resumed) and the holder's lease: a worker writes
+only while `Run.holder` names it (`held_by`), beats while it holds a run, and a reaper takes a gone
+worker's run over (`take_over`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 
 from webapp.runs.artifacts import resumable_checkpoint
@@ -17,23 +22,44 @@ from webapp.runs.models import ACTIVE_STATES, FINAL_STATES, Run, RunStatus
 log = logging.getLogger("trainyard.runs")
 
 RESUMABLE_STATES = (RunStatus.INTERRUPTED, RunStatus.FAILED, RunStatus.CANCELLED)
-STALE_MESSAGE = (
-    "the worker stopped reporting (killed or lost); logs, metrics and checkpoints up to then are kept: resume it"
-)
+KEPT = "logs, metrics and checkpoints up to then are kept: resume it"
+STALE_MESSAGE = f"the worker stopped reporting (killed, paused or lost); its trainer was stopped; {KEPT}"
+DEAD_WORKER_MESSAGE = f"the worker process died (killed or crashed) and its trainer with it; {KEPT}"
 
 
-def transition(run_id: int, from_states, to_state: str, **fields) -> bool:
-    """Move a run only if it is still in one of `from_states` (a conditional UPDATE: no lost race)."""
+def transition(run_id: int, from_states, to_state: str, *, held_by: str | None = None, **fields) -> bool:
+    """Move a run only if it is still in one of `from_states` (a conditional UPDATE: no lost race)
+    and, with `held_by`, only while that worker still holds it (a fenced-off worker changes nothing)."""
     if to_state in FINAL_STATES:
         fields.setdefault("finished_at", timezone.now())
-    return Run.objects.filter(pk=run_id, status__in=list(from_states)).update(status=to_state, **fields) == 1
+    runs = Run.objects.filter(pk=run_id, status__in=list(from_states))
+    if held_by is not None:
+        runs = runs.filter(holder=held_by)
+    return runs.update(status=to_state, **fields) == 1
 
 
-def finish_run(run_id: int, state: str, message: str) -> bool:
-    ok = transition(run_id, ACTIVE_STATES, state, message=message[:2000])
+def finish_run(run_id: int, state: str, message: str, held_by: str | None = None) -> bool:
+    ok = transition(run_id, ACTIVE_STATES, state, held_by=held_by, message=message[:2000])
     if ok:
         log.info("run %s ended %s: %s", run_id, state, message)
     return ok
+
+
+def held(run_id: int, holder: str) -> dict | None:
+    """The run's cancel flag while `holder` still holds it (starting or running); None once it does
+    not: the reaper took it over or ended it, and the holder must stop writing."""
+    return (
+        Run.objects.filter(pk=run_id, holder=holder, status__in=[RunStatus.STARTING, RunStatus.RUNNING])
+        .values("cancel_requested")
+        .first()
+    )
+
+
+def take_over(run_id: int, holder: str, new_holder: str) -> bool:
+    """The reaper becomes the holder of a run whose worker is gone (compare-and-set on the holder:
+    of two reapers, one settles the run; the old worker, should it wake, finds its lease taken)."""
+    runs = Run.objects.filter(pk=run_id, holder=holder, status__in=[RunStatus.STARTING, RunStatus.RUNNING])
+    return runs.update(holder=new_holder, heartbeat_at=timezone.now()) == 1
 
 
 def request_cancel(run_id: int) -> bool:
@@ -44,8 +70,40 @@ def request_cancel(run_id: int) -> bool:
     return active.update(cancel_requested=True) == 1
 
 
-def bump_heartbeat(run_id: int) -> None:
-    Run.objects.filter(pk=run_id).update(heartbeat_at=timezone.now())
+def bump_heartbeat(run_id: int, holder: str | None = None) -> bool:
+    """False when `holder` no longer holds the run (nothing is written then)."""
+    runs = Run.objects.filter(pk=run_id)
+    if holder is not None:
+        runs = runs.filter(holder=holder, status__in=[RunStatus.STARTING, RunStatus.RUNNING])
+    return runs.update(heartbeat_at=timezone.now()) == 1
+
+
+def heartbeat_seconds() -> float:
+    """How often a holder beats: well inside the timeout after which a reaper takes its runs."""
+    return min(5.0, settings.TRAINYARD_HEARTBEAT_TIMEOUT / 4)
+
+
+@contextmanager
+def beating(run_id: int, holder: str | None = None):
+    """Heartbeats from a thread while the block runs (packaging artifacts after training)."""
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(heartbeat_seconds()):
+            try:
+                bump_heartbeat(run_id, holder)
+            except Exception:
+                log.exception("run %s: heartbeat failed", run_id)
+            finally:
+                connection.close()
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 class CannotResume(ValueError):
@@ -60,11 +118,3 @@ def resume_point(run: Run) -> Path:
     if checkpoint is None:
         raise CannotResume("this run saved no checkpoint (set save_steps in the config): start a new run instead")
     return checkpoint
-
-
-def stale_run_ids(max_age_seconds: int | None = None) -> list[int]:
-    """Starting/running runs whose worker stopped beating for longer than the heartbeat timeout."""
-    age = settings.TRAINYARD_HEARTBEAT_TIMEOUT if max_age_seconds is None else max_age_seconds
-    cutoff = timezone.now() - timezone.timedelta(seconds=age)
-    stale = Run.objects.filter(status__in=[RunStatus.STARTING, RunStatus.RUNNING], heartbeat_at__lt=cutoff)
-    return list(stale.values_list("pk", flat=True))

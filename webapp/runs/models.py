@@ -74,6 +74,13 @@ class Run(models.Model):
     resumed_from = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="resumes")
     resume_checkpoint = models.CharField(max_length=500, blank=True, help_text="checkpoint folder it starts from")
     health = models.JSONField(default=list, blank=True, help_text="alerts from training.health, kept by the worker")
+    # Fencing (webapp/runs/processes.py, reaper.py): the worker that holds the run writes only while
+    # `holder` still names it; the reaper stops `trainer` before the run's devices are freed.
+    holder = models.CharField(max_length=300, blank=True, help_text="the worker process supervising it")
+    trainer = models.CharField(max_length=300, blank=True, help_text="its training process")
+    outcome = models.JSONField(
+        default=dict, blank=True, help_text="the trainer's own final status event, once recorded"
+    )
 
     objects = OwnedQuerySet.as_manager()
 
@@ -105,17 +112,23 @@ class DeviceLease(models.Model):
 
 
 class MetricPoint(models.Model):
-    """One `metric` event: a step's values (loss, learning_rate, ...). `seq` orders events of a run."""
+    """One `metric` event: a step's values (loss, learning_rate, ...). `seq` orders events of a run;
+    `offset` is where the event's line starts in the run's events.jsonl, so an event is stored once
+    however often it is read (null for points a resumed attempt copied from its parent)."""
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="points")
     seq = models.IntegerField()
     step = models.IntegerField()
     time = models.FloatField()
     values = models.JSONField()
+    offset = models.BigIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["seq"]
-        constraints = [models.UniqueConstraint(fields=["run", "seq"], name="metric_seq_unique_in_run")]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "seq"], name="metric_seq_unique_in_run"),
+            models.UniqueConstraint(fields=["run", "offset"], name="metric_event_recorded_once"),
+        ]
 
 
 class Artifact(models.Model):

@@ -1,29 +1,28 @@
 """Huey tasks: the public functions queue (called after commit), the private tasks take only ids,
 re-fetch the row and return quietly if it is gone. A run's task waits for its devices, then the
-supervisor runs its trainer; devices are released however the run ends. The reaper, every
-REAP_SECONDS in every worker, ends the runs of dead workers and hands orphaned queued runs on."""
+supervisor runs its trainer; devices are released however the run ends. Each worker process runs
+the reaper in a thread of its own, at start and every TRAINYARD_REAP_SECONDS: it ends the runs of
+gone workers (reaper.py) and hands orphaned queued runs on."""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from pathlib import Path
 
+from django.conf import settings
+from django.db import connection
 from django.utils import timezone
-from huey.consumer import Scheduler
-from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
+from huey.contrib.djhuey import HUEY, db_task
 
-from webapp.runs import artifacts, gpus, lifecycle, recording, supervisor
+from webapp.runs import artifacts, gpus, lifecycle, reaper, supervisor
 from webapp.runs.configs import run_base_model
 from webapp.runs.models import Generation, Run, RunStatus
 
 log = logging.getLogger("trainyard.worker")
 WAIT_FOR_DEVICES_SECONDS = 3
-REAP_SECONDS = 5  # a dead worker's run turns `interrupted` this long after its heartbeat times out
 ORPHAN_SECONDS = 60
-
-# Huey looks for due periodic tasks once a minute; the reaper is the only periodic task and must
-# notice a dead worker within seconds, with no page open (pages only read).
-Scheduler.periodic_task_seconds = REAP_SECONDS
 
 
 def execute_run(run_id: int) -> None:
@@ -50,22 +49,51 @@ def _execute_run(run_id: int) -> None:
         Run.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(heartbeat_at=timezone.now())
         _execute_run.schedule((run_id,), delay=WAIT_FOR_DEVICES_SECONDS)
         return
-    try:
-        supervisor.supervise(run_id, devices)
-    finally:
-        gpus.release_gpus(run_id)
+    with supervisor.holding(run_id):
+        try:
+            supervisor.supervise(run_id, devices)
+        finally:
+            gpus.release_gpus(run_id)
 
 
-def every_reap_period(now) -> bool:
-    """Due at every look of the scheduler (every REAP_SECONDS, set above)."""
-    return True
-
-
-@db_periodic_task(every_reap_period)
-def _reap_stale_runs() -> None:
-    recording.mark_stale_runs_interrupted()
-    gpus.release_leases_of_ended_runs()
+def reap_once() -> None:
+    """One pass of this worker's reaper: gone workers' runs end (fenced), orphaned queued runs go
+    back to the queue."""
+    reaper.reap()
     requeue_orphaned_runs()
+
+
+_reaper_started = threading.Event()
+_reaper_lock = threading.Lock()
+
+
+def start_reaper() -> None:
+    """This worker process's reaper (once), whose first pass runs at once: a worker that restarts
+    after a crash ends the runs it left behind (its dead predecessor's pid tells: no heartbeat
+    timeout to wait). A thread rather than a periodic task: a queued task could wait behind busy
+    worker threads, or run on another host. `manage.py worker` starts it before anything else."""
+    with _reaper_lock:
+        if _reaper_started.is_set():
+            return
+        _reaper_started.set()
+    threading.Thread(target=_reap_forever, name="reaper", daemon=True).start()
+
+
+@HUEY.on_startup()
+def _start_reaper() -> None:
+    start_reaper()  # plain `run_huey`: once its worker threads start (after the heavy imports)
+
+
+def _reap_forever() -> None:
+    log.info("reaper started: a pass every %s s", settings.TRAINYARD_REAP_SECONDS)
+    while True:
+        try:
+            reap_once()
+        except Exception:
+            log.exception("reaping failed; trying again")
+        finally:
+            connection.close()
+        time.sleep(settings.TRAINYARD_REAP_SECONDS)
 
 
 def requeue_orphaned_runs() -> int:
@@ -83,13 +111,6 @@ def requeue_orphaned_runs() -> int:
         Run.objects.filter(pk=run_id).update(heartbeat_at=timezone.now())
         execute_run(run_id)
     return len(orphans)
-
-
-@HUEY.on_startup()
-def _reap_on_startup() -> None:
-    # A worker that restarts after a crash ends the runs it left behind straight away.
-    recording.mark_stale_runs_interrupted()
-    gpus.release_leases_of_ended_runs()
 
 
 def answer_prompt(generation_id: int) -> None:
