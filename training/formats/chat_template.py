@@ -289,7 +289,14 @@ class ChatTemplate:
             if type(msg) is not dict or len(msg) != 2:
                 return None
             name, content = msg.get(role_key), msg.get(content_key)
-            if type(name) is not str or name not in simple or type(content) is not str or not content.strip():
+            # not content.isspace(): blank as content.strip() would say, without a copy of the text
+            if (
+                type(name) is not str
+                or name not in simple
+                or type(content) is not str
+                or not content
+                or content.isspace()
+            ):
                 return None
             names.append(name)
             contents.append(content)
@@ -321,7 +328,7 @@ class ChatTemplate:
         for k, i in enumerate(skeleton.order):
             literal = skeleton.literals[k + 1]
             marks = _end_marks(ends[i], flags[i])
-            steps.append((i, literal, len(literal), marks, messages[i].trained))
+            steps.append((i, literal, marks, messages[i].trained))
         return _RowShape(skeleton.literals[0], steps, [f"{m.role} #{i}" for i, m in enumerate(messages)], notes)
 
     def render(self, row, spec, options) -> Rendered:
@@ -510,23 +517,36 @@ class _RowShape:
     __slots__ = ("head", "steps", "parts", "notes")
 
     def __init__(self, head: str, steps: list, parts: list[str], notes: list[str]):
-        self.head, self.steps, self.parts, self.notes = head, steps, parts, notes
+        """steps: per content in render order (message index, literal after it, its end marks, trained)."""
+        self.head, self.parts, self.notes = head, parts, notes
+        # Where a turn's spans start and end, relative to its content, is the same for every row:
+        # worked out here once. The first span runs from the content's start to `first_end` past its
+        # end; the others are (start, end, trained) past the content's end. Span by tuple.__new__:
+        # the same tuple as Span(...), without NamedTuple's Python-level __new__ (hot: once a turn).
+        self.steps = []
+        for i, literal, marks, trained in steps:
+            first_end, current, rest = 0, None, []
+            for off, length, flag in marks:
+                if current is None and off == first_end and flag == trained:
+                    first_end = off + length
+                elif current is not None and off == current[1] and flag == current[2]:
+                    current[1] = off + length
+                else:
+                    current = [off, off + length, flag]
+                    rest.append(current)
+            self.steps.append((i, literal, len(literal), first_end, trained, [tuple(r) for r in rest]))
 
     def render(self, contents: list[str]) -> Rendered:
         out = [self.head]
         pos = len(self.head)
         spans = []
-        for i, literal, literal_len, marks, trained in self.steps:
+        new = tuple.__new__
+        for i, literal, literal_len, first_end, trained, rest in self.steps:
             content = contents[i]
             end = pos + len(content)
-            span_start, span_end, span_trained = pos, end, trained
-            for off, length, flag in marks:
-                if end + off == span_end and flag == span_trained:
-                    span_end = end + off + length
-                else:
-                    spans.append(Span(span_start, span_end, span_trained, i))
-                    span_start, span_end, span_trained = end + off, end + off + length, flag
-            spans.append(Span(span_start, span_end, span_trained, i))
+            spans.append(new(Span, (pos, end + first_end, trained, i, None)))
+            for lo, hi, flag in rest:
+                spans.append(new(Span, (end + lo, end + hi, flag, i, None)))
             out.append(content)
             out.append(literal)
             pos = end + literal_len
