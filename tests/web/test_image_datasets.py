@@ -175,3 +175,20 @@ def test_an_uploaded_image_dataset_trains_as_the_preview_shows_it(alice, qwen_vl
     options = EncodeOptions.from_config(config, dataset.name, [str(data_dir / "models" / qwen_vl)])
     previews = [[t.id for t in preview_row(dataset, i, options).tokens] for i in range(3)]
     assert sorted(previews) == sorted(f["input_ids"] for f in data.train)
+
+
+def test_the_dataset_page_encodes_image_rows_with_a_vision_language_model(
+    alice_client, alice, qwen_vl, tiny_model_dir, django_capture_on_commit_callbacks
+):
+    """Its default model is one that sees images (tiny-chat sorts first otherwise), its statistics count the
+    image tokens, and its first rows show image sizes instead of base64."""
+    dataset = upload(alice, parquet_upload()).dataset
+    with django_capture_on_commit_callbacks(execute=True):
+        page = alice_client.get(f"/datasets/{dataset.pk}/").content.decode()
+    assert f"<option selected>{qwen_vl}</option>" in page
+    assert 'id="image-count">3<' in page and "KiB of image bytes" in page and "iVBORw0KGgo" not in page
+    stats = alice_client.get(f"/datasets/{dataset.pk}/stats.json").json()
+    assert stats["status"] == "done", stats
+    lengths = stats["result"]
+    assert lengths["rows"] == 3 and lengths["dropped"] == {}
+    assert lengths["max_length"] == 59  # the 64x64 image's row: 16 image tokens in it (the preview shows 59 too)

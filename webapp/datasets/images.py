@@ -165,3 +165,17 @@ def thumbnail(image: Any) -> tuple[str, int, int]:
     out = io.BytesIO()
     picture.save(out, format="PNG")
     return f"data:image/png;base64,{base64.b64encode(out.getvalue()).decode('ascii')}", width, height
+
+
+def models_for(dataset, models: list[str]) -> list[str]:
+    """The server's model folders, vision-language ones (shipping an image processor) first for a dataset with
+    images: what its pages encode with unless the user picks another."""
+    if not dataset.images:
+        return models
+    from webapp.base_models import resolve_base_model
+
+    def sees_images(name: str) -> bool:
+        folder = Path(resolve_base_model(name))
+        return any((folder / f).is_file() for f in ("preprocessor_config.json", "processor_config.json"))
+
+    return sorted(models, key=lambda name: not sees_images(name))

@@ -14,6 +14,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from training.config import ConfigInvalid, parse_config
 from training.formats import FORMATS
 from webapp.base_models import available_models
+from webapp.datasets import images
 from webapp.datasets.deletion import CannotDelete, delete_dataset
 from webapp.datasets.encoding import EncodeOptions
 from webapp.datasets.intake import UploadRejected
@@ -120,7 +121,7 @@ def import_status(job: HubImport) -> dict:
 
 def dataset_detail(request, pk: int):
     dataset = get_object_or_404(Dataset.objects.visible_to(request.user), pk=pk)
-    models = available_models()
+    models = images.models_for(dataset, available_models())
     options = EncodeOptions.from_query(request.GET, models)
     stats = request_stats(dataset, options) if options.model else None
     return render(
@@ -129,7 +130,7 @@ def dataset_detail(request, pk: int):
         {
             "can_write": can_write(request.user, dataset.workspace),
             "dataset": dataset,
-            "rows": first_rows(dataset, 5),
+            "rows": [images.row_images_summary(r) for r in first_rows(dataset, 5)],
             "options": options,
             "models": models,
             "stats": stats,
@@ -140,7 +141,7 @@ def dataset_detail(request, pk: int):
 def dataset_stats(request, pk: int):
     """JSON for the dataset page's progress bar and charts."""
     dataset = get_object_or_404(Dataset.objects.visible_to(request.user), pk=pk)
-    options = EncodeOptions.from_query(request.GET, available_models())
+    options = EncodeOptions.from_query(request.GET, images.models_for(dataset, available_models()))
     stats = dataset.stats.filter(key=options.key()).first()
     if stats is None:
         return JsonResponse({"status": "missing"}, status=404)
@@ -158,7 +159,7 @@ def dataset_stats(request, pk: int):
 
 def dataset_preview(request, pk: int):
     dataset = get_object_or_404(Dataset.objects.visible_to(request.user), pk=pk)
-    models = available_models()
+    models = images.models_for(dataset, available_models())
     q = request.GET
     try:
         index = int(q.get("row", 0))
