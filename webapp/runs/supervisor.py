@@ -30,7 +30,7 @@ from django.utils import timezone
 from training import events as ev
 from training import sharding
 from training.events import STOP_FILE, read_located_events
-from webapp.runs import disk, gpus, lifecycle, processes, recording
+from webapp.runs import disk, gpus, lifecycle, processes, recording, warm
 from webapp.runs.configs import trust_remote_code_allowed
 from webapp.runs.models import Run, RunStatus
 
@@ -101,6 +101,10 @@ def spawn_trainer(run: Run, devices: list[str]) -> subprocess.Popen:
         "CUDA_VISIBLE_DEVICES": gpus.cuda_visible_devices(devices),
     }
     argv = command(run, devices)
+    # A trainer started ahead, its imports done (webapp/runs/warm.py), when one fits this run.
+    warm_trainer = warm.take(argv, env, run.run_dir, run.log_path)
+    if warm_trainer is not None:
+        return warm_trainer
     with run.log_path.open("ab") as log_file:
         return subprocess.Popen(
             argv,
