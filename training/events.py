@@ -36,6 +36,13 @@ CANCELLED: Final = "cancelled"  # asked to stop (STOP_FILE, Ctrl-C)
 TrainingState = Literal["preparing", "running", "saving", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES: Final = frozenset({SUCCEEDED, FAILED, CANCELLED})  # the trainer writes nothing after these
 
+# -- stages of `preparing`: what a starting run is doing, said on its page (`stage` + `message`) ----
+IMPORTING: Final = "importing"  # torch, transformers, peft (a warm trainer has imported them already)
+TOKENIZING: Final = "tokenizing"  # loading the tokenizer, reading and encoding the datasets
+LOADING_MODEL: Final = "loading_model"  # the base model and its adapter
+BUILDING_TRAINER: Final = "building_trainer"  # optimizer, data loader (and, resuming, the checkpoint)
+Stage = Literal["importing", "tokenizing", "loading_model", "building_trainer"]
+
 STOP_FILE: Final = "STOP"  # created in the run directory to ask the trainer to stop at the next step
 BEAT_SECONDS: Final = 1.0  # the most often a trainer touches its events file to say it progresses
 
@@ -45,6 +52,7 @@ class StatusEvent(TypedDict, total=False):
     time: float
     state: TrainingState
     message: str
+    stage: Stage  # with `preparing`
     total_steps: int  # with `running`
     num_epochs: float  # with `running`
     summary: dict  # with `succeeded`: train_loss, steps, seconds, peak_memory_mb

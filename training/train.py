@@ -448,6 +448,8 @@ def train(
     base_dir: Path | None = None,
     resume_from: Path | None = None,
 ) -> dict:
+    # A starting run's page says what it is doing (events.Stage); a warm trainer has imported already.
+    sink.emit(ev.STATUS, state=ev.PREPARING, stage=ev.IMPORTING, message="importing torch, transformers and peft")
     import torch
     from transformers import TrainingArguments, set_seed
 
@@ -460,7 +462,8 @@ def train(
         torch.set_num_threads(int(os.environ.get("TRAINYARD_CPU_THREADS", "1")))
 
     # -- setup: data ---------------------------------------------------------------------------
-    sink.emit(ev.STATUS, state=ev.PREPARING, message="loading tokenizer and encoding datasets")
+    entries = f"{len(config.datasets)} dataset{'s' if len(config.datasets) != 1 else ''}"
+    sink.emit(ev.STATUS, state=ev.PREPARING, stage=ev.TOKENIZING, message=f"tokenizing {entries}")
     for warning in config.warnings:  # settings that do less than they seem: in the run's log, not only the CLI's
         sink.emit("log", message=f"WARNING config: {warning}")
     set_seed(config.seed)
@@ -502,7 +505,13 @@ def train(
     )
 
     # -- setup: model --------------------------------------------------------------------------
-    sink.emit(ev.STATUS, state=ev.PREPARING, message="loading model")
+    rows, samples = sum(s.rows for s in data.stats), len(data.train) + len(data.eval)
+    sink.emit(
+        ev.STATUS,
+        state=ev.PREPARING,
+        stage=ev.LOADING_MODEL,
+        message=f"loading the model ({rows:,} rows tokenized into {samples:,} samples)",
+    )
     model = load_model(config, tokenizer)
     trainable, total = count_parameters(model)
     sink.emit(
@@ -521,6 +530,8 @@ def train(
         from training.multimodal import ImageCollator
 
         collator = ImageCollator(tokenizer.pad_token_id, processor, pad_to=pad_to)
+    resuming = f"; resuming from {resume_from.name}" if resume_from else ""
+    sink.emit(ev.STATUS, state=ev.PREPARING, stage=ev.BUILDING_TRAINER, message=f"building the trainer{resuming}")
     has_eval = bool(data.eval)
     bf16 = model.dtype == torch.bfloat16 if not config.load_in_4bit else False
     args = TrainingArguments(

@@ -123,3 +123,35 @@ def test_dark_mode_follows_the_system(server, signed_in, planted):
     red, green, blue = (int(v) for v in background.removeprefix("rgb(").rstrip(")").split(","))
     assert red + green + blue < 120, background
     page.screenshot(path=str(RESULTS / "preview-dark.png"), full_page=True)
+
+
+STARTING = """
+from django.utils import timezone
+from webapp.runs.models import Run
+from webapp.workspaces.models import Workspace
+run = Run.objects.create(workspace=Workspace.objects.get(name="Demo"), name="starting", config_yaml="x",
+                         status="starting", started_at=timezone.now(), heartbeat_at=timezone.now())
+run.run_dir.mkdir(parents=True, exist_ok=True)
+print(run.pk)
+"""
+
+STAGE = """
+from webapp.runs import recording
+recording.record_events(RUN_ID, [{"event": "status", "state": "preparing", "stage": "loading_model", "time": 1.0,
+                                  "message": "loading the model (300 rows tokenized into 300 samples)"}], 10)
+"""
+
+
+@pytest.mark.parametrize("width", [390, 1280])
+def test_a_starting_run_page_says_what_the_trainer_is_doing(server, signed_in, width):
+    """ "Starting" is not a silent 15 s: the trainer's stage reaches the open page live, without a reload."""
+    RESULTS.mkdir(exist_ok=True)
+    run_id = server.manage("shell", "-c", STARTING).split()[-1]
+    page = signed_in(width)
+    page.goto(f"{server.url}/runs/{run_id}/")
+    assert page.inner_text("#status-badge") == "starting"
+    server.manage("shell", "-c", STAGE.replace("RUN_ID", run_id))
+    wait_until(page, "document.getElementById('status-message').textContent.includes('loading the model')", 15)
+    assert "300 rows tokenized" in page.inner_text("#status-message")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.screenshot(path=str(RESULTS / f"run-starting-{width}.png"), full_page=True)

@@ -105,3 +105,20 @@ def test_status_messages_carry_what_the_header_shows(alice):
     assert realtime.status_of(second)["queue_position"] == 1
     running = realtime.status_of(first)
     assert running["queue_position"] is None and running["started_at"] == first.started_at.timestamp()
+
+
+def test_a_starting_run_says_what_its_trainer_is_doing(alice):
+    """The trainer's `preparing` stages become the run's message (what the page header shows, live over
+    the status payload) while it starts; `running` clears it; an ended run keeps its outcome."""
+    run = Run.objects.create(workspace=alice[1], name="s", config_yaml="x", status=RunStatus.STARTING)
+    stage = {"event": "status", "state": "preparing", "stage": "loading_model", "time": 1.0}
+    saying = "loading the model (300 rows tokenized into 300 samples)"
+    recording.record_events(run.pk, [{**stage, "message": saying}], 10)
+    run.refresh_from_db()
+    assert realtime.status_of(run)["message"] == saying
+    recording.record_events(run.pk, [{"event": "status", "state": "running", "total_steps": 5, "time": 2.0}], 20)
+    run.refresh_from_db()
+    assert run.status == RunStatus.RUNNING and run.message == ""
+    Run.objects.filter(pk=run.pk).update(status=RunStatus.FAILED, message="out of memory")
+    recording.record_events(run.pk, [{**stage, "message": "late"}], 30)
+    assert Run.objects.get(pk=run.pk).message == "out of memory"

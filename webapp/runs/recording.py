@@ -73,7 +73,13 @@ def _apply(run: Run, events: list[Event], offsets: list) -> tuple[list[MetricPoi
             fields["current_step"] = max(step, fields.get("current_step", run.current_step))
         elif kind == ev.STATUS and event.get("state") == ev.RUNNING:
             fields["total_steps"] = event.get("total_steps")
+            if run.is_active:
+                fields["message"] = ""  # the stage it was in is over: the page shows steps now
             lifecycle.transition(run.pk, [RunStatus.STARTING], RunStatus.RUNNING)
+        elif kind == ev.STATUS and event.get("state") in (ev.PREPARING, ev.SAVING) and run.is_active:
+            # What a starting run is doing (loading the model, tokenizing N rows), then saving: the
+            # run's message, which its page shows live. An ended run's message is its outcome: kept.
+            fields["message"] = str(event.get("message", ""))[:2000]
         elif kind == ev.DATA:
             fields["data_summary"] = {k: v for k, v in event.items() if k not in ("event", "time")}
         elif kind == ev.ARTIFACT and event.get("kind") == "checkpoint":

@@ -1,0 +1,36 @@
+"""A starting trainer says what it is doing: typed `preparing` stages, in order, before `running`."""
+
+from __future__ import annotations
+
+import pytest
+
+from training import events as ev
+from training.config import parse_config
+from training.demo import write_datasets
+from training.events import ListEventSink
+from training.train import train
+
+
+@pytest.mark.slow
+def test_a_starting_trainer_names_each_stage_before_it_runs(tiny_model_dir, tmp_path):
+    data = write_datasets(tmp_path / "data", rows_per_file=40)[0]
+    config = parse_config(
+        {
+            "base_model": str(tiny_model_dir),
+            "datasets": [{"path": str(data), "type": "chat_template"}],
+            "sequence_len": 128,
+            "micro_batch_size": 4,
+            "max_steps": 1,
+            "adapter": "lora",
+            "lora_target_linear": True,
+        }
+    )
+    sink = ListEventSink()
+    train(config, tmp_path / "run", sink)
+    statuses = [e for e in sink.events if e["event"] == ev.STATUS]
+    preparing = [e for e in statuses if e["state"] == ev.PREPARING]
+    assert [e["stage"] for e in preparing] == [ev.IMPORTING, ev.TOKENIZING, ev.LOADING_MODEL, ev.BUILDING_TRAINER]
+    assert statuses[len(preparing)]["state"] == ev.RUNNING  # every stage comes before the loop
+    assert all(e["message"] for e in preparing)
+    assert preparing[1]["message"] == "tokenizing 1 dataset"
+    assert preparing[2]["message"] == "loading the model (40 rows tokenized into 40 samples)"
