@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -777,30 +778,81 @@ def quantize_moe_experts(model, bits: int = 4) -> int:
     are fused 3-D nn.Parameters (e.g. `mlp.experts.gate_up_proj`), so a `load_in_4bit` model keeps them in
     full precision — for GLM-4.7-Flash and Qwen3.5 MoE that is ~90% of the weights. Here each stack is
     quantized and dequantized on access (a torch parametrization), so it stays frozen, 4/8-bit at rest,
-    and `lora_target_parameters` can still add LoRA on top. Returns the number of tensors quantized."""
+    and `lora_target_parameters` can still add LoRA on top. Returns the number of tensors quantized (none when
+    `experts_quantized_on_load` did it while loading)."""
+    count = 0
+    for _name, module in expert_modules(model):
+        for pname, param in list(module.named_parameters(recurse=False)):
+            if param.dim() == 3 and param.is_floating_point():
+                _quantize_expert_stack(module, pname, bits)
+                count += 1
+    return count
+
+
+def _quantize_expert_stack(module, pname: str, bits: int) -> None:
+    """One expert stack (a 3-D parameter of `module`) quantized in place: packed data, dequantized on access."""
     import bitsandbytes.functional as bnbf
     from torch import nn
     from torch.nn.utils import parametrize
 
     _fix_peft_stacked_parametrizations()
-    count = 0
-    for _name, module in expert_modules(model):
-        for pname, param in list(module.named_parameters(recurse=False)):
-            if param.dim() != 3:
-                continue
-            flat = param.data.reshape(-1, param.shape[-1]).contiguous()
-            if bits == 4:
-                packed, state = bnbf.quantize_4bit(flat, quant_type="nf4", blocksize=64, compress_statistics=True)
-            else:
-                packed, state = bnbf.quantize_blockwise(flat, blocksize=256)
-            shape, dtype = param.shape, param.dtype
-            delattr(module, pname)
-            setattr(module, pname, nn.Parameter(packed, requires_grad=False))
-            parametrize.register_parametrization(
-                module, pname, _dequantize_parametrization(state, shape, dtype, bits), unsafe=True
-            )
-            count += 1
-    return count
+    # restack_for_plain_base needs the definition order; `parametrizations` keeps the order of quantizing, which
+    # while loading is the checkpoint's key order
+    if not hasattr(module, "trainyard_param_order"):
+        module.trainyard_param_order = list(module._parameters)
+    param = getattr(module, pname)
+    flat = param.data.reshape(-1, param.shape[-1]).contiguous()
+    if bits == 4:
+        packed, state = bnbf.quantize_4bit(flat, quant_type="nf4", blocksize=64, compress_statistics=True)
+    else:
+        packed, state = bnbf.quantize_blockwise(flat, blocksize=256)
+    shape, dtype = param.shape, param.dtype
+    delattr(module, pname)
+    stored = nn.Parameter(packed, requires_grad=False)
+    stored._is_hf_initialized = True  # loaded, not to be initialized by from_pretrained's missing-weights pass
+    setattr(module, pname, stored)
+    parametrize.register_parametrization(
+        module, pname, _dequantize_parametrization(state, shape, dtype, bits), unsafe=True
+    )
+
+
+@contextmanager
+def experts_quantized_on_load(bits: int):
+    """Within this block, from_pretrained quantizes each routed expert stack as soon as it is loaded, so the
+    full-precision experts are never all in memory at once: the peak stays near the quantized model plus one
+    stack (tests/unit/test_architectures.py measures it). Axolotl patches the same transformers function.
+
+    transformers 5 sets each loaded tensor through `core_model_loading.set_param_for_module`; it is wrapped for
+    this block only (hold MODEL_LOCK: loading patches process-wide state), and its thread pool, which would
+    materialize tensors ahead of their turn, is turned off. Yields a list whose length counts the stacks."""
+    import transformers.core_model_loading as loading
+
+    original = loading.set_param_for_module
+    quantized: list[str] = []
+
+    def set_param_for_module(model, target_name, param_value, *args, **kwargs):
+        original(model, target_name, param_value, *args, **kwargs)
+        module_path, _, pname = target_name.rpartition(".")
+        module = model.get_submodule(module_path) if module_path else model
+        if param_value.dim() == 3 and param_value.is_floating_point() and _holds_experts(module):
+            _quantize_expert_stack(module, pname, bits)
+            quantized.append(target_name)
+
+    async_load = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    loading.set_param_for_module = set_param_for_module
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    try:
+        yield quantized
+    finally:
+        loading.set_param_for_module = original
+        if async_load is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = async_load
+
+
+def _holds_experts(module) -> bool:
+    return type(module).__name__.endswith("Experts")
 
 
 def restack_for_plain_base(peft_model, adapter_dir: Path) -> int:
@@ -820,7 +872,8 @@ def restack_for_plain_base(peft_model, adapter_dir: Path) -> int:
         while isinstance(inner, ParamWrapper):
             chain.append(inner.parameter_name)
             inner = inner.base_layer
-        defined = [p for p in getattr(inner, "parametrizations", {}) if p in chain]
+        order = getattr(inner, "trainyard_param_order", None) or list(getattr(inner, "parametrizations", {}))
+        defined = [p for p in order if p in chain]
         plain = list(reversed(defined))  # a plain load wraps in definition order: the first is innermost
         if len(chain) > 1 and sorted(plain) == sorted(chain) and plain != chain:
             moves[name] = {depth: plain.index(p) for depth, p in enumerate(chain)}
@@ -953,8 +1006,10 @@ def prepare_model(model, config: TrainConfig) -> list[str]:
         notes.append("architecture: 8-bit layers given 4-D inputs see them as 3-D (bitsandbytes' CPU int8 path)")
     if getattr(config, "quantize_moe_experts", False):
         bits = 4 if config.load_in_4bit else 8
-        count = quantize_moe_experts(model, bits)
-        notes.append(f"quantize_moe_experts: {count} expert weight stack(s) stored in {bits}-bit")
+        on_load = getattr(model, "trainyard_experts_quantized_on_load", 0)  # modeling.load_model
+        count = quantize_moe_experts(model, bits) + on_load
+        when = " while loading" if on_load else ""
+        notes.append(f"quantize_moe_experts: {count} expert weight stack(s) stored in {bits}-bit{when}")
     model.trainyard_notes = notes
     return notes
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 
 from training.config import TrainConfig
@@ -107,12 +108,19 @@ def load_model(config: TrainConfig, tokenizer):
     model_class = auto_model_class(source)
     if config.processor_type:  # image rows: the model with its vision tower, whatever its type
         from transformers import AutoModelForImageTextToText as model_class
+    from training.architectures import experts_quantized_on_load
+
+    quantizing = (
+        experts_quantized_on_load(4 if config.load_in_4bit else 8) if config.quantize_moe_experts else nullcontext([])
+    )
     try:
-        model = model_class.from_pretrained(source, **kwargs)  # VLM checkpoints: the whole model
+        with MODEL_LOCK, quantizing as quantized:
+            model = model_class.from_pretrained(source, **kwargs)  # VLM checkpoints: the whole model
     except (OSError, ValueError) as exc:
         raise ModelNotFound(
             f"base_model: can't load a model from {config.base_model!r}: {str(exc).splitlines()[0]}"
         ) from None
+    model.trainyard_experts_quantized_on_load = len(quantized)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.use_cache = False  # packed samples would attend to each other with the cache on

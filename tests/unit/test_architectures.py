@@ -264,6 +264,60 @@ def test_quantize_moe_experts_stores_experts_in_4_bit(tiny_arch, arch):
     _train_steps(model)
 
 
+@pytest.mark.parametrize("load_in", ["load_in_4bit", "load_in_8bit"])
+def test_quantize_moe_experts_quantizes_each_stack_while_loading(tmp_path, monkeypatch, load_in):
+    """quantize_moe_experts quantizes an expert stack as soon as it is loaded: the full-precision experts held by
+    the model while it loads never exceed one stack (they were all held before being quantized: 4.5x here)."""
+    import transformers
+    import transformers.core_model_loading as loading
+
+    from training.architectures import _holds_experts
+    from training.modeling import load_model, load_tokenizer
+
+    config = transformers.Glm4MoeLiteConfig(  # GLM-4.7-Flash's layout: layers 1-3 MoE, 2 stacks each
+        vocab_size=700, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+        first_k_dense_replace=0, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+        v_head_dim=16, n_shared_experts=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Glm4MoeLiteForCausalLM(config).save_pretrained(tmp_path / "glm")
+    from training.demo import build_tokenizer
+
+    build_tokenizer().save_pretrained(tmp_path / "glm")
+    stacks = {n: p.numel() * p.element_size() for n, p in transformers.Glm4MoeLiteForCausalLM(config).named_parameters()
+              if p.dim() == 3}  # fmt: skip
+    assert len(stacks) == 6
+
+    held: list[int] = []
+    set_param = loading.set_param_for_module
+
+    def recording(model, *args, **kwargs):  # what the model holds after each loaded tensor
+        set_param(model, *args, **kwargs)
+        held.append(
+            sum(
+                p.numel() * p.element_size()
+                for m in model.modules()
+                if _holds_experts(m)
+                for p in m.parameters(recurse=False)
+                if p.dim() == 3 and p.is_floating_point() and p.device.type != "meta"
+            )
+        )
+
+    monkeypatch.setattr(loading, "set_param_for_module", recording)
+    adapter = "lora" if load_in == "load_in_8bit" else "qlora"
+    keys = {"adapter": adapter, load_in: True, "lora_target_modules": ["o_proj"]}
+    config = _config(tmp_path / "glm", quantize_moe_experts=True, **keys)
+    model = load_model(config, load_tokenizer(config))
+    assert max(held) == max(stacks.values())  # one stack at a time, quantized before the next one loads
+    assert any("6 expert weight stack(s)" in n and "while loading" in n for n in model.trainyard_notes)
+    assert loading.set_param_for_module is recording  # transformers is left as it was
+    held.clear()
+    plain = _config(tmp_path / "glm", **keys)
+    load_model(plain, load_tokenizer(plain))  # without quantize_moe_experts every stack stays full
+    assert max(held) == sum(stacks.values()) > 4 * max(stacks.values())
+
+
 def test_quantize_moe_experts_in_8_bit_with_lora(tiny_arch):
     model, _ = _load(
         tiny_arch("glm4_moe_lite"),
@@ -274,7 +328,7 @@ def test_quantize_moe_experts_in_8_bit_with_lora(tiny_arch):
     )
     stored = [p for n, p in model.named_parameters() if ".parametrizations." in n]
     assert stored and all(p.dtype == torch.uint8 for p in stored)
-    assert "quantize_moe_experts: 2 expert weight stack(s) stored in 8-bit" in model.trainyard_notes
+    assert "quantize_moe_experts: 2 expert weight stack(s) stored in 8-bit while loading" in model.trainyard_notes
     _train_steps(model)  # GLM's latent attention feeds 4-D inputs to 8-bit layers: they train on the CPU too
     with torch.no_grad():
         model.eval()(torch.tensor([SAMPLE_A]), use_cache=False)
