@@ -114,6 +114,9 @@ else:
         "name": QUEUE_NAME,
         "filename": str(DATA_DIR / "huey.sqlite3"),
         "immediate": HUEY_IMMEDIATE,
+        # SQLite can't wake a worker: an idle one polls, backing off from 0.1 s up to this (huey's
+        # default 10 s made a run wait up to 10 s in the queue; a poll is one tiny transaction).
+        "consumer": {"max_delay": 0.25},
     }
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 

@@ -237,3 +237,23 @@ def test_a_warm_trainer_dies_with_its_worker():
             return
         time.sleep(0.1)
     raise AssertionError(f"warm trainer {trainer} outlived its worker")
+
+
+def test_an_idle_worker_looks_at_its_queue_at_least_every_quarter_second(monkeypatch):
+    """A run queued on an idle worker waited up to 10 s before a trainer started (huey's polling backs off to
+    10 s on SQLite, which can't wake a worker). With Redis a worker's read blocks and wakes at once."""
+    from huey.contrib.djhuey import HUEY
+
+    if settings.REDIS_URL:
+        from huey import RedisHuey
+
+        assert RedisHuey(settings.QUEUE_NAME, url=settings.REDIS_URL).storage.blocking
+        return
+    consumer = HUEY.create_consumer(workers=1, **settings.HUEY.get("consumer", {}))
+    worker = consumer.worker_threads[0][0]
+    waits = []
+    monkeypatch.setattr(worker.stop_flag, "wait", waits.append)
+    monkeypatch.setattr(HUEY, "dequeue", lambda: None)  # an empty queue for a long while
+    for _ in range(200):
+        worker.loop()
+    assert len(waits) == 200 and max(waits) <= 0.25
