@@ -202,6 +202,24 @@ def test_a_warm_trainer_is_stopped_by_its_process_group(pool, tmp_path, tiny_mod
     assert proc.wait(timeout=30) == -signal.SIGTERM
 
 
+def test_the_pool_keeps_its_size_and_starts_nothing_once_stopped(pool):
+    first = warm.trainer_env(gpus.inventory()[:1])
+    pool.prewarm(first)
+    _ready(pool)
+    older = pool._idle[0][1]
+    second = {**first, "CUDA_VISIBLE_DEVICES": "1"}  # the device a run just left: the likelier next one
+    pool.prewarm(second)
+    deadline = time.time() + 30
+    while older.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert older.poll() is not None and [env for env, _ in pool._idle] == [second]
+    pool.stop_all()
+    assert pool.idle_count() == 0
+    pool.prewarm(first)  # a run ending while the worker stops
+    time.sleep(1)
+    assert pool.idle_count() == 0
+
+
 KEEPER = """
 import sys, time, django
 django.setup()

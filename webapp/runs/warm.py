@@ -65,6 +65,7 @@ class WarmTrainers:
         self._idle: list[tuple[dict, subprocess.Popen]] = []  # oldest first
         self._wanted: queue.Queue = queue.Queue()
         self._keeper: threading.Thread | None = None
+        self._closed = False  # the worker is stopping: start no more
 
     def prewarm(self, env: dict) -> None:
         """Have a warm trainer ready for runs with this environment (started in the background)."""
@@ -101,6 +102,7 @@ class WarmTrainers:
 
     def stop_all(self) -> None:
         with self._lock:
+            self._closed = True
             idle, self._idle = self._idle, []
         for _, proc in idle:
             self._stop(proc)
@@ -115,7 +117,7 @@ class WarmTrainers:
             env = self._wanted.get()
             with self._lock:
                 self._idle = [(e, p) for e, p in self._idle if p.poll() is None]
-                if any(e == env for e, _ in self._idle):
+                if self._closed or any(e == env for e, _ in self._idle):
                     continue
             try:
                 proc = self._start(env)
@@ -124,8 +126,8 @@ class WarmTrainers:
                 continue
             with self._lock:
                 self._idle.append((env, proc))
-                evicted = self._idle[: -self.size] if len(self._idle) > self.size else []
-                self._idle = self._idle[-self.size :]
+                cut = max(0, len(self._idle) - (0 if self._closed else self.size))  # the oldest go
+                evicted, self._idle = self._idle[:cut], self._idle[cut:]
             for _, old in evicted:
                 self._stop(old)
 
