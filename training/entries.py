@@ -112,6 +112,9 @@ class EntryEncoding:
         unit, more = self.source.unit, len(self.problems) - PROBLEMS_SHOWN
         shown = "\n".join(f"  {self.label}:{p}" for p in self.first_problems())
         tail = f"\n  ... and {more} more" if more > 0 else ""
+        image_parts = any("content part needs a string `text`" in p.message for p in self.problems)
+        if image_parts and not self.encoder.masked_ids:  # a text encoder met image rows
+            tail += "\n  rows with image parts train with processor_type: AutoProcessor and skip_prepare_dataset: true"
         raise DataInvalid(f"{len(self.problems)} invalid {unit}(s) in {self.label}:\n{shown}{tail}")
 
 

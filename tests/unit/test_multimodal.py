@@ -466,3 +466,14 @@ def test_rows_written_as_json_carry_their_image_bytes_and_pictures():
     assert decoded.size == (8, 6) and list(decoded.getdata()) == list(picture.convert("RGB").getdata())
     plain = {"messages": [{"role": "user", "content": "é"}], "when": "x"}
     assert json_line(plain) == (json.dumps(plain, ensure_ascii=False) + "\n").encode()
+
+
+def test_image_rows_without_processor_type_are_refused_with_the_keys_to_set(tiny_arch, image_data):
+    from training.modeling import load_tokenizer
+    from training.train import DataInvalid, prepare_data
+
+    config = parse_config(
+        {"base_model": str(tiny_arch("qwen3_5")), "datasets": [{"path": str(image_data), "type": "chat_template"}]}
+    )
+    with pytest.raises(DataInvalid, match="rows with image parts train with processor_type: AutoProcessor"):
+        prepare_data(config, load_tokenizer(config))

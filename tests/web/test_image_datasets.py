@@ -192,3 +192,13 @@ def test_the_dataset_page_encodes_image_rows_with_a_vision_language_model(
     lengths = stats["result"]
     assert lengths["rows"] == 3 and lengths["dropped"] == {}
     assert lengths["max_length"] == 59  # the 64x64 image's row: 16 image tokens in it (the preview shows 59 too)
+
+
+def test_a_config_on_an_image_dataset_needs_processor_type(alice_client, alice, qwen_vl):
+    dataset = upload(alice, parquet_upload()).dataset
+    text = f"base_model: {qwen_vl}\ndatasets:\n  - path: {dataset.name}\n    type: chat_template\nsequence_len: 128\n"
+    answer = alice_client.post("/api/configs/validate", {"yaml": text}, content_type="application/json").json()
+    assert [e["path"] for e in answer["errors"]] == ["datasets[0].path"]
+    assert "has images in its rows: train on them with processor_type: AutoProcessor" in answer["errors"][0]["message"]
+    vision = text + "processor_type: AutoProcessor\nskip_prepare_dataset: true\n"
+    assert alice_client.post("/api/configs/validate", {"yaml": vision}, content_type="application/json").json()["valid"]

@@ -49,6 +49,14 @@ def validate_config(workspace, yaml_text: str) -> tuple[TrainConfig, dict]:
             )
         else:
             errors += _layout_errors(i, entry, dataset)
+            if dataset.images and not raw.get("processor_type"):  # its image parts would be refused row by row
+                errors.append(
+                    ConfigError(
+                        f"datasets[{i}].path",
+                        f"dataset {dataset.name!r} has images in its rows: train on them with processor_type: "
+                        "AutoProcessor and skip_prepare_dataset: true, on a vision-language model",
+                    )
+                )
             if config:
                 resolved["datasets"][i]["path"] = str(dataset.path)
     if config and resolved.get("base_model"):
