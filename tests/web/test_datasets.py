@@ -520,5 +520,10 @@ def test_a_completion_row_cut_into_samples_is_shown_cut(alice, alice_client, tin
 def test_the_api_tells_an_empty_file_it_has_no_rows_and_an_unknown_format_its_choices(alice_client):
     empty = alice_client.post("/api/datasets/", {"file": SimpleUploadedFile("empty.jsonl", b"")})
     assert empty.status_code == 400 and empty.json()["message"].startswith("no rows in the file")
+    assert empty.json()["field"] == "file"  # what to fix: the file, its name, or an option
+    named = alice_client.post(
+        "/api/datasets/", {"file": SimpleUploadedFile("c.jsonl", jsonl([CHAT_ROW])), "name": "a\tb"}
+    )
+    assert named.status_code == 400 and named.json()["field"] == "name"
     odd = alice_client.post("/api/datasets/", {"file": SimpleUploadedFile("c.jsonl", jsonl([CHAT_ROW])), "format": "x"})
     assert odd.status_code == 422 and "chat_template" in odd.json()["message"]  # the schema lists the formats

@@ -53,6 +53,7 @@ class UploadOut(Schema):
 
 class UploadError(Schema):
     message: str
+    field: str = ""  # the part of the request at fault: file (its rows, size, packaging), name, format
     valid_rows: int = 0
     problems: list[Problem] = []
     counts: dict[str, int] = {}
@@ -93,6 +94,7 @@ def upload(
         report = exc.report
         return 400, UploadError(
             message=str(exc),
+            field=exc.field,
             valid_rows=report.rows if report else 0,
             problems=[
                 Problem(line=p.line, field=p.field, message=p.message, unit=p.unit)

@@ -84,9 +84,13 @@ def reason_of(problem: LineProblem) -> str:
 
 
 class UploadRejected(ValueError):
-    def __init__(self, message: str, report: ValidationReport | None = None):
+    """An upload refused, saying why; `field` names the part of the request at fault ("file": its rows,
+    size or packaging; "name"; "format"), so a client can point at it."""
+
+    def __init__(self, message: str, report: ValidationReport | None = None, field: str = "file"):
         super().__init__(message)
         self.report = report
+        self.field = field
 
 
 @dataclass
@@ -288,4 +292,4 @@ def _create_with_unique_name(*, workspace, base: str, **fields) -> Dataset:
                     return Dataset.objects.create(workspace=workspace, name=candidate, **fields)
             except IntegrityError:
                 continue
-    raise UploadRejected("could not find a free dataset name")
+    raise UploadRejected("could not find a free dataset name", field="name")

@@ -33,9 +33,9 @@ def upload_dataset(
     if size > limit:
         raise UploadRejected(f"the file is {size:,} bytes, over this server's {limit:,}-byte limit")
     if name and name_problem(name.strip()):
-        raise UploadRejected(f"the dataset name {name_problem(name.strip())}")
+        raise UploadRejected(f"the dataset name {name_problem(name.strip())}", field="name")
     if format and format not in FORMATS:
-        raise UploadRejected(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+        raise UploadRejected(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}", field="format")
     filename = os.path.basename(getattr(file, "name", "") or "dataset.jsonl")  # a label, never a path
     file.seek(0)
     return store_dataset(workspace, user, file, size, filename, name=name, format=format, keep_valid=keep_valid)
