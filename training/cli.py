@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--allow-trust-remote-code", action="store_true")
     p.add_argument(
-        "--jobs", type=int, default=None, help="processes for a JSONL file over 32 MB (default: every core; 1: one)"
+        "--jobs", type=int, default=None, help="processes for a JSONL file over 1 MB (default: every core; 1: one)"
     )
     p.set_defaults(func=cmd_preprocess)
 

@@ -1,7 +1,7 @@
 """Encodes one large JSONL file across processes, in byte-range chunks, with the output in file order.
 
 Python renders ~30k rows/s on one core; the Rust tokenizer alone can't fill the others. For a file over
-`MIN_BYTES`, `trainyard preprocess` forks workers that each hold the parent's Encoder (nothing is
+`MIN_BYTES` (1 MB: ~4k chat rows), `trainyard preprocess` forks workers that each hold the parent's Encoder (nothing is
 pickled but the chunk bounds and the results), read their own byte range, number rows from the line
 the range starts on (counted once by the parent), and write their samples to a part file; the parent
 appends the parts in order, so `--jsonl` output, stats and problems equal the one-process run's.
@@ -13,6 +13,7 @@ import io
 import json
 import multiprocessing
 import os
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -21,8 +22,15 @@ from pathlib import Path
 from training.encode import Encoded, Encoder, EncodeStats
 from training.rows import BOM, _bounded_lines, parse_line
 
-MIN_BYTES = 32 * 2**20  # below this a second process costs more (fork, page faults) than it saves
+# Below this a second process costs more than it saves. A process without transformers has a small
+# heap (fork and a pool of 2 take ~10-50 ms here), while 1 MB is ~0.2 s of Python. Measured
+# (bench/preprocess.py's 20k rows, 4.5 MB, 2 cores): 1.39 s in one process, 1.17 s in two.
+MIN_BYTES = 2**20
+# ... and with torch or transformers loaded (a processor for image rows, a tokenizer transformers must
+# load): a big heap to fork, and threads that forked children must not inherit in use.
+MIN_BYTES_HEAVY = 32 * 2**20
 CHUNK_BYTES = 16 * 2**20  # per task: several per worker, so a slow chunk doesn't idle the others
+MIN_CHUNK_BYTES = 256 * 2**10  # at least this per task: its result and scheduling then cost little
 READ_BLOCK = 2**22
 
 _ENCODER: Encoder | None = None  # the parent's, inherited by fork
@@ -38,7 +46,8 @@ class ChunkResult:
 
 def jsonl_worth_splitting(path: Path, workers: int) -> bool:
     """A plain (not gzip, not a JSON array) JSONL file big enough to pay for more processes."""
-    if workers < 2 or not path.is_file() or path.stat().st_size < MIN_BYTES:
+    heavy = "torch" in sys.modules or "transformers" in sys.modules
+    if workers < 2 or not path.is_file() or path.stat().st_size < (MIN_BYTES_HEAVY if heavy else MIN_BYTES):
         return False
     with path.open("rb") as f:
         head = f.read(4096).removeprefix(BOM).lstrip()
@@ -105,12 +114,16 @@ def _encode_chunk(task: tuple[str, int, int, int, str | None]) -> ChunkResult:
     return ChunkResult(stats, problems, encoder.notes - notes_before, part)
 
 
+def chunk_bytes(size: int, workers: int) -> int:
+    """At least 4 chunks a worker, so the last ones don't leave workers idle (43 MB in 16 MB chunks on 2
+    workers ran its third chunk alone)."""
+    return min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, size // (4 * workers)))
+
+
 def encode_file_parallel(encoder: Encoder, path: Path, workers: int, jsonl: bool):
     """ChunkResults in file order, computed by `workers` forked processes."""
     global _ENCODER
-    # at least 4 chunks a worker, so the last ones don't leave workers idle (43 MB in 16 MB chunks on 2
-    # workers ran its third chunk alone)
-    chunks = plan_chunks(path, min(CHUNK_BYTES, max(2**20, path.stat().st_size // (4 * workers))))
+    chunks = plan_chunks(path, chunk_bytes(path.stat().st_size, workers))
     parts = tempfile.mkdtemp(prefix="trainyard-parts-")
     tasks = [
         (str(path), start, stop, line, os.path.join(parts, f"{k:06d}.jsonl") if jsonl else None)
