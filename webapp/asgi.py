@@ -13,7 +13,10 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from webapp.runs.routing import websocket_urlpatterns  # noqa: E402
+from webapp.runs.warm import warm_web_process  # noqa: E402
 from webapp.upload_limit import UploadSizeLimit  # noqa: E402
+
+warm_web_process()  # torch imported in the background: the first "Start run" doesn't wait for it
 
 application = ProtocolTypeRouter(
     {

@@ -275,3 +275,21 @@ def test_an_idle_worker_looks_at_its_queue_at_least_every_quarter_second(monkeyp
     for _ in range(200):
         worker.loop()
     assert len(waits) == 200 and max(waits) <= 0.25
+
+
+WEB = """
+import sys, time
+import webapp.asgi  # what uvicorn loads
+started = time.time()
+while "torch.cuda" not in sys.modules and time.time() - started < 30:  # no request made
+    time.sleep(0.05)
+print("torch.cuda" in sys.modules)
+"""
+
+
+def test_the_web_server_imports_torch_in_the_background_for_the_first_config_check():
+    """Checking a config against this machine imports torch (~6 s): the first "Start run" after a start took
+    that long. The web server imports it in a background thread as it starts (embedded mode)."""
+    env = {k: v for k, v in worker_env().items() if k != "REDIS_URL"}
+    out = subprocess.run([sys.executable, "-c", WEB], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]

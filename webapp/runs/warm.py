@@ -208,6 +208,24 @@ def preload_libraries() -> None:
     os.environ.update(environ)
 
 
+def warm_web_process() -> None:
+    """In the web server (embedded mode): import torch in the background, as checking a config against this
+    machine does (is CUDA there?), so the first "Start run" or config check after a start doesn't wait the
+    ~6 s import. Scaled out, the web host checks no machine (each worker checks its own): nothing to do."""
+    if settings.REDIS_URL:
+        return
+
+    def work():
+        try:
+            import torch
+
+            torch.cuda.is_available()
+        except Exception:  # the config check meets the same problem, and reports it
+            pass
+
+    threading.Thread(target=work, name="warm-imports", daemon=True).start()
+
+
 @HUEY.on_startup()
 def start_worker() -> None:
     """Every worker thread calls this before taking tasks; the first one does the work, the others wait
