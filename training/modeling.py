@@ -127,6 +127,10 @@ def load_model(config: TrainConfig, tokenizer):
     from training.architectures import prepare_model
 
     prepare_model(model, config)  # packed-sample boundaries in Gated DeltaNet layers, quantize_moe_experts
+    from training import sharding
+
+    if config.load_in_8bit and sharding.kind_of(config) == "fsdp":
+        sharding.keep_int8_weights_through_fsdp2(model)
     if config.adapter:
         model = _add_adapter(model, config)
     if config.liger:

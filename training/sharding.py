@@ -217,8 +217,6 @@ def environment_problems(config, *, devices: int | None, cuda_available: bool) -
                 "leave bf16 unset (auto) or true",
             )
         )
-    if kind == "fsdp" and config.load_in_8bit:
-        problems.append(("load_in_8bit", "FSDP2 can't shard 8-bit bitsandbytes weights; use load_in_4bit (QLoRA)"))
     return problems
 
 
@@ -234,6 +232,61 @@ def qlora_quantization_kwargs(config, dtype) -> dict:
     if not (config.load_in_4bit and kind_of(config) == "fsdp"):
         return {}
     return {"bnb_4bit_quant_storage": dtype}
+
+
+def keep_int8_weights_through_fsdp2(model) -> int:
+    """Let FSDP2 shard bitsandbytes' 8-bit weights (`load_in_8bit` with fsdp_config). Returns the layers prepared.
+
+    FSDP2 (torch 2.13) rebuilds every parameter as a plain tensor when it shards or gathers it, so an 8-bit
+    layer's Int8Params lose the per-row scales (SCB) bitsandbytes 0.50 multiplies them by, and the first forward
+    fails; bitsandbytes has no FSDP2 all-gather hooks for them. Here (as axolotl does, with smaller patches) the
+    shard stays plain int8, the scales stay whole on every rank (one float per output row), and the gathered
+    weight is an Int8Params again, over the very storage FSDP2 gathers into and frees after the layer: the int8
+    weights are sharded, the loss is the unsharded run's (tests/unit/test_sharding.py). The scales are also a
+    buffer of the layer, so the state dicts of checkpoints and of the final save name only what the layer holds.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    _patch_fsdp_param_for_int8()
+    layers = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, bnb.nn.Linear8bitLt) and isinstance(weight, bnb.nn.Int8Params) and weight.SCB is not None:
+            module.register_buffer("SCB", weight.SCB)
+            module.weight_format = torch.tensor(0, dtype=torch.uint8)  # bitsandbytes saves this key too: row-major
+            layers += 1
+    return layers
+
+
+def _patch_fsdp_param_for_int8() -> None:
+    """FSDPParam keeps an Int8Params' scales when it shards it and makes the gathered weight an Int8Params."""
+    import bitsandbytes as bnb
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    if getattr(FSDPParam, "_trainyard_int8", False):
+        return
+    init_sharded, init_unsharded = FSDPParam._init_sharded_param, FSDPParam.init_unsharded_param
+
+    def _init_sharded_param(self, param, *args, **kwargs):
+        scales = param.SCB if isinstance(param, bnb.nn.Int8Params) else None
+        init_sharded(self, param, *args, **kwargs)
+        if scales is not None:
+            self.trainyard_int8_scales = scales
+
+    def init_unsharded_param(self):
+        init_unsharded(self)
+        scales = getattr(self, "trainyard_int8_scales", None)
+        if scales is not None and not isinstance(self._unsharded_param, bnb.nn.Int8Params):
+            # Made once: later all-gathers refill the same storage, which the layer's state.CB also views.
+            data = self._unsharded_param.data
+            self._unsharded_param = bnb.nn.Int8Params(
+                data, requires_grad=False, has_fp16_weights=False, CB=data, SCB=scales
+            )
+
+    FSDPParam._init_sharded_param = _init_sharded_param
+    FSDPParam.init_unsharded_param = init_unsharded_param
+    FSDPParam._trainyard_int8 = True
 
 
 def trainer_kwargs(config, base_dir: Path | None = None) -> dict:

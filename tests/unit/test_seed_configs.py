@@ -92,8 +92,6 @@ GAPS: dict[str, dict[str, str]] = {
         "lora_qkv_kernel": "fused LoRA Triton kernels",
         "lora_o_kernel": "fused LoRA Triton kernels",
     },
-    # FSDP2 with bitsandbytes 8-bit weights; without load_in_8bit, quantize_moe_experts has nothing to follow
-    "glm47-flash__lora_fsdp.yaml": {"load_in_8bit": "can't shard 8-bit", "quantize_moe_experts": "quantizes experts"},
 }
 
 # Resource sizes only: small enough to train in seconds on two cores.

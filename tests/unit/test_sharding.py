@@ -251,8 +251,11 @@ def answer(model, tokenizer, prompt: str) -> tuple[list[int], object]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adapter", ["lora", None])
-def test_fsdp2_on_two_cpu_processes_shards_and_trains_as_one(tiny_model_dir, shard_data, tmp_path, adapter):
+@pytest.mark.parametrize(
+    "adapter, bits", [("lora", None), (None, None), ("lora", 8)], ids=["lora", "full", "lora-8bit"]
+)
+def test_fsdp2_on_two_cpu_processes_shards_and_trains_as_one(tiny_model_dir, shard_data, tmp_path, adapter, bits):
+    """Also with 8-bit weights (load_in_8bit): FSDP2 shards bitsandbytes' int8 weights (sharding.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -261,8 +264,11 @@ def test_fsdp2_on_two_cpu_processes_shards_and_trains_as_one(tiny_model_dir, sha
     # Same global batch: 2 samples a step, as 2 ranks x 1 or 1 process x 2.
     # The full fine-tune also checkpoints activations as the seed configs do (recomputation: same numbers).
     fsdp = FSDP2 if adapter else {**FSDP2, "activation_checkpointing": True}
-    sharded_raw = proof_config(tiny_model_dir, shard_data, adapter=adapter, micro_batch_size=1, fsdp_config=fsdp)
-    single_raw = proof_config(tiny_model_dir, shard_data, adapter=adapter, micro_batch_size=2)
+    quantized = {"load_in_8bit": True} if bits == 8 else {}
+    sharded_raw = proof_config(
+        tiny_model_dir, shard_data, adapter=adapter, micro_batch_size=1, fsdp_config=fsdp, **quantized
+    )
+    single_raw = proof_config(tiny_model_dir, shard_data, adapter=adapter, micro_batch_size=2, **quantized)
     events = run_sharded(sharded_raw, tmp_path / "sharded")
     single = ListEventSink()
     train(parse_config(single_raw), tmp_path / "single", single)
@@ -278,7 +284,8 @@ def test_fsdp2_on_two_cpu_processes_shards_and_trains_as_one(tiny_model_dir, sha
     sharded_curve, single_curve = _losses(events), _losses(single.events)
     assert len(sharded_curve) == len(single_curve) == 6
     worst = max(abs(a - b) for a, b in zip(sharded_curve, single_curve))
-    print(f"\nFSDP2 x2 ({adapter or 'full'}): rank shares {shares}, max loss difference {worst:.2e}")
+    kind = f"{adapter or 'full'}{' 8-bit' if bits else ''}"
+    print(f"\nFSDP2 x2 ({kind}): rank shares {shares}, max loss difference {worst:.2e}")
     print(f"  sharded {sharded_curve}\n  single  {single_curve}")
     assert worst < 1e-3 * max(single_curve), (sharded_curve, single_curve)
     assert sharded_curve[-1] < sharded_curve[0]  # it learned something, so equal curves mean something
@@ -307,11 +314,13 @@ def test_fsdp2_on_two_cpu_processes_shards_and_trains_as_one(tiny_model_dir, sha
 
 
 @pytest.mark.slow
-def test_a_sharded_run_resumes_from_its_sharded_checkpoint(tiny_model_dir, shard_data, tmp_path):
+@pytest.mark.parametrize("quantized", [{}, {"load_in_8bit": True}], ids=["lora", "lora-8bit"])
+def test_a_sharded_run_resumes_from_its_sharded_checkpoint(tiny_model_dir, shard_data, tmp_path, quantized):
     """SHARDED_STATE_DICT checkpoints (each rank writes its part, torch.distributed.checkpoint) are
-    loaded back by two ranks: the resumed run continues the uninterrupted run's loss curve exactly."""
+    loaded back by two ranks: the resumed run continues the uninterrupted run's loss curve exactly
+    (8-bit weights too: their scales are in the checkpoint as a buffer of each layer)."""
     fsdp = {**FSDP2, "state_dict_type": "SHARDED_STATE_DICT"}
-    raw = proof_config(tiny_model_dir, shard_data, micro_batch_size=1, save_steps=3, fsdp_config=fsdp)
+    raw = proof_config(tiny_model_dir, shard_data, micro_batch_size=1, save_steps=3, fsdp_config=fsdp, **quantized)
     whole = run_sharded(raw, tmp_path / "whole")
     checkpoint = tmp_path / "whole" / "checkpoints" / "checkpoint-3"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # sharded, not one gathered file
@@ -325,6 +334,36 @@ def test_a_sharded_run_resumes_from_its_sharded_checkpoint(tiny_model_dir, shard
     assert sorted(after) == [4, 5, 6]  # it started from step 3, not from the beginning
     for step, loss in after.items():
         assert loss == pytest.approx(curve(whole)[step], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_the_8bit_glm_seed_config_shards_its_int8_weights_and_experts(tiny_arch, shard_data, tmp_path):
+    """glm47-flash__lora_fsdp.yaml as written (less this machine's refusals: Cut Cross Entropy, flash-attn) on two
+    processes: load_in_8bit and quantize_moe_experts under FSDP2, each rank holding half of every weight."""
+    from peft import PeftModel
+
+    from training.architectures import auto_model_class
+
+    raw = yaml.safe_load(
+        (Path(__file__).parents[1] / "fixtures" / "seed-configs" / "glm47-flash__lora_fsdp.yaml").read_text()
+    )
+    assert raw["load_in_8bit"] and raw["quantize_moe_experts"] and raw["fsdp_config"]["fsdp_version"] == 2
+    del raw["plugins"], raw["attn_implementation"]
+    model_dir = tiny_arch("glm4_moe_lite")
+    raw.update(
+        base_model=str(model_dir), sequence_len=128, max_steps=2, gradient_accumulation_steps=1, micro_batch_size=1
+    )
+    raw["datasets"][0]["path"] = str(shard_data / "chat.jsonl")
+    events = run_sharded(raw, tmp_path / "run")
+    logs = [e["message"] for e in events if e["event"] == "log"]
+    assert "quantize_moe_experts: 2 expert weight stack(s) stored in 8-bit while loading" in logs
+    ranks = next(e for e in events if e["event"] == "ranks")["ranks"]
+    assert [r["local_params"] * 2 for r in ranks] == [r["total_params"] for r in ranks]
+    assert len(_losses(events)) == 2
+    base = auto_model_class(model_dir).from_pretrained(model_dir)
+    assert any(
+        "lora_" in n for n, _ in PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").named_parameters()
+    )
 
 
 @pytest.mark.slow
