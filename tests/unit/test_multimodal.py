@@ -80,10 +80,10 @@ def encoder_of(config, data: Path | None = None):
     return ImageEncoder.from_config(tokenizer, config, 0, None, processor=processor, image_dirs=dirs), processor
 
 
-def test_processor_type_trains_image_rows_with_the_models_processor(tiny_arch, image_data, tmp_path):
+def test_processor_type_trains_image_rows_with_the_models_processor(tiny_arch, image_data, tmp_path, monkeypatch):
     """processor_type: AutoProcessor: the vision tower sees every image's pixels, the loss trains, and the
     adapter is saved with the processor."""
-    import torch
+    from transformers.models.qwen3_5 import modeling_qwen3_5
 
     from training.train import train
 
@@ -91,20 +91,16 @@ def test_processor_type_trains_image_rows_with_the_models_processor(tiny_arch, i
     config = vision_config(model, image_data, adapter="lora", lora_target_modules=["q_proj", "v_proj"])
     sink = ListEventSink()
     seen = []
-    original = torch.nn.Module.__call__
+    vision_forward = modeling_qwen3_5.Qwen3_5VisionModel.forward
 
-    def watch(module, *args, **kwargs):  # the vision tower's inputs, however the model calls it
-        if type(module).__name__ == "Qwen3_5VisionModel":
-            seen.append(tuple(kwargs.get("grid_thw", args[1] if len(args) > 1 else None).tolist()[0]))
-        return original(module, *args, **kwargs)
+    def watch(self, hidden_states, grid_thw, **kwargs):  # the vision tower's inputs
+        seen.append(grid_thw.tolist())
+        return vision_forward(self, hidden_states, grid_thw, **kwargs)
 
-    torch.nn.Module.__call__ = watch
-    try:
-        summary = train(config, tmp_path / "run", sink)
-    finally:
-        torch.nn.Module.__call__ = original
+    monkeypatch.setattr(modeling_qwen3_5.Qwen3_5VisionModel, "forward", watch)
+    summary = train(config, tmp_path / "run", sink)
     assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
-    assert len(seen) == 2  # one batch of two rows per step, each with its images
+    assert len(seen) == 2 and all(len(grids) == 2 for grids in seen)  # a batch of two rows, two images, per step
     logs = [e["message"] for e in sink.events if e["event"] == "log"]
     assert "images: 8 of 8 training samples have images; their pixels are made a batch at a time by " in "\n".join(
         logs
@@ -429,17 +425,10 @@ def test_trainyard_preprocess_names_a_missing_image_by_line(cli_project, capsys)
 
 
 def test_trainyard_train_trains_on_image_rows(cli_project, tmp_path):
-    import subprocess
-    import sys
+    from training.cli import main
 
     run = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "training", "train", str(cli_project / "parquet.yaml"), "--run-dir", str(run)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert main(["train", str(cli_project / "parquet.yaml"), "--run-dir", str(run)]) == 0
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert events[-1]["state"] == "succeeded"
     logs = [e["message"] for e in events if e["event"] == "log"]
