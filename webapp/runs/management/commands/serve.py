@@ -34,7 +34,7 @@ class Command(BaseCommand):
         workers = workers or len(inventory()) + 2
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         procs = [
-            subprocess.Popen([sys.executable, "manage.py", "run_huey", "--workers", str(workers)], env=env),
+            subprocess.Popen([sys.executable, "manage.py", "worker", "--workers", str(workers)], env=env),
             subprocess.Popen(
                 [
                     sys.executable,
