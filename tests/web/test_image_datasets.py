@@ -128,7 +128,7 @@ def test_a_zip_must_hold_one_data_file_and_rows_alone_cant_name_image_files(alic
 def test_the_preview_shows_each_image_where_its_masked_tokens_are(alice_client, alice, qwen_vl):
     dataset = upload(alice, parquet_upload()).dataset
     page = alice_client.get(f"/datasets/{dataset.pk}/preview/?row=1&model={qwen_vl}").content.decode()
-    block = page.split('id="image-0-0"')[1].split("</span></span>")[0]
+    block = page.split('id="image-A-0-0"')[1].split("</span></span>")[0]
     src = re.search(r'<img src="data:image/png;base64,([^"]+)"', block).group(1)
     from PIL import Image
 
