@@ -497,8 +497,9 @@ class TrainConfig(BaseModel):
                                  f"takes {', '.join(sorted(CHECKPOINT_OPTIONS))}")
         if self.experts_implementation is not None and self.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
             raise ValueError(
-                f"experts_implementation {self.experts_implementation!r} is not available in Trainyard "
-                f"(scattermoe/sonicmoe are axolotl's CUDA kernels); choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}"
+                f"experts_implementation {self.experts_implementation!r} is not available in Trainyard (scattermoe "
+                "is axolotl's own Triton kernel; transformers' sonicmoe and deepgemm need Hopper GPUs and Hub "
+                f"kernels); choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}"
             )
         return self
 

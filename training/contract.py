@@ -352,8 +352,9 @@ REFUSED: dict[str, Refusal] = {
         "the trainer keeps the columns it builds", "remove it (false is what Trainyard does)"
     ),
     "use_kernels": Refusal(
-        "use_kernels downloads compiled kernels from the Hugging Face Hub (kernels package) at load time, which "
-        "this offline server cannot do",
+        "use_kernels downloads compiled kernels from the Hugging Face Hub (transformers' kernelize, the kernels "
+        "package) at load time; Trainyard does not pass it to the model, and this offline server could not fetch "
+        "them",
         "remove it; the model's own PyTorch layers are used",
     ),
     "use_scattermoe": Refusal(

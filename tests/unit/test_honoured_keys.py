@@ -370,8 +370,15 @@ def test_experts_implementation_reaches_the_model(tmp_path):
         assert model.config._experts_implementation == name
         model(torch.tensor([[1, 2, 3]]))  # runs on the CPU
     assert AutoModelForCausalLM  # imported for the loader's registry
-    with pytest.raises(ConfigInvalid, match="scattermoe/sonicmoe are axolotl's CUDA kernels"):
+    with pytest.raises(ConfigInvalid, match="scattermoe is axolotl's own Triton kernel"):
         config_of("m", experts_implementation="scattermoe")
+    # transformers' own registry: the CPU-capable ones are Trainyard's choices; the rest need Hopper GPUs and Hub
+    # kernels (sonicmoe, deepgemm), and scattermoe is not there at all (axolotl's kernels plugin registers it)
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    assert set(ALL_EXPERTS_FUNCTIONS) == {"batched_mm", "grouped_mm", "sonicmoe", "deepgemm"}
+    with pytest.raises(ConfigInvalid, match="sonicmoe and deepgemm need Hopper GPUs"):
+        config_of("m", experts_implementation="sonicmoe")
 
 
 def test_attention_keys_pick_the_backend():
