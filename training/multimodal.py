@@ -171,9 +171,11 @@ def _as_bytes(value, field: str) -> bytes:
 
 def _find(path: str, dirs: list[Path], field: str, confine: bool) -> Path:
     given = Path(path).expanduser()
+    # A relative path is the data file's first (what a dataset folder means), then the working directory's
+    # (axolotl's load_image reads it from there); `confine` allows only the data's folders.
     candidates = [d / given for d in dirs] if confine or not given.is_absolute() else []
     if not confine:
-        candidates.insert(0, given)
+        candidates.append(given)
     for candidate in candidates:
         if confine and not any(candidate.resolve().is_relative_to(d.resolve()) for d in dirs):
             continue
@@ -195,13 +197,18 @@ def image_size(ref, field: str) -> tuple[int, int]:
     """(width, height) after the EXIF orientation, from the file's header only."""
     from PIL import Image, UnidentifiedImageError
 
+    if isinstance(ref, Image.Image):
+        return _turned(ref.size, ref.getexif().get(0x0112))
     try:
-        image = ref if isinstance(ref, Image.Image) else Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
-        width, height = image.size
-        orientation = image.getexif().get(0x0112)  # 5-8: turned a quarter
+        with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as image:  # reads the header only
+            return _turned(image.size, image.getexif().get(0x0112))
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageProblem(field, f"not a readable image: {exc}") from None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _turned(size: tuple[int, int], orientation) -> tuple[int, int]:
+    width, height = size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # 5-8: turned a quarter
 
 
 # -- rows ------------------------------------------------------------------------------------
