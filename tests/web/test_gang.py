@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from webapp.runs import gpus, services, supervisor, tasks
+from webapp.runs import gpus, services, supervisor, tasks, watch
 from webapp.runs.models import DeviceLease, Run, RunStatus
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -221,7 +221,7 @@ def _gone(pids: list[int], within: float = 15) -> bool:
 @pytest.mark.slow
 def test_cancel_stops_every_rank(tmp_path):
     proc, pids = _launch_ranks(tmp_path)
-    supervisor._kill_group(proc)  # what the supervisor does on cancel
+    watch.kill_group(proc)  # what the supervisor does on cancel
     assert _gone(pids)
 
 

@@ -10,7 +10,8 @@ import time
 import pytest
 from django.utils import timezone
 
-from webapp.runs import lifecycle, processes, reaper, recording, supervisor, tasks
+from webapp.runs import lifecycle, processes, reaper, recording, tasks
+from webapp.runs import watch as runwatch
 from webapp.runs.models import MetricPoint, Run, RunStatus
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -41,7 +42,7 @@ def test_a_failing_write_is_retried_and_nothing_is_lost(alice, monkeypatch):
 
     monkeypatch.setattr(recording, "record_events", flaky)
     proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(events)])
-    watch = supervisor._Watch(run.pk, holder, proc, 0, events)
+    watch = runwatch.Watch(run.pk, holder, proc, 0, events)
     watch.run()
     run.refresh_from_db()
     assert (proc.returncode, watch.cancelled, run.outcome["state"]) == (0, False, "succeeded")

@@ -80,7 +80,7 @@ def bump_heartbeat(run_id: int, holder: str | None = None) -> bool:
 
 def heartbeat_seconds() -> float:
     """How often a holder beats: well inside the timeout after which a reaper takes its runs."""
-    return min(5.0, settings.TRAINYARD_HEARTBEAT_TIMEOUT / 4)
+    return max(0.05, min(5.0, settings.TRAINYARD_HEARTBEAT_TIMEOUT / 4))
 
 
 @contextmanager

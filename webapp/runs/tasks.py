@@ -16,7 +16,7 @@ from django.db import connection
 from django.utils import timezone
 from huey.contrib.djhuey import HUEY, db_task
 
-from webapp.runs import artifacts, gpus, lifecycle, reaper, supervisor
+from webapp.runs import artifacts, gpus, lifecycle, reaper, supervisor, watch
 from webapp.runs.configs import run_base_model
 from webapp.runs.models import Generation, Run, RunStatus
 
@@ -49,7 +49,7 @@ def _execute_run(run_id: int) -> None:
         Run.objects.filter(pk=run_id, status=RunStatus.QUEUED).update(heartbeat_at=timezone.now())
         _execute_run.schedule((run_id,), delay=WAIT_FOR_DEVICES_SECONDS)
         return
-    with supervisor.holding(run_id):
+    with watch.holding(run_id):
         try:
             supervisor.supervise(run_id, devices)
         finally:

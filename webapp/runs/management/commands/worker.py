@@ -10,6 +10,7 @@ its first pass ends the runs a dead predecessor on this host left behind.
 from __future__ import annotations
 
 import logging
+import signal
 
 from huey.contrib.djhuey.management.commands import run_huey
 
@@ -22,7 +23,7 @@ class Command(run_huey.Command):
     def handle(self, *args, **options):
         from huey.contrib.djhuey import HUEY
 
-        from webapp.runs import supervisor, tasks
+        from webapp.runs import tasks, watch
 
         tasks.start_reaper()  # at once: huey's worker threads first import the heavy libraries
         create_consumer = HUEY.create_consumer
@@ -32,7 +33,8 @@ class Command(run_huey.Command):
             huey_handler = consumer._handle_signal  # what consumer.start() installs for each signal
 
             def on_signal(signum, frame):
-                supervisor.stop_all()  # first: huey's graceful stop would wait for every run to finish training
+                # First: huey's graceful stop would wait for every run to finish training.
+                watch.stop_all(f"stopped ({signal.Signals(signum).name})")
                 huey_handler(signum, frame)
 
             consumer._handle_signal = on_signal
@@ -42,6 +44,6 @@ class Command(run_huey.Command):
         try:
             super().handle(*args, **options)
         finally:
-            supervisor.stop_all()
-            if not supervisor.wait_until_idle(STOP_SECONDS):
+            watch.stop_all()
+            if not watch.wait_until_idle(STOP_SECONDS):
                 logging.getLogger("trainyard.worker").warning("runs still being recorded after %s s", STOP_SECONDS)
