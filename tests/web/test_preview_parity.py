@@ -84,7 +84,7 @@ def _config_yaml(base_model: str, path: str, entry: dict, top: dict) -> str:
     )
 
 
-def _preview_samples(alice, rows, entry, top) -> tuple[Counter, int]:
+def _preview_samples(alice, rows, entry, top, model: str = "tiny-chat") -> tuple[Counter, int]:
     """(ids, labels) of every sample the preview shows as kept (a row cut at sequence_len shows several),
     and how many it shows as dropped."""
     from training.config import parse_config
@@ -95,7 +95,7 @@ def _preview_samples(alice, rows, entry, top) -> tuple[Counter, int]:
 
     user, workspace = alice
     dataset = upload_dataset(workspace, user, SimpleUploadedFile("rows.jsonl", jsonl(rows)), name="rows").dataset
-    config = parse_config(_config_yaml("tiny-chat", dataset.name, entry, top))
+    config = parse_config(_config_yaml(model, dataset.name, entry, top))
     options = EncodeOptions.from_config(config, dataset.name, available_models())
     kept, dropped = Counter(), 0
     for index in range(dataset.rows):
@@ -158,3 +158,22 @@ def test_the_preview_shows_the_trainers_collated_samples(case, alice, tiny_model
         assert fed_dropped >= 1
     if "cut at sequence_len" in case:  # the long row reaches the trainer cut to sequence_len
         assert max(len(ids) for ids, _ in fed) == top["sequence_len"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ministral(data_dir):
+    from training.architectures import build_tiny
+
+    return build_tiny("ministral", data_dir / "models" / "tiny-ministral")  # ships a tekken.json
+
+
+def test_the_preview_of_a_mistral_common_config_shows_the_trainers_samples(alice, tiny_ministral, tmp_path):
+    """tokenizer_use_mistral_common: the preview encodes with mistral-common too (its own format, and its rule
+    that a conversation ends with the assistant: the open-ended row is dropped by both)."""
+    rows = chat_rows(8, seed=21) + [{"messages": [{"role": "user", "content": "Still there?"}]}]
+    assert any(r["messages"][0]["role"] == "system" and len(r["messages"]) > 3 for r in rows)
+    top = {"tokenizer_use_mistral_common": True}
+    shown, shown_dropped = _preview_samples(alice, rows, {}, top, model="tiny-ministral")
+    fed, fed_dropped = _trainer_samples(tmp_path, tiny_ministral, rows, {}, top)
+    assert shown == fed and shown_dropped == fed_dropped == 1
+    assert sum(fed.values()) == len(rows) - 1

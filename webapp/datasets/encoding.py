@@ -39,6 +39,7 @@ class ConfigEntry(BaseModel):
     eot_tokens: list[str] | None = None
     excess_length_strategy: Literal["drop", "truncate", "raise"] | None = None
     special_tokens: dict[str, str] = Field(default_factory=dict)  # the tokenizer's, renamed or added
+    tokenizer_use_mistral_common: bool = False  # conversations encoded by mistral-common (training/mistral_chat.py)
     processor_type: str | None = None  # image rows: the model's processor (training/multimodal.py)
     processor_kwargs: dict[str, Any] | None = None
 
@@ -126,6 +127,7 @@ class EncodeOptions(BaseModel):
                 eot_tokens=config.eot_tokens,
                 excess_length_strategy=config.excess_length_strategy,
                 special_tokens=config.special_tokens,
+                tokenizer_use_mistral_common=config.tokenizer_use_mistral_common,
                 processor_type=config.processor_type,
                 processor_kwargs=config.processor_kwargs,
             ),
@@ -157,12 +159,14 @@ class EncodeOptions(BaseModel):
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(source: str, special_tokens: tuple[tuple[str, str], ...] = ()):
+def _tokenizer(source: str, special_tokens: tuple[tuple[str, str], ...] = (), mistral_common: bool = False):
     """The tokenizer as the trainer's load_tokenizer makes it (cached per model and token set: adding tokens
     changes a tokenizer, so two sets never share one)."""
-    from transformers import AutoTokenizer
+    from training.modeling import load_hf_tokenizer, load_mistral_common_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, mistral_format=False)  # tokenizer.json, as load_tokenizer
+    if mistral_common:
+        return load_mistral_common_tokenizer(source)
+    tokenizer = load_hf_tokenizer(source)  # tokenizer.json, even beside a tekken.json
     if special_tokens:
         tokenizer.add_special_tokens(dict(special_tokens))
     if tokenizer.pad_token is None:
@@ -200,7 +204,7 @@ def make_encoder(dataset: Dataset, options: EncodeOptions) -> Encoder:
     ImageEncoder, with the model's processor)."""
     special_tokens = tuple(sorted(options.entry.special_tokens.items())) if options.entry else ()
     source = resolve_base_model(options.model)
-    tokenizer = _tokenizer(source, special_tokens)
+    tokenizer = _tokenizer(source, special_tokens, bool(options.entry and options.entry.tokenizer_use_mistral_common))
     images = _image_rows(dataset, options, source, special_tokens)
     kind = ImageEncoder if images else Encoder
     if options.entry:  # as a config trains it: the same construction as Encoder.from_config
