@@ -126,3 +126,21 @@ def test_a_dead_workers_run_is_interrupted_by_the_reaper_with_no_page_open(alice
     assert run.status == RunStatus.INTERRUPTED and "stopped reporting" in run.message
     assert list(MetricPoint.objects.filter(run=run).values_list("step", flat=True)) == [7]
     assert not DeviceLease.objects.exists()
+
+
+def test_after_a_database_outage_old_heartbeats_end_no_run(alice):
+    """Every heartbeat is old when the database comes back: a reaper that could not reach it either
+    waits a whole timeout before it trusts them (tasks._reap_forever), and meanwhile ends only runs
+    whose worker process is gone."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_name = processes.ProcessName.of(gone.pid)
+    gone.wait()
+    long_ago = timezone.now() - timezone.timedelta(hours=1)
+    silent = Run.objects.create(workspace=alice[1], name="silent", config_yaml="x", status=RunStatus.RUNNING)
+    dead = Run.objects.create(workspace=alice[1], name="dead", config_yaml="x", status=RunStatus.RUNNING)
+    Run.objects.filter(pk=silent.pk).update(heartbeat_at=long_ago, holder=str(processes.this_process()))
+    Run.objects.filter(pk=dead.pk).update(heartbeat_at=long_ago, holder=str(gone_name))
+    assert reaper.reap(trust_heartbeats=False) == 1
+    assert Run.objects.get(pk=silent.pk).status == RunStatus.RUNNING
+    assert Run.objects.get(pk=dead.pk).status == RunStatus.INTERRUPTED
+    assert reaper.reap() == 1  # trusted again: the silent one ends too

@@ -31,16 +31,19 @@ log = logging.getLogger("trainyard.worker")
 REMOTE_FACTOR = 2  # a reaper on another host than the run's waits this many heartbeat timeouts
 
 
-def reap(max_age_seconds: float | None = None) -> int:
+def reap(max_age_seconds: float | None = None, trust_heartbeats: bool = True) -> int:
     """One pass: end the runs of gone workers, free this host's devices of ended runs; the number
-    of runs ended. `max_age_seconds` overrides the heartbeat timeout (tests)."""
+    of runs ended. `max_age_seconds` overrides the heartbeat timeout (tests). Without
+    `trust_heartbeats` only dead processes of this host count: a reaper that could not reach the
+    database itself for a while can't tell a silent worker from one that could not write either
+    (after a database outage every heartbeat is old, and no run must be killed for that)."""
     me = str(this_process())
     timeout = settings.TRAINYARD_HEARTBEAT_TIMEOUT if max_age_seconds is None else max_age_seconds
     now = timezone.now()
     ended = 0
     active = Run.objects.filter(status__in=[RunStatus.STARTING, RunStatus.RUNNING])
     for run in active.only("pk", "holder", "trainer", "heartbeat_at"):
-        reason = _why_gone(run, now, timeout)
+        reason = _why_gone(run, now, timeout if trust_heartbeats else float("inf"))
         if reason and _settle(run, me, reason):
             ended += 1
     free_devices_of_ended_runs()

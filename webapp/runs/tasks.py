@@ -56,10 +56,10 @@ def _execute_run(run_id: int) -> None:
             gpus.release_gpus(run_id)
 
 
-def reap_once() -> None:
+def reap_once(trust_heartbeats: bool = True) -> None:
     """One pass of this worker's reaper: gone workers' runs end (fenced), orphaned queued runs go
     back to the queue."""
-    reaper.reap()
+    reaper.reap(trust_heartbeats=trust_heartbeats)
     requeue_orphaned_runs()
 
 
@@ -86,10 +86,16 @@ def _start_reaper() -> None:
 
 def _reap_forever() -> None:
     log.info("reaper started: a pass every %s s", settings.TRAINYARD_REAP_SECONDS)
+    reachable_since = None  # since when this reaper's passes reach the database
     while True:
+        now = time.monotonic()
+        reachable_since = reachable_since or now
         try:
-            reap_once()
+            # Old heartbeats count only once the database has been reachable for a whole timeout:
+            # after an outage the holders need that long to beat again (a restart ends no run).
+            reap_once(trust_heartbeats=now - reachable_since >= settings.TRAINYARD_HEARTBEAT_TIMEOUT)
         except Exception:
+            reachable_since = None
             log.exception("reaping failed; trying again")
         finally:
             connection.close()
