@@ -114,6 +114,14 @@ def _encode_chunk(task: tuple[str, int, int, int, str | None]) -> ChunkResult:
     return ChunkResult(stats, problems, encoder.notes - notes_before, part)
 
 
+def _worker_start(fill: bool) -> None:
+    """When the workers fill the cores, each one's Rust tokenizer runs on its own thread: a thread pool in
+    every worker only fights over the same cores. Measured (20k chat rows, 2 cores, 2 workers): 1.07 s
+    against 1.14 s with each worker's tokenizer on both cores (one process: 1.31 s)."""
+    if fill:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the Rust side at each batch
+
+
 def chunk_bytes(size: int, workers: int) -> int:
     """At least 4 chunks a worker, so the last ones don't leave workers idle (43 MB in 16 MB chunks on 2
     workers ran its third chunk alone)."""
@@ -130,8 +138,9 @@ def encode_file_parallel(encoder: Encoder, path: Path, workers: int, jsonl: bool
         for k, (start, stop, line) in enumerate(chunks)
     ]
     _ENCODER = encoder
+    fill = workers >= (os.cpu_count() or 1)
     try:
-        with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+        with multiprocessing.get_context("fork").Pool(min(workers, len(tasks)), _worker_start, (fill,)) as pool:
             yield from pool.imap(_encode_chunk, tasks)
     finally:
         _ENCODER = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import sys
 import types
 
@@ -52,3 +53,21 @@ def test_every_worker_gets_several_chunks(tmp_path):
     assert len(chunks) >= 8
     assert chunks[0][0] == 0 and chunks[-1][1] == size
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+
+
+def _tokenizer_threads(task) -> str | None:
+    return os.environ.get("TOKENIZERS_PARALLELISM")
+
+
+def test_workers_that_fill_the_cores_tokenize_on_one_thread_each(tmp_path, monkeypatch):
+    _write(tmp_path / "chat.jsonl", 600)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    monkeypatch.setattr(parallel_encode, "MIN_CHUNK_BYTES", 16 * 1024)
+    monkeypatch.setattr(parallel_encode, "_encode_chunk", _tokenizer_threads)
+    cores = os.cpu_count() or 1
+    seen = list(parallel_encode.encode_file_parallel(None, tmp_path / "chat.jsonl", cores, jsonl=False))
+    assert len(seen) > 1 and set(seen) == {"false"}
+    if cores > 1:  # fewer workers than cores: each one's tokenizer may use the cores left
+        seen = list(parallel_encode.encode_file_parallel(None, tmp_path / "chat.jsonl", cores - 1, jsonl=False))
+        assert set(seen) == {"true"}
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"  # the parent's is left as it was
