@@ -7,7 +7,6 @@ stored in ~/.config/trainyard/credentials.json (readable by the user alone).
 from __future__ import annotations
 
 import getpass
-import http.client
 import json
 import os
 import sys
@@ -46,6 +45,8 @@ class Client:
         self.token = token
 
     def _connection(self):
+        import http.client  # here, not at the top: every `trainyard` command imports this module (~20 ms)
+
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
         return cls(self.host, timeout=600)
 
