@@ -6,7 +6,12 @@ Goal: ours >= 0.75x the baseline's rows/s. Prints a table, then one line of JSON
 A second figure times whole processes, start to exit: `trainyard preprocess` on that dataset (as a
 JSONL file and a config) against a bare Python process that loads the same `tokenizer.json` with
 `tokenizers` and batch-encodes the same rendered texts. Goal: ours <= 1.5x the bare process.
-`trainyard preprocess` reads a plain tokenizer folder with `tokenizers` alone (training/light_tokenizer.py).
+`trainyard preprocess` reads a plain tokenizer folder with `tokenizers` alone (training/light_tokenizer.py)
+and splits the file across every core (training/parallel_encode.py); `--jobs 1` (one process) is timed
+too. Both processes' CPU time (user + sys) is reported beside the wall clock: on a shared machine it
+moves less with the neighbours' load. The package's bytecode is compiled first, as an install does
+(this environment sets PYTHONDONTWRITEBYTECODE, so otherwise every run would compile `training/` from
+source, ~0.2 s, while `tokenizers` is read compiled).
 
 The in-process ratio is also reported for Qwen3 (rows with reasoning traces) and Gemma 4: their real
 templates on the tiny family tokenizers of training/architectures.py. `--big-rows N` times
@@ -17,9 +22,11 @@ templates on the tiny family tokenizers of training/architectures.py. `--big-row
 from __future__ import annotations
 
 import argparse
+import compileall
 import filecmp
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -56,6 +63,25 @@ def best_of_interleaved(a, b, repeats: int) -> tuple[float, float]:
             fn()
             out.append(time.perf_counter() - start)
     return min(times[0]), min(times[1])
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def best_processes(commands: dict[str, list[str]], repeats: int, env: dict) -> dict[str, tuple[float, float]]:
+    """name -> (best wall-clock seconds, best CPU seconds of the process and its children), the
+    commands taking turns."""
+    walls: dict[str, list[float]] = {name: [] for name in commands}
+    cpus: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, cmd in commands.items():
+            cpu, start = _children_cpu(), time.perf_counter()
+            subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
+            walls[name].append(time.perf_counter() - start)
+            cpus[name].append(_children_cpu() - cpu)
+    return {name: (min(walls[name]), min(cpus[name])) for name in commands}
 
 
 def main() -> None:
@@ -107,6 +133,11 @@ def main() -> None:
         print(
             f"whole process: trainyard preprocess {figures['process_ours_s']} s, bare tokenizers process "
             f"{figures['process_bare_s']} s: ratio {figures['process_ratio']} (goal <= 1.5)"
+        )
+        print(
+            f"  one process (--jobs 1): {figures['process_one_s']} s, ratio {figures['process_one_ratio']}; "
+            f"CPU seconds: ours {figures['process_ours_cpu_s']}, one process {figures['process_one_cpu_s']}, "
+            f"bare {figures['process_bare_cpu_s']}: ratio {figures['process_cpu_ratio']}"
         )
     if args.big_rows:
         figures.update(across_processes(model_dir, args.big_rows, args.process_repeats or 1))
@@ -174,18 +205,26 @@ def whole_process(model_dir: Path, rows: list[dict], texts: list[str], repeats: 
         f"base_model: {model_dir}\nsequence_len: 4096\ndatasets:\n  - path: chat.jsonl\n    type: chat_template\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    compileall.compile_dir(ROOT / "training", quiet=1)  # as `pip install` does (see the docstring)
     ours = [sys.executable, "-m", "training", "preprocess", str(work / "config.yaml")]
-    bare = [sys.executable, "-c", BARE, str(model_dir / "tokenizer.json"), str(work / "texts.jsonl")]
-
-    def run(cmd):
-        return lambda: subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
-
-    t_bare, t_ours = best_of_interleaved(run(bare), run(ours), repeats)
+    commands = {
+        "bare": [sys.executable, "-c", BARE, str(model_dir / "tokenizer.json"), str(work / "texts.jsonl")],
+        "ours": ours,
+        "one": [*ours, "--jobs", "1"],
+    }
+    best = best_processes(commands, repeats, env)
+    (t_bare, cpu_bare), (t_ours, cpu_ours), (t_one, cpu_one) = best["bare"], best["ours"], best["one"]
     return {
         "process_ours_s": round(t_ours, 2),
         "process_bare_s": round(t_bare, 2),
         "process_ratio": round(t_ours / t_bare, 2),
         "process_goal": 1.5,
+        "process_one_s": round(t_one, 2),
+        "process_one_ratio": round(t_one / t_bare, 2),
+        "process_ours_cpu_s": round(cpu_ours, 2),
+        "process_one_cpu_s": round(cpu_one, 2),
+        "process_bare_cpu_s": round(cpu_bare, 2),
+        "process_cpu_ratio": round(cpu_ours / cpu_bare, 2),
     }
 
 
