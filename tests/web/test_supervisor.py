@@ -144,3 +144,14 @@ def test_after_a_database_outage_old_heartbeats_end_no_run(alice):
     assert Run.objects.get(pk=silent.pk).status == RunStatus.RUNNING
     assert Run.objects.get(pk=dead.pk).status == RunStatus.INTERRUPTED
     assert reaper.reap() == 1  # trusted again: the silent one ends too
+
+
+def test_a_worker_whose_run_was_taken_over_stops_writing(alice):
+    run = Run.objects.create(workspace=alice[1], name="r", config_yaml="x", status=RunStatus.RUNNING, holder="reaper")
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    events = run.run_dir / "events.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(events)])
+    with pytest.raises(runwatch.LeaseLost):
+        runwatch.Watch(run.pk, "paused-worker", proc, 0, events).run()
+    proc.wait()
+    assert not MetricPoint.objects.filter(run=run).exists()

@@ -192,6 +192,32 @@ def test_a_paused_worker_is_fenced_off_before_its_device_is_given_to_the_next_ru
         stop(paused, other)
 
 
+def test_a_worker_paused_in_the_middle_of_recording_is_stopped_to_free_the_run(alice):
+    """Paused inside its recording transaction, a worker holds the run's row (with SQLite, every
+    write of the site): the reaper can't take the run over, so it stops that worker of its host."""
+    run = make_run(alice[1])
+    code = (
+        "import os, signal, django; django.setup(); from django.db import transaction; "
+        "from django.utils import timezone; from webapp.runs.models import Run; "
+        "from webapp.runs.processes import this_process; "
+        f"old = timezone.now() - timezone.timedelta(hours=1); runs = Run.objects.filter(pk={run.pk}); "
+        "runs.update(status='running', holder=str(this_process()), heartbeat_at=old); "
+        "atomic = transaction.atomic(); atomic.__enter__(); runs.update(events_offset=1); "
+        "os.kill(os.getpid(), signal.SIGSTOP)"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=worker_env(), start_new_session=True)
+    try:
+        holder = wait_for(lambda: ProcessName.parse(Run.objects.get(pk=run.pk).holder), 30, "the worker holds it")
+        wait_for(lambda: open(f"/proc/{worker.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T", 30, "paused")
+        assert reaper.reap() == 0  # the row is locked: its worker is stopped instead
+        assert worker.wait(timeout=10) == -signal.SIGKILL and not holder.alive()
+        assert reaper.reap() == 1
+        run.refresh_from_db()
+        assert run.status == RunStatus.INTERRUPTED and run.events_offset == 0  # its write was rolled back
+    finally:
+        stop(worker)
+
+
 def test_a_killed_worker_is_noticed_by_another_worker_of_the_host_within_seconds(alice, tmp_path):
     run = make_run(alice[1])
     queue = f"trainyard-test-{uuid.uuid4().hex[:8]}"

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from django.conf import settings
-from django.db import connection
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
 from webapp.runs.artifacts import resumable_checkpoint
@@ -55,11 +55,41 @@ def held(run_id: int, holder: str) -> dict | None:
     )
 
 
-def take_over(run_id: int, holder: str, new_holder: str) -> bool:
+class RunLocked(Exception):
+    """The run's row stayed locked: its holder was paused in the middle of recording (a transaction)."""
+
+
+def take_over(run_id: int, holder: str, new_holder: str, lock_wait: float = 2.0) -> bool:
     """The reaper becomes the holder of a run whose worker is gone (compare-and-set on the holder:
-    of two reapers, one settles the run; the old worker, should it wake, finds its lease taken)."""
+    of two reapers, one settles the run; the old worker, should it wake, finds its lease taken).
+    RunLocked after `lock_wait` s on a locked row (SQLite: the whole database)."""
     runs = Run.objects.filter(pk=run_id, holder=holder, status__in=[RunStatus.STARTING, RunStatus.RUNNING])
-    return runs.update(holder=new_holder, heartbeat_at=timezone.now()) == 1
+    try:
+        with transaction.atomic(), _lock_wait(lock_wait):
+            return runs.update(holder=new_holder, heartbeat_at=timezone.now()) == 1
+    except OperationalError as exc:
+        if "lock" in str(exc).lower():  # SQLite "database is locked"; PostgreSQL "lock timeout"
+            raise RunLocked(str(exc)) from exc
+        raise
+
+
+@contextmanager
+def _lock_wait(seconds: float):
+    """Wait at most `seconds` for a lock in this transaction (the default is 30 s on SQLite, forever on PostgreSQL)."""
+    ms = max(1, int(seconds * 1000))
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(f"SET LOCAL lock_timeout = {ms}")
+            yield
+            return
+        if connection.vendor != "sqlite":
+            yield
+            return
+        cursor.execute(f"PRAGMA busy_timeout = {ms}")
+        try:
+            yield
+        finally:
+            cursor.execute(f"PRAGMA busy_timeout = {int(connection.settings_dict['OPTIONS'].get('timeout', 5) * 1000)}")
 
 
 def request_cancel(run_id: int) -> bool:

@@ -81,13 +81,18 @@ class ProcessName:
         """SIGKILL its process group (a trainer leads its own: accelerate's ranks go with it) and
         wait until it is gone. True once nothing of it runs; False if it lives elsewhere or would
         not go in `timeout` (a process in uninterruptible sleep: try again later)."""
+        return self.stop(timeout, group=True)
+
+    def stop(self, timeout: float = TERM_SECONDS, group: bool = False) -> bool:
+        """SIGKILL it (a stopped, SIGSTOP, process dies of it too) and wait until it is gone; as
+        stop_group, without its group."""
         alive = self.alive()
         if alive is None:
             return False
         if alive:
-            for kill in (os.killpg, os.kill):  # its group; itself, should it lead none
+            for kill in (os.killpg, os.kill) if group else (os.kill,):  # a group; itself, should it lead none
                 try:
-                    kill(self.pid, signal.SIGKILL)  # a stopped (SIGSTOP) process dies of SIGKILL too
+                    kill(self.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 except PermissionError:

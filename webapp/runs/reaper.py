@@ -65,8 +65,18 @@ def _settle(run: Run, me: str, reason: str) -> bool:
     if trainer is not None and trainer.here and not trainer.stop_group():
         log.warning("run %s: its trainer %s would not stop; trying again at the next pass", run.pk, trainer)
         return False
-    if not lifecycle.take_over(run.pk, run.holder, me):
-        return False  # another reaper has it, or its worker ended it meanwhile
+    try:
+        if not lifecycle.take_over(run.pk, run.holder, me):
+            return False  # another reaper has it, or its worker ended it meanwhile
+    except lifecycle.RunLocked:
+        # Its worker was paused in the middle of recording and holds the run's row (with SQLite, every
+        # write of the site). On this host it is stopped; elsewhere PostgreSQL ends its session after
+        # the heartbeat timeout (recording sets idle_in_transaction_session_timeout).
+        holder = ProcessName.parse(run.holder)
+        if holder is not None and holder.here and holder.alive():
+            log.warning("run %s: its silent worker %s holds the run's row: stopping that worker", run.pk, holder)
+            holder.stop()
+        return False  # the next pass takes it over
     outcome = recording.catch_up_events(run.pk)
     if not recording.finish_as_trainer_said(run.pk, outcome, held_by=me):
         lifecycle.finish_run(run.pk, RunStatus.INTERRUPTED, reason, held_by=me)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import time
 
-from django.db import transaction
+from django.conf import settings
+from django.db import connection, transaction
 from django.utils import timezone
 
 from training import events as ev
@@ -42,6 +43,7 @@ def record_events(
         from_offset = Run.objects.values_list("events_offset", flat=True).get(pk=run_id)
     offsets = offsets or [None] * len(events)
     with transaction.atomic():
+        _bounded_idle(holder)
         claim = Run.objects.filter(pk=run_id, events_offset=from_offset)
         if holder is not None:
             claim = claim.filter(holder=holder, status__in=[RunStatus.STARTING, RunStatus.RUNNING])
@@ -56,6 +58,15 @@ def record_events(
         published = [realtime.Point(seq=p.seq, step=p.step, time=p.time, values=p.values) for p in points]
         transaction.on_commit(lambda: _publish(run_id, published))
     return True
+
+
+def _bounded_idle(holder: str | None) -> None:
+    """PostgreSQL: a holder paused in this transaction (it locks the run's row) has its session ended
+    by the server after the heartbeat timeout, so a reaper on another host can take the run over."""
+    if holder is not None and connection.vendor == "postgresql":
+        ms = max(1000, int(settings.TRAINYARD_HEARTBEAT_TIMEOUT * 1000))
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET LOCAL idle_in_transaction_session_timeout = {ms}")
 
 
 def _apply(run: Run, events: list[Event], offsets: list) -> tuple[list[MetricPoint], dict]:

@@ -156,9 +156,10 @@ class Progress:
         silent = now - self.changed_at
         if silent <= timeout:
             return None
+        slowest = f"; its slowest step before took {self.slowest:.1f} s" if self.slowest >= 1 else ""
         return (
-            f"the trainer made no progress for {silent:.0f} s (no step; its slowest step took {self.slowest:.1f} s): "
-            f"hung or stopped, so it was killed; {lifecycle.KEPT}"
+            f"the trainer made no progress for {silent:.0f} s (no step{slowest}): hung or stopped, so it was "
+            f"killed; {lifecycle.KEPT}"
         )
 
 
