@@ -12,7 +12,7 @@ from training.config import ConfigInvalid
 from webapp.api.access import visible
 from webapp.runs import realtime, services
 from webapp.runs.artifacts import download as download_artifact
-from webapp.runs.models import Run, TrainingConfig
+from webapp.runs.models import Run, RunStatus, TrainingConfig
 from webapp.workspaces.services import require_writer
 
 router = Router(tags=["runs"])
@@ -72,12 +72,12 @@ def create_run(request, body: RunIn):
 
 
 @router.get("/", response=list[RunOut])
-def list_runs(request, status: str | None = None, name: str | None = None):
+def list_runs(request, status: RunStatus | None = None, name: str | None = None):
     runs = visible(request, Run.objects)
     if status:
         runs = runs.filter(status=status)
-    if name:
-        runs = runs.filter(name__icontains=name)
+    if name:  # no name holds a NUL (PostgreSQL text can't), and one in a query must not be a server error
+        runs = runs.filter(name__icontains=name.replace("\x00", ""))
     return runs
 
 
