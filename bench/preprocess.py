@@ -14,9 +14,10 @@ moves less with the neighbours' load. The package's bytecode is compiled first, 
 source, ~0.2 s, while `tokenizers` is read compiled).
 
 The in-process ratio is also reported for Qwen3 (rows with reasoning traces) and Gemma 4: their real
-templates on the tiny family tokenizers of training/architectures.py. `--big-rows N` times
-`trainyard preprocess --jsonl` of a generated N-row file with one process against every core
-(training/parallel_encode.py), and checks that both outputs are the same bytes.
+templates on the tiny family tokenizers of training/architectures.py; `--template-processes` adds the
+whole-process figure on those rows. `--big-rows N` times `trainyard preprocess --jsonl` of a generated
+N-row file with one process against every core (training/parallel_encode.py), and checks that both
+outputs are the same bytes.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def main() -> None:
     parser.add_argument("--model", help="model folder (default: build the demo model in a temp dir)")
     parser.add_argument("--process-repeats", type=int, default=3, help="whole-process runs of each (0: skip)")
     parser.add_argument(
+        "--template-processes", action="store_true", help="also the whole-process figure on Qwen3 and Gemma 4 rows"
+    )
+    parser.add_argument(
         "--big-rows", type=int, default=0, help="also time preprocess --jsonl of this many rows, 1 process vs all"
     )
     args = parser.parse_args()
@@ -139,6 +143,15 @@ def main() -> None:
             f"CPU seconds: ours {figures['process_ours_cpu_s']}, one process {figures['process_one_cpu_s']}, "
             f"bare {figures['process_bare_cpu_s']}: ratio {figures['process_cpu_ratio']}"
         )
+    if args.process_repeats and args.template_processes:
+        for name, (family_tokenizer, template_rows) in TEMPLATE_ROWS.items():
+            found = template_process(name, family_tokenizer(), template_rows(rows), args.process_repeats)
+            figures.update({f"{key}_{name}": value for key, value in found.items() if key != "process_goal"})
+            print(
+                f"whole process, {name}: {found['process_ours_s']} s, bare {found['process_bare_s']} s: ratio "
+                f"{found['process_ratio']} (one process: {found['process_one_s']} s, "
+                f"ratio {found['process_one_ratio']})"
+            )
     if args.big_rows:
         figures.update(across_processes(model_dir, args.big_rows, args.process_repeats or 1))
         print(
@@ -192,6 +205,17 @@ def template_ratio(tokenizer, rows: list[dict], repeats: int) -> float:
     ours()
     t_base, t_ours = best_of_interleaved(baseline, ours, repeats)
     return round(t_base / t_ours, 3)
+
+
+def template_process(name: str, tokenizer, rows: list[dict], repeats: int) -> dict:
+    """whole_process on a family's tokenizer, saved as a folder (read by the light loader, as the demo's)."""
+    model_dir = Path(tempfile.mkdtemp(prefix=f"trainyard-bench-{name}-"))
+    tokenizer.save_pretrained(model_dir)
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+    try:
+        return whole_process(model_dir, rows, texts, repeats)
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
 
 
 def whole_process(model_dir: Path, rows: list[dict], texts: list[str], repeats: int) -> dict:
