@@ -18,7 +18,7 @@ from webapp.datasets.intake import UploadRejected
 from webapp.datasets.models import Dataset, HubImport
 from webapp.datasets.preview import preview_row
 from webapp.datasets.services import ImportRefused, import_hub_dataset, request_stats, upload_dataset
-from webapp.datasets.storage import read_row
+from webapp.datasets.storage import read_row, rejected_lines_download
 from webapp.workspaces.services import current_workspace, require_writer
 
 router = Router(tags=["datasets"])
@@ -215,12 +215,4 @@ def get_row(request, dataset_id: int, row: int):
 @router.get("/{dataset_id}/rejected", response={200: None})
 def rejected(request, dataset_id: int):
     """The lines refused at upload (when valid rows were kept), as JSONL."""
-    from django.http import FileResponse, Http404
-
-    from webapp.http import download_name
-
-    dataset = get_object_or_404(visible(request, Dataset.objects), pk=dataset_id)
-    if not dataset.rejected_path.exists():
-        raise Http404("no rejected lines")
-    name = download_name(f"{dataset.name}.rejected.jsonl")
-    return FileResponse(dataset.rejected_path.open("rb"), as_attachment=True, filename=name)
+    return rejected_lines_download(get_object_or_404(visible(request, Dataset.objects), pk=dataset_id))

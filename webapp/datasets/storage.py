@@ -82,3 +82,15 @@ def files_of(dataset: Dataset, *, content: bool) -> list[Path]:
 def hub_cache_dir() -> Path:
     """Where Hub datasets are downloaded (on a host with network access) and read from offline."""
     return settings.DATA_DIR / "hub-datasets"
+
+
+def rejected_lines_download(dataset: Dataset):
+    """The lines refused at upload, as a JSONL attachment (the page and the API serve the same file)."""
+    from django.http import FileResponse, Http404
+
+    from webapp.http import download_name
+
+    if not dataset.rejected_path.exists():
+        raise Http404("no rejected lines")
+    name = download_name(f"{dataset.name}.rejected.jsonl")
+    return FileResponse(dataset.rejected_path.open("rb"), as_attachment=True, filename=name)

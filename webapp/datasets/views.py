@@ -6,7 +6,7 @@ import random
 from urllib.parse import urlencode
 
 from django.contrib import messages
-from django.http import FileResponse, Http404, JsonResponse
+from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
@@ -21,8 +21,8 @@ from webapp.datasets.intake import UploadRejected
 from webapp.datasets.models import Dataset, HubImport
 from webapp.datasets.preview import preview_row
 from webapp.datasets.services import ImportRefused, import_hub_dataset, request_stats, upload_dataset
-from webapp.datasets.storage import first_rows, search_rows
-from webapp.http import download_name, parse_id, safe_next
+from webapp.datasets.storage import first_rows, rejected_lines_download, search_rows
+from webapp.http import parse_id, safe_next
 from webapp.runs.models import TrainingConfig
 from webapp.workspaces.services import can_write, current_workspace, require_writer
 
@@ -220,12 +220,7 @@ def dataset_preview(request, pk: int):
 
 
 def dataset_rejected(request, pk: int):
-    dataset = get_object_or_404(Dataset.objects.visible_to(request.user), pk=pk)
-    if not dataset.rejected_path.exists():
-        raise Http404("no rejected lines")
-    return FileResponse(
-        dataset.rejected_path.open("rb"), as_attachment=True, filename=download_name(f"{dataset.name}.rejected.jsonl")
-    )
+    return rejected_lines_download(get_object_or_404(Dataset.objects.visible_to(request.user), pk=pk))
 
 
 @require_POST
