@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from ninja import Router, Schema
 
 from training.config import ConfigInvalid
 from webapp.api.access import visible
-from webapp.http import download_name
 from webapp.runs import configs
 from webapp.runs.models import TrainingConfig
 from webapp.workspaces.services import current_workspace, require_writer
@@ -85,10 +83,7 @@ def get_config(request, config_id: int):
 
 @router.get("/{config_id}/export", response={200: None})
 def export(request, config_id: int):
-    config = get_object_or_404(visible(request, TrainingConfig.objects), pk=config_id)
-    response = HttpResponse(config.yaml, content_type="application/yaml")
-    response["Content-Disposition"] = f'attachment; filename="{download_name(config.name)}.yaml"'
-    return response
+    return configs.yaml_download(get_object_or_404(visible(request, TrainingConfig.objects), pk=config_id))
 
 
 @router.delete("/{config_id}", response={204: None})

@@ -172,13 +172,13 @@ def notes(request, run_id: int):
     ]
 
 
-@router.post("/{run_id}/notes", response={201: NoteOut})
+@router.post("/{run_id}/notes", response={201: NoteOut, 400: Message})
 def add_note(request, run_id: int, body: NoteIn):
-    from webapp.runs.models import RunNote
-
     run = get_object_or_404(visible(request, Run.objects), pk=run_id)
     require_writer(request.user, run.workspace)
-    note = RunNote.objects.create(run=run, author=request.user, text=body.text.strip())
+    note = services.add_note(run, request.user, body.text)
+    if note is None:
+        return 400, Message(message="text: a note needs some text")
     return 201, NoteOut(id=note.pk, text=note.text, author=request.user.username, created_at=note.created_at)
 
 
@@ -205,10 +205,11 @@ class GenerationOut(Schema):
     base: str
     tuned: str
     error: str
+    source: str  # the adapter or checkpoint folder's name
 
 
 def _generation(g) -> GenerationOut:
-    return GenerationOut(id=g.pk, status=g.status, prompt=g.prompt, base=g.base_text, tuned=g.tuned_text, error=g.error)
+    return GenerationOut(**g.payload())
 
 
 @router.post("/{run_id}/playground", response={202: GenerationOut, 400: Message})

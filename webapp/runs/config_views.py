@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import yaml
 from django.contrib import messages
-from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from training.config import ConfigInvalid
 from webapp.base_models import available_models
 from webapp.datasets.models import Dataset
-from webapp.http import download_name, parse_id
+from webapp.http import parse_id
 from webapp.runs import configs, services
 from webapp.runs.forms import CommonKeysForm
 from webapp.runs.models import Run, TrainingConfig
@@ -118,10 +117,7 @@ def _int(data, key: str, default: int = 0) -> int:
 
 
 def config_export(request, pk: int):
-    config = get_object_or_404(TrainingConfig.objects.visible_to(request.user), pk=pk)
-    response = HttpResponse(config.yaml, content_type="application/yaml")
-    response["Content-Disposition"] = f'attachment; filename="{download_name(config.name)}.yaml"'
-    return response
+    return configs.yaml_download(get_object_or_404(TrainingConfig.objects.visible_to(request.user), pk=pk))
 
 
 @require_POST

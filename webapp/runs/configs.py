@@ -160,3 +160,14 @@ def config_diff(old: Run, new: Run) -> list[tuple[str, str]]:
         kind = {"+": "add", "-": "remove", "@": "hunk"}.get(line[:1], "same")
         out.append((kind, line))
     return out
+
+
+def yaml_download(config: TrainingConfig):
+    """A config's YAML exactly as written, as a download (the page and the API serve the same)."""
+    from django.http import HttpResponse
+
+    from webapp.http import download_name
+
+    response = HttpResponse(config.yaml, content_type="application/yaml")
+    response["Content-Disposition"] = f'attachment; filename="{download_name(config.name)}.yaml"'
+    return response

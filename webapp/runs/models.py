@@ -184,3 +184,17 @@ class Generation(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+
+    def payload(self) -> dict:
+        """What the page's script and the API both answer for this generation (the folder's name, not its path)."""
+        from pathlib import PurePath
+
+        return {
+            "id": self.pk,
+            "status": self.status,
+            "prompt": self.prompt,
+            "base": self.base_text,
+            "tuned": self.tuned_text,
+            "error": self.error,
+            "source": PurePath(self.source).name,
+        }

@@ -17,7 +17,7 @@ from webapp.runs import lifecycle, tasks
 from webapp.runs.artifacts import NothingToTry, playground_source
 from webapp.runs.configs import validate_config
 from webapp.runs.lifecycle import CannotResume
-from webapp.runs.models import Generation, MetricPoint, Run, TrainingConfig
+from webapp.runs.models import Generation, MetricPoint, Run, RunNote, TrainingConfig
 
 MAX_GPUS_PER_RUN = 64
 
@@ -113,3 +113,12 @@ def ask_playground(run: Run, user, prompt: str) -> Generation:
     )
     transaction.on_commit(lambda: tasks.answer_prompt(generation.pk))
     return generation
+
+
+NOTE_MAX_CHARS = 20000
+
+
+def add_note(run: Run, user, text: str) -> RunNote | None:
+    """A note on a run's page (None for blank text: nothing to keep). The caller checked the writer's role."""
+    text = text.strip()[:NOTE_MAX_CHARS]
+    return RunNote.objects.create(run=run, author=user, text=text) if text else None

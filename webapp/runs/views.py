@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from django.contrib import messages
 from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -12,7 +10,7 @@ from django.views.decorators.http import require_POST
 
 from webapp.http import parse_id, parse_ids, safe_next
 from webapp.runs import artifacts, configs, gpus, realtime, services
-from webapp.runs.models import Run, RunNote, TrainingConfig
+from webapp.runs.models import Run, TrainingConfig
 from webapp.workspaces.services import can_write, current_workspace, require_writer
 
 
@@ -114,27 +112,14 @@ def run_playground(request, pk: int):
 
 def run_generation(request, pk: int, generation_id: int):
     run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
-    g = get_object_or_404(run.generations, pk=generation_id)
-    return JsonResponse(
-        {
-            "id": g.pk,
-            "status": g.status,
-            "prompt": g.prompt,
-            "base": g.base_text,
-            "tuned": g.tuned_text,
-            "error": g.error,
-            "source": Path(g.source).name,
-        }
-    )
+    return JsonResponse(get_object_or_404(run.generations, pk=generation_id).payload())
 
 
 @require_POST
 def run_note(request, pk: int):
     run = get_object_or_404(Run.objects.visible_to(request.user), pk=pk)
     require_writer(request.user, run.workspace)
-    text = request.POST.get("text", "").strip()
-    if text:
-        RunNote.objects.create(run=run, author=request.user, text=text[:20000])
+    services.add_note(run, request.user, request.POST.get("text", ""))
     return redirect(reverse("run-detail", args=[run.pk]) + "#notes")
 
 
