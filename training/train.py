@@ -48,19 +48,47 @@ def resolve_path(path: str, base_dir: Path | None) -> Path:
     return p
 
 
-def encode_dataset(config: TrainConfig, tokenizer, index: int, base_dir: Path | None = None, processor=None):
+# How often a long encoding says how far it got (a starting run's page shows it), in seconds.
+PROGRESS_SECONDS = 1.0
+
+
+def encode_dataset(
+    config: TrainConfig,
+    tokenizer,
+    index: int,
+    base_dir: Path | None = None,
+    processor=None,
+    progress: Callable[[str], None] | None = None,
+):
     """(samples, stats, warnings) for one `datasets:` entry, through the path `trainyard preprocess` reports
-    on (training/entries.py); invalid rows raise DataInvalid with their numbers."""
+    on (training/entries.py); invalid rows raise DataInvalid with their numbers. `progress` hears
+    "tokenizing <entry>: N rows" when the entry starts and then at most once per PROGRESS_SECONDS."""
     entry = EntryEncoding(config, tokenizer, index, base_dir=base_dir, processor=processor)
-    samples = [outcome for outcome in entry.outcomes() if isinstance(outcome, Encoded)]
+    label = Path(entry.label).name if os.path.isabs(entry.label) else entry.label  # no server paths on a page
+    where = f"datasets[{index}] ({label})" if len(config.datasets) > 1 else label
+    samples, said = [], time.monotonic()
+    if progress is not None:
+        progress(f"tokenizing {where}")
+    for outcome in entry.outcomes():
+        if isinstance(outcome, Encoded):
+            samples.append(outcome)
+        if progress is not None and time.monotonic() - said >= PROGRESS_SECONDS:
+            said = time.monotonic()
+            progress(f"tokenizing {where}: {entry.stats.rows:,} rows so far")
     entry.raise_if_invalid()
     return samples, entry.stats, entry.warnings()
 
 
-def prepare_data(config: TrainConfig, tokenizer, base_dir: Path | None = None, processor=None) -> PreparedData:
+def prepare_data(
+    config: TrainConfig,
+    tokenizer,
+    base_dir: Path | None = None,
+    processor=None,
+    progress: Callable[[str], None] | None = None,
+) -> PreparedData:
     samples, all_stats, warnings = [], [], []
     for i in range(len(config.datasets)):
-        s, stats, w = encode_dataset(config, tokenizer, i, base_dir, processor)
+        s, stats, w = encode_dataset(config, tokenizer, i, base_dir, processor, progress)
         samples += s
         all_stats.append(stats)
         warnings += w
@@ -474,7 +502,13 @@ def train(
         from training.multimodal import load_processor
 
         processor = load_processor(config, tokenizer)
-    data = prepare_data(config, tokenizer, base_dir, processor)
+    data = prepare_data(
+        config,
+        tokenizer,
+        base_dir,
+        processor,
+        progress=lambda message: sink.emit(ev.STATUS, state=ev.PREPARING, stage=ev.TOKENIZING, message=message),
+    )
     for stats in data.stats:
         sink.emit("log", message=f"data: {stats.as_dict()}")
     for warning in data.warnings:
