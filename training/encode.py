@@ -173,8 +173,9 @@ class Encoder:
 
     @classmethod
     def from_config(
-        cls, tokenizer, config: TrainConfig, dataset_index: int = 0, base_dir: Path | None = None
+        cls, tokenizer, config: TrainConfig, dataset_index: int = 0, base_dir: Path | None = None, **extra
     ) -> Encoder:
+        """The encoder of one `datasets:` entry; `extra` goes to a subclass's own arguments (ImageEncoder's)."""
         return cls(
             tokenizer,
             config.datasets[dataset_index],
@@ -185,6 +186,7 @@ class Encoder:
             chat_template_jinja=config.chat_template_jinja,
             eot_tokens=config.eot_tokens,
             base_dir=base_dir,
+            **extra,
         )
 
     # -- public -------------------------------------------------------------------------------

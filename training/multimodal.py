@@ -431,23 +431,6 @@ class ImageEncoder(Encoder):
     def _resolve(self, ref, field: str):
         return resolve_image(ref, self.image_dirs, field, self.confine)
 
-    @classmethod
-    def from_config(cls, tokenizer, config, dataset_index=0, base_dir=None, *, processor=None, image_dirs=()):
-        spec = config.datasets[dataset_index]
-        return cls(
-            tokenizer,
-            spec,
-            processor=processor,
-            image_dirs=image_dirs,
-            sequence_len=config.sequence_len,
-            train_on_inputs=config.train_on_inputs,
-            excess_length_strategy=config.excess_length_strategy,
-            chat_template=config.chat_template,
-            chat_template_jinja=config.chat_template_jinja,
-            eot_tokens=config.eot_tokens,
-            base_dir=base_dir,
-        )
-
     def encode_rows(self, rows) -> list[Encoded | Dropped]:
         converted, images = [], {}
         for index, row in rows:
