@@ -198,3 +198,45 @@ async def test_a_page_open_on_a_run_with_a_dead_worker_writes_nothing(alice, set
     row = await sync_to_async(Run.objects.get)(pk=run.pk)
     assert first["status"] == "running" and not first["final"]
     assert (row.status, row.heartbeat_at, row.finished_at) == (RunStatus.RUNNING, stale, None)
+
+
+async def test_the_tail_ends_when_its_last_page_leaves_even_if_the_cancel_is_lost(alice, monkeypatch, settings):
+    """A cancel that reaches the Redis client as its read times out can come back as an error
+    instead (seen in CI: the loop's shutdown then waited forever on a tail retrying its channel).
+    The tail's loops end on their own once no page is left, whatever the cancel became."""
+    import channels.layers
+
+    from webapp.runs import tail
+
+    class LosesTheCancel:
+        joined, lost = 0, 0
+
+        async def new_channel(self):
+            return "specific.x!y"
+
+        async def group_add(self, group, channel):
+            self.joined += 1
+
+        async def group_discard(self, group, channel):
+            pass
+
+        async def receive(self, channel):
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if self.lost:  # only the first: a failing test still ends at the loop's shutdown
+                    raise
+                self.lost += 1
+                asyncio.current_task().uncancel()
+                raise ConnectionError("Connection closed by server.") from None
+
+    layer = LosesTheCancel()
+    monkeypatch.setattr(channels.layers, "get_channel_layer", lambda alias="default": layer)
+    settings.REDIS_URL = "redis://unused"
+    run = await make_run(alice[1], points=0)
+    queue = await tail.RunTail.subscribe(run.pk)
+    tasks = list(tail.RunTail.tails[run.pk].tasks)
+    await asyncio.sleep(0.3)
+    tail.RunTail.unsubscribe(run.pk, queue)
+    done, pending = await asyncio.wait(tasks, timeout=5)
+    assert not pending and layer.joined == 1

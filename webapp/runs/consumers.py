@@ -45,6 +45,7 @@ def _status_and_log(run_id: int, log_offset: int) -> tuple[realtime.StatusPayloa
 class RunConsumer(AsyncJsonWebsocketConsumer):
     # No channel of its own: pages of a run share its RunTail, which holds the one Redis channel.
     channel_layer_alias = None
+    closed = False
 
     async def connect(self):
         run_id = int(self.scope["url_route"]["kwargs"]["run_id"])
@@ -61,6 +62,7 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
         self.tasks = [asyncio.create_task(self._forward_tail()), asyncio.create_task(self._status_and_log())]
 
     async def disconnect(self, code):
+        self.closed = True  # the loops end on it even if a cancel is lost (see RunTail.stopped)
         for task in getattr(self, "tasks", []):
             task.cancel()
         if hasattr(self, "queue"):
@@ -76,12 +78,12 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json(realtime.PointsPayload(type="points", history=history, points=fresh))
 
     async def _forward_tail(self):
-        while True:
+        while not self.closed:
             await self._send_points(await self.queue.get())
 
     async def _status_and_log(self):
         last_status = None
-        while True:
+        while not self.closed:
             try:
                 status, log = await _status_and_log(self.run_id, self.log_offset)
             except Exception:  # e.g. the database restarting: try again

@@ -42,6 +42,10 @@ class RunTail:
 
     def __init__(self, run_id: int, after_seq: int | None):
         self.run_id, self.after_seq, self.queues = run_id, after_seq, set()
+        # Set when the last page leaves. The loops check it as well as being cancelled: a cancel that
+        # lands as a Redis read times out can come back as a TimeoutError (asyncio.timeout in 3.11),
+        # and a loop that retries on errors would then outlive its pages, and hang a loop's shutdown.
+        self.stopped = False
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(self._poll())]
         if settings.REDIS_URL:
@@ -64,6 +68,7 @@ class RunTail:
         if tail:
             tail.queues.discard(queue)
             if not tail.queues:
+                tail.stopped = True
                 for task in tail.tasks:
                     task.cancel()
                 cls.tails.pop(run_id, None)
@@ -77,7 +82,7 @@ class RunTail:
                 queue.put_nowait(points)
 
     async def _poll(self):
-        while True:
+        while not self.stopped:
             try:
                 if self.after_seq is None:
                     self.after_seq = await _max_seq(self.run_id) - 1
@@ -92,12 +97,12 @@ class RunTail:
         from channels.layers import get_channel_layer
 
         layer, group = get_channel_layer(), realtime.group_name(self.run_id)
-        while True:
+        while not self.stopped:
             channel = None
             try:
                 channel = await layer.new_channel()
                 await layer.group_add(group, channel)
-                while True:
+                while not self.stopped:
                     message: realtime.PointsMessage = await layer.receive(channel)
                     self._fan_out(message.get("points", []))
             except asyncio.CancelledError:
