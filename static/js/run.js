@@ -150,6 +150,20 @@
   }
   showStatus(initial);
   connect();
+
+  // A merge under way (a worker task after the run ended; the websocket has nothing to say of it):
+  // ask the API every 2 s and reload once its state changes, to show the merged model or the error.
+  const merging = document.getElementById("merge-status");
+  if (merging) {
+    const pollMerge = async () => {
+      try {
+        const res = await fetch(`/api/runs/${run.id}`, {headers: {Accept: "application/json"}});
+        if (res.ok && (await res.json()).merge_state !== merging.dataset.state) { location.reload(); return; }
+      } catch (e) { /* offline for a moment: ask again */ }
+      setTimeout(pollMerge, 2000);
+    };
+    setTimeout(pollMerge, 2000);
+  }
   window.trainyardSeries = series;  // for tests and the curious
 })();
 

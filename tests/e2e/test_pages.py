@@ -155,3 +155,36 @@ def test_a_starting_run_page_says_what_the_trainer_is_doing(server, signed_in, w
     assert "300 rows tokenized" in page.inner_text("#status-message")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     page.screenshot(path=str(RESULTS / f"run-starting-{width}.png"), full_page=True)
+
+
+MERGE_RUN = """
+from webapp.runs.models import Run
+from webapp.workspaces.models import Workspace
+run = Run.objects.create(workspace=Workspace.objects.get(name="Demo"), name="merging-run", config_yaml="x",
+                         status="succeeded", merge_state="merging", merge_holder="elsewhere:1:1:x")
+(run.run_dir / "adapter").mkdir(parents=True, exist_ok=True)
+print(run.pk)
+"""
+MERGE_FAILS = """
+from webapp.runs.models import Run
+Run.objects.filter(pk=RUN_ID).update(merge_state="failed", merge_error="OSError: [Errno 28] No space left on device")
+"""
+
+
+@pytest.mark.parametrize("width", [390, 1280])
+def test_the_run_page_follows_a_merge_to_its_failure(server, signed_in, width):
+    """A merge runs in a worker after the run ended: the page says so, then shows the failure and the
+    way to try again without a reload by the user."""
+    RESULTS.mkdir(exist_ok=True)
+    run_id = server.manage("shell", "-c", MERGE_RUN).split()[-1]
+    page = signed_in(width)
+    page.goto(f"{server.url}/runs/{run_id}/")
+    assert "merging the adapter" in page.inner_text("#merge-status")
+    assert page.locator("#merge-form").count() == 0
+    page.locator("#artifacts").screenshot(path=str(RESULTS / f"run-merging-{width}.png"))
+    server.manage("shell", "-c", MERGE_FAILS.replace("RUN_ID", run_id))
+    page.wait_for_selector("#merge-failed", timeout=15_000)  # across the page's own reload
+    assert "No space left on device" in page.inner_text("#merge-failed")
+    assert page.inner_text("#merge-form button") == "Try the merge again"
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.locator("#artifacts").screenshot(path=str(RESULTS / f"run-merge-failed-{width}.png"))

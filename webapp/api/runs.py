@@ -26,6 +26,8 @@ class RunOut(Schema):
     current_step: int
     total_steps: int | None
     created_at: datetime
+    merge_state: str = Field(description="the adapter's merge into its base model: queued, merging, failed, or blank")
+    merge_error: str = Field(description="why the last merge failed")
 
 
 class PointOut(Schema):
@@ -191,7 +193,7 @@ def merge(request, run_id: int):
         services.request_merge(run)
     except services.CannotMerge as exc:
         return 409, Message(message=str(exc))
-    return 202, Message(message="merging in a worker: poll the artifacts")
+    return 202, Message(message="merging in a worker: poll the run (merge_state) and its artifacts")
 
 
 class PromptIn(Schema):

@@ -45,6 +45,20 @@ class RunStatus(models.TextChoices):
     INTERRUPTED = "interrupted"
 
 
+class MergeState(models.TextChoices):
+    """The merge of a run's adapter into its base model (a worker task, on request): blank when none
+    was asked for or it ended well (the merged model is then an artifact), else
+
+    queued -> merging -> failed (with merge_error; asking again starts over) | blank
+    A worker that dies while merging leaves `merging`: the reaper marks it failed (reaper.py)."""
+
+    NONE = "", "none"
+    QUEUED = "queued"
+    MERGING = "merging"
+    FAILED = "failed"
+
+
+MERGE_UNDER_WAY = (MergeState.QUEUED, MergeState.MERGING)
 ACTIVE_STATES = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.RUNNING)
 FINAL_STATES = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.INTERRUPTED)
 
@@ -81,6 +95,10 @@ class Run(models.Model):
     outcome = models.JSONField(
         default=dict, blank=True, help_text="the trainer's own final status event, once recorded"
     )
+
+    merge_state = models.CharField(max_length=10, choices=MergeState.choices, default=MergeState.NONE, blank=True)
+    merge_error = models.TextField(blank=True, help_text="why the last merge failed")
+    merge_holder = models.CharField(max_length=300, blank=True, help_text="the worker process merging it")
 
     objects = OwnedQuerySet.as_manager()
 

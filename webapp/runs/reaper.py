@@ -24,7 +24,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from webapp.runs import lifecycle, recording
-from webapp.runs.models import FINAL_STATES, DeviceLease, Run, RunStatus
+from webapp.runs.models import FINAL_STATES, DeviceLease, MergeState, Run, RunStatus
 from webapp.runs.processes import ProcessName, this_process
 
 log = logging.getLogger("trainyard.worker")
@@ -47,6 +47,7 @@ def reap(max_age_seconds: float | None = None, trust_heartbeats: bool = True) ->
         if reason and _settle(run, me, reason):
             ended += 1
     free_devices_of_ended_runs()
+    fail_orphaned_merges()
     return ended
 
 
@@ -100,3 +101,19 @@ def free_devices_of_ended_runs() -> int:
         if trainer is None or trainer.stop_group():
             freed += _this_hosts_leases(run_id).delete()[0]
     return freed
+
+
+ORPHANED_MERGE_MESSAGE = "the worker merging it stopped before the merge ended (killed or restarted): merge again"
+
+
+def fail_orphaned_merges() -> int:
+    """Merges whose worker process of this host is gone end `failed`, so the page stops waiting and
+    offers the merge again (a merge of another host is judged there)."""
+    failed = 0
+    for run_id, holder in Run.objects.filter(merge_state=MergeState.MERGING).values_list("pk", "merge_holder"):
+        name = ProcessName.parse(holder)
+        if name is not None and name.alive() is False:
+            failed += Run.objects.filter(pk=run_id, merge_state=MergeState.MERGING, merge_holder=holder).update(
+                merge_state=MergeState.FAILED, merge_error=ORPHANED_MERGE_MESSAGE, merge_holder=""
+            )
+    return failed

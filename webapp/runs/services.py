@@ -17,7 +17,7 @@ from webapp.runs import lifecycle, tasks
 from webapp.runs.artifacts import NothingToTry, playground_source
 from webapp.runs.configs import validate_config
 from webapp.runs.lifecycle import CannotResume
-from webapp.runs.models import Generation, MetricPoint, Run, RunNote, TrainingConfig
+from webapp.runs.models import MERGE_UNDER_WAY, Generation, MergeState, MetricPoint, Run, RunNote, TrainingConfig
 
 MAX_GPUS_PER_RUN = 64
 
@@ -100,6 +100,14 @@ def request_merge(run: Run) -> None:
         raise CannotMerge("only a finished LoRA/QLoRA run has an adapter to merge")
     if run.artifacts.filter(kind="merged").exists():
         raise CannotMerge("the merged model is already there")
+    # Conditional, so two clicks at once queue one merge; a failed merge may be asked for again.
+    queued = (
+        Run.objects.filter(pk=run.pk)
+        .exclude(merge_state__in=MERGE_UNDER_WAY)
+        .update(merge_state=MergeState.QUEUED, merge_error="", merge_holder="")
+    )
+    if not queued:
+        raise CannotMerge("a merge of this run is already under way: the merged model appears under Artifacts")
     transaction.on_commit(lambda: tasks.merge_adapter(run.pk))
 
 

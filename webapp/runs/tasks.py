@@ -6,6 +6,7 @@ gone workers (reaper.py) and hands orphaned queued runs on."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -16,9 +17,9 @@ from django.db import connection
 from django.utils import timezone
 from huey.contrib.djhuey import HUEY, db_task
 
-from webapp.runs import artifacts, gpus, lifecycle, reaper, supervisor, watch
+from webapp.runs import artifacts, gpus, lifecycle, processes, reaper, supervisor, watch
 from webapp.runs.configs import run_base_model
-from webapp.runs.models import Generation, Run, RunStatus
+from webapp.runs.models import Generation, MergeState, Run, RunStatus
 
 log = logging.getLogger("trainyard.worker")
 WAIT_FOR_DEVICES_SECONDS = 3
@@ -141,19 +142,45 @@ def _answer_prompt(generation_id: int) -> None:
 
 def merge_adapter(run_id: int) -> None:
     """Public entry: queue the merge of a run's adapter into its base model."""
-    _merge_adapter(run_id)
+    try:
+        _merge_adapter(run_id)
+    except Exception as exc:  # the queue can't be reached: say so on the page rather than stay "queued"
+        log.exception("run %s: could not queue the merge", run_id)
+        Run.objects.filter(pk=run_id, merge_state=MergeState.QUEUED).update(
+            merge_state=MergeState.FAILED, merge_error=f"the worker queue could not be reached ({exc}); merge again"
+        )
 
 
 @db_task()
 def _merge_adapter(run_id: int) -> None:
+    import shutil
+
     from training.modeling import merge_adapter_into_base
 
     run = Run.objects.filter(pk=run_id).first()
-    if run is None or run.artifacts.filter(kind="merged").exists():
+    if run is None:
         return
+    merging = Run.objects.filter(pk=run_id)
+    if run.artifacts.filter(kind="merged").exists():
+        merging.update(merge_state=MergeState.NONE, merge_holder="")
+        return
+    merging.update(merge_state=MergeState.MERGING, merge_holder=str(processes.this_process()))
     try:
         merge_adapter_into_base(run_base_model(run), run.run_dir / "adapter", run.run_dir / "merged")
-    except Exception:
+        artifacts.package_artifacts(run, kinds=("merged",))
+    except Exception as exc:  # the run page says why, and offers to try again
         log.exception("merging the adapter of run %s failed", run_id)
+        shutil.rmtree(run.run_dir / "merged", ignore_errors=True)  # a half-written model is no use, and big
+        merging.update(merge_state=MergeState.FAILED, merge_error=merge_failure(exc), merge_holder="")
         return
-    artifacts.package_artifacts(run, kinds=("merged",))
+    merging.update(merge_state=MergeState.NONE, merge_error="", merge_holder="")
+
+
+def merge_failure(exc: BaseException) -> str:
+    """What the run page says of a failed merge: the error's own words, with the usual fix."""
+    text = f"{type(exc).__name__}: {exc}".strip()[:1500]
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        text += " (the merged model needs about as much disk as the base model: free some and merge again)"
+    elif isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        text += " (the base model is loaded whole to merge: a host with more memory can do it)"
+    return text

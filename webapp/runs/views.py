@@ -10,7 +10,7 @@ from django.views.decorators.http import require_POST
 
 from webapp.http import parse_id, parse_ids, safe_next
 from webapp.runs import artifacts, configs, gpus, realtime, services
-from webapp.runs.models import Run, TrainingConfig
+from webapp.runs.models import MERGE_UNDER_WAY, Run, TrainingConfig
 from webapp.workspaces.services import can_write, current_workspace, require_writer
 
 
@@ -44,6 +44,7 @@ def run_detail(request, pk: int):
             "generations": run.generations.all()[:5],
             "has_adapter": (run.run_dir / "adapter").is_dir(),
             "has_merged": run.artifacts.filter(kind="merged").exists(),
+            "merge_under_way": run.merge_state in MERGE_UNDER_WAY,
             "examples": run.data_summary.get("examples", []),
             "base_model": configs.run_base_model(run),
             "run": run,
