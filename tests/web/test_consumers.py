@@ -12,7 +12,8 @@ from django.contrib.auth.models import AnonymousUser
 from webapp.runs.consumers import RunConsumer
 from webapp.runs.models import MetricPoint, Run, RunStatus
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+# A hang here is a task that outlived its cancel (the bug these tests guard against): fail in 2 minutes, not 10.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio, pytest.mark.timeout(120)]
 
 
 def communicator(user, run_id, query=""):
@@ -240,3 +241,46 @@ async def test_the_tail_ends_when_its_last_page_leaves_even_if_the_cancel_is_los
     tail.RunTail.unsubscribe(run.pk, queue)
     done, pending = await asyncio.wait(tasks, timeout=5)
     assert not pending and layer.joined == 1
+
+
+async def test_a_tail_task_cancelled_ends_even_if_the_cancel_comes_back_as_an_error(alice, monkeypatch, settings):
+    """The loop's own shutdown cancels every task, with no page leaving first: a cancel that the
+    Redis client turns into an error must still end the tail's loops (Task.cancelling remembers it)."""
+    import channels.layers
+
+    from webapp.runs import tail
+
+    class TurnsTheCancelIntoAnError:
+        joined, turned = 0, 0
+
+        async def new_channel(self):
+            return "specific.x!z"
+
+        async def group_add(self, group, channel):
+            self.joined += 1
+
+        async def group_discard(self, group, channel):
+            await asyncio.sleep(3600)  # never answers: the bounded clean-up gives up
+
+        async def receive(self, channel):
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if self.turned:  # only the first: a failing test still ends at the loop's shutdown
+                    raise
+                self.turned += 1
+                raise ConnectionError("Connection closed by server.") from None
+
+    layer = TurnsTheCancelIntoAnError()
+    monkeypatch.setattr(channels.layers, "get_channel_layer", lambda alias="default": layer)
+    monkeypatch.setattr(tail, "tail_seconds", lambda: 3600.0)
+    settings.REDIS_URL = "redis://unused"
+    run = await make_run(alice[1], points=0)
+    queue = await tail.RunTail.subscribe(run.pk)
+    the_tail = tail.RunTail.tails[run.pk]
+    await asyncio.sleep(0.3)
+    for task in the_tail.tasks:
+        task.cancel()
+    done, pending = await asyncio.wait(the_tail.tasks, timeout=8)
+    assert not pending and layer.joined == 1
+    tail.RunTail.unsubscribe(run.pk, queue)

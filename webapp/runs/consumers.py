@@ -13,7 +13,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from webapp.runs import realtime
 from webapp.runs.models import Run
-from webapp.runs.tail import RunTail, points_after
+from webapp.runs.tail import RunTail, cancel_requested, points_after
 
 STATUS_SECONDS = 1.0
 log_ = logging.getLogger(__name__)
@@ -78,12 +78,12 @@ class RunConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json(realtime.PointsPayload(type="points", history=history, points=fresh))
 
     async def _forward_tail(self):
-        while not self.closed:
+        while not self.closed and not cancel_requested():
             await self._send_points(await self.queue.get())
 
     async def _status_and_log(self):
         last_status = None
-        while not self.closed:
+        while not self.closed and not cancel_requested():
             try:
                 status, log = await _status_and_log(self.run_id, self.log_offset)
             except Exception:  # e.g. the database restarting: try again

@@ -33,6 +33,14 @@ def _max_seq(run_id: int) -> int:
     return Run.objects.filter(pk=run_id).values_list("next_seq", flat=True).first() or 0
 
 
+def cancel_requested() -> bool:
+    """Whether this task was asked to stop, even if the cancel never reached its loop as a
+    CancelledError: code below can turn one into an error (redis-py retrying a read that timed out as
+    the cancel came) or swallow it (a bounded clean-up). Task.cancelling() remembers the request."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class RunTail:
     """One per run per web process, shared by every open page of that run: it polls the run's new
     metric rows and, with Redis, listens to the run's group on a single channel, then fans out in
@@ -42,9 +50,10 @@ class RunTail:
 
     def __init__(self, run_id: int, after_seq: int | None):
         self.run_id, self.after_seq, self.queues = run_id, after_seq, set()
-        # Set when the last page leaves. The loops check it as well as being cancelled: a cancel that
-        # lands as a Redis read times out can come back as a TimeoutError (asyncio.timeout in 3.11),
-        # and a loop that retries on errors would then outlive its pages, and hang a loop's shutdown.
+        # Set when the last page leaves. The loops check it, and whether their task was cancelled, as
+        # well as being cancelled: a cancel that comes back from the Redis client as an error (or is
+        # lost in a clean-up) would leave a loop that retries on errors running after its pages, and a
+        # closing event loop waiting for it forever (seen in CI: a test's teardown hung 600 s).
         self.stopped = False
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(self._poll())]
@@ -82,7 +91,7 @@ class RunTail:
                 queue.put_nowait(points)
 
     async def _poll(self):
-        while not self.stopped:
+        while not self.stopped and not cancel_requested():
             try:
                 if self.after_seq is None:
                     self.after_seq = await _max_seq(self.run_id) - 1
@@ -97,12 +106,12 @@ class RunTail:
         from channels.layers import get_channel_layer
 
         layer, group = get_channel_layer(), realtime.group_name(self.run_id)
-        while not self.stopped:
+        while not self.stopped and not cancel_requested():
             channel = None
             try:
                 channel = await layer.new_channel()
                 await layer.group_add(group, channel)
-                while not self.stopped:
+                while not self.stopped and not cancel_requested():
                     message: realtime.PointsMessage = await layer.receive(channel)
                     self._fan_out(message.get("points", []))
             except asyncio.CancelledError:
