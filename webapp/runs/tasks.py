@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -153,8 +154,6 @@ def merge_adapter(run_id: int) -> None:
 
 @db_task()
 def _merge_adapter(run_id: int) -> None:
-    import shutil
-
     from training.modeling import merge_adapter_into_base
 
     run = Run.objects.filter(pk=run_id).first()
