@@ -129,17 +129,23 @@ def test_upload_preview_configure_train_watch_and_download(server, browser, tmp_
     assert "adapter/adapter_model.safetensors" in zipfile.ZipFile(target).namelist()
 
 
+# A fresh heartbeat: with none, the server's reaper (a pass every 5 s) ends the run as its worker's
+# gone, and the page, reloaded on that final status, no longer follows it (a race seen in CI).
 PLANT = """
+from django.utils import timezone
 from webapp.runs.models import Run
 from webapp.workspaces.models import Workspace
 run = Run.objects.create(workspace=Workspace.objects.get(name="Demo"), name="planted", config_yaml="x",
-                         status="running")
+                         status="running", heartbeat_at=timezone.now())
 run.run_dir.mkdir(parents=True, exist_ok=True)
 print(run.pk)
 """
 
 NAN = """
+from django.utils import timezone
 from webapp.runs import recording
+from webapp.runs.models import Run
+Run.objects.filter(pk=RUN_ID).update(heartbeat_at=timezone.now())  # still beating, as a worker would
 events = [{"event": "metric", "step": i, "time": float(i), "values": {"loss": 3.0 - i / 10, "grad_norm": 1.0}}
           for i in range(1, 6)]
 events.append({"event": "metric", "step": 6, "time": 6.0, "values": {"loss": "nan", "grad_norm": "nan"}})

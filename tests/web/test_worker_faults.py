@@ -209,7 +209,11 @@ def test_a_worker_paused_in_the_middle_of_recording_is_stopped_to_free_the_run(a
     try:
         holder = wait_for(lambda: ProcessName.parse(Run.objects.get(pk=run.pk).holder), 30, "the worker holds it")
         wait_for(lambda: open(f"/proc/{worker.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T", 30, "paused")
+        began = time.monotonic()
         assert reaper.reap() == 0  # the row is locked: its worker is stopped instead
+        # After the take-over's own lock wait (2 s), not SQLite's 30 s busy timeout: with IMMEDIATE
+        # transactions BEGIN waited under the default (31 s before; CI's 15 s window was missed).
+        assert time.monotonic() - began < 10
         assert worker.wait(timeout=10) == -signal.SIGKILL and not holder.alive()
         assert reaper.reap() == 1
         run.refresh_from_db()

@@ -65,7 +65,7 @@ def take_over(run_id: int, holder: str, new_holder: str, lock_wait: float = 2.0)
     RunLocked after `lock_wait` s on a locked row (SQLite: the whole database)."""
     runs = Run.objects.filter(pk=run_id, holder=holder, status__in=[RunStatus.STARTING, RunStatus.RUNNING])
     try:
-        with transaction.atomic(), _lock_wait(lock_wait):
+        with _atomic_waiting_at_most(lock_wait):
             return runs.update(holder=new_holder, heartbeat_at=timezone.now()) == 1
     except OperationalError as exc:
         if "lock" in str(exc).lower():  # SQLite "database is locked"; PostgreSQL "lock timeout"
@@ -74,22 +74,28 @@ def take_over(run_id: int, holder: str, new_holder: str, lock_wait: float = 2.0)
 
 
 @contextmanager
-def _lock_wait(seconds: float):
-    """Wait at most `seconds` for a lock in this transaction (the default is 30 s on SQLite, forever on PostgreSQL)."""
+def _atomic_waiting_at_most(seconds: float):
+    """A transaction that waits at most `seconds` for a lock (the default is 30 s on SQLite, forever
+    on PostgreSQL). On SQLite the wait is set before BEGIN: our transactions are IMMEDIATE (settings),
+    so BEGIN itself takes the write lock, under whatever busy timeout is then in force (a wait set
+    inside the transaction came too late: the reaper waited 30 s behind a paused worker, seen in CI)."""
     ms = max(1, int(seconds * 1000))
+    if connection.vendor != "sqlite":
+        with transaction.atomic():
+            if connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute(f"SET LOCAL lock_timeout = {ms}")
+            yield
+        return
+    default_ms = int(connection.settings_dict["OPTIONS"].get("timeout", 5) * 1000)
     with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute(f"SET LOCAL lock_timeout = {ms}")
-            yield
-            return
-        if connection.vendor != "sqlite":
-            yield
-            return
         cursor.execute(f"PRAGMA busy_timeout = {ms}")
-        try:
+    try:
+        with transaction.atomic():
             yield
-        finally:
-            cursor.execute(f"PRAGMA busy_timeout = {int(connection.settings_dict['OPTIONS'].get('timeout', 5) * 1000)}")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"PRAGMA busy_timeout = {default_ms}")
 
 
 def request_cancel(run_id: int) -> bool:
