@@ -201,6 +201,37 @@ async def test_a_page_open_on_a_run_with_a_dead_worker_writes_nothing(alice, set
     assert (row.status, row.heartbeat_at, row.finished_at) == (RunStatus.RUNNING, stale, None)
 
 
+class CancelSpoilingLayer:
+    """A channel layer whose blocking receive turns its first cancel into ConnectionError, as the Redis
+    client can (only the first: a failing test still ends at the loop's shutdown). `uncancel`: the
+    cancel is lost entirely (Task.cancelling forgets it); `silent_discard`: leaving the group never
+    answers, so the tail's bounded clean-up gives up."""
+
+    def __init__(self, uncancel: bool = False, silent_discard: bool = False):
+        self.uncancel, self.silent_discard, self.joined, self.spoiled = uncancel, silent_discard, 0, 0
+
+    async def new_channel(self):
+        return f"specific.x!{self.joined}"
+
+    async def group_add(self, group, channel):
+        self.joined += 1
+
+    async def group_discard(self, group, channel):
+        if self.silent_discard:
+            await asyncio.sleep(3600)
+
+    async def receive(self, channel):
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if self.spoiled:
+                raise
+            self.spoiled += 1
+            if self.uncancel:
+                asyncio.current_task().uncancel()
+            raise ConnectionError("Connection closed by server.") from None
+
+
 async def test_the_tail_ends_when_its_last_page_leaves_even_if_the_cancel_is_lost(alice, monkeypatch, settings):
     """A cancel that reaches the Redis client as its read times out can come back as an error
     instead (seen in CI: the loop's shutdown then waited forever on a tail retrying its channel).
@@ -209,29 +240,7 @@ async def test_the_tail_ends_when_its_last_page_leaves_even_if_the_cancel_is_los
 
     from webapp.runs import tail
 
-    class LosesTheCancel:
-        joined, lost = 0, 0
-
-        async def new_channel(self):
-            return "specific.x!y"
-
-        async def group_add(self, group, channel):
-            self.joined += 1
-
-        async def group_discard(self, group, channel):
-            pass
-
-        async def receive(self, channel):
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                if self.lost:  # only the first: a failing test still ends at the loop's shutdown
-                    raise
-                self.lost += 1
-                asyncio.current_task().uncancel()
-                raise ConnectionError("Connection closed by server.") from None
-
-    layer = LosesTheCancel()
+    layer = CancelSpoilingLayer(uncancel=True)
     monkeypatch.setattr(channels.layers, "get_channel_layer", lambda alias="default": layer)
     settings.REDIS_URL = "redis://unused"
     run = await make_run(alice[1], points=0)
@@ -250,28 +259,7 @@ async def test_a_tail_task_cancelled_ends_even_if_the_cancel_comes_back_as_an_er
 
     from webapp.runs import tail
 
-    class TurnsTheCancelIntoAnError:
-        joined, turned = 0, 0
-
-        async def new_channel(self):
-            return "specific.x!z"
-
-        async def group_add(self, group, channel):
-            self.joined += 1
-
-        async def group_discard(self, group, channel):
-            await asyncio.sleep(3600)  # never answers: the bounded clean-up gives up
-
-        async def receive(self, channel):
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                if self.turned:  # only the first: a failing test still ends at the loop's shutdown
-                    raise
-                self.turned += 1
-                raise ConnectionError("Connection closed by server.") from None
-
-    layer = TurnsTheCancelIntoAnError()
+    layer = CancelSpoilingLayer(silent_discard=True)
     monkeypatch.setattr(channels.layers, "get_channel_layer", lambda alias="default": layer)
     monkeypatch.setattr(tail, "tail_seconds", lambda: 3600.0)
     settings.REDIS_URL = "redis://unused"
